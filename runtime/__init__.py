@@ -1,0 +1,1 @@
+"""The lean FAR runtime: numpy + one backend (ONNX Runtime or TensorRT). Never imports torch."""

@@ -1,0 +1,246 @@
+"""The two FAR backbones: known tokens (+ class) -> condition vector z per token.
+
+- `MaskedBackbone`: MAR's bidirectional encoder-decoder with MAR's parameter names.
+  MAR drops masked tokens with a data-dependent `nonzero` gather; here the encoder
+  keeps every position and masks the keys instead, which gives the same outputs on
+  visible tokens with static shapes (tests/test_backbones.py checks it).
+- `CausalBackbone`: GPT-style, raster order after a class token, with a static-size
+  KV cache for sampling (position is an input, the cache is written with torch.where).
+
+Shapes: B batch, L tokens, C token channels, D width, H heads, T sequence with buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.config import FARConfig
+from training.layers import LayerNorm, softmax32
+
+NEG = -1e9  # additive mask value; softmax runs in fp32, so this never overflows
+
+# ----------------------------------------------------------------------------
+# Transformer block (timm's Block names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)
+# ----------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        q = q * self.head_dim**-0.5
+        attn = softmax32((q @ k.transpose(-2, -1)).float() + bias)  # (B, H, Tq, Tk)
+        out = self.attn_drop(attn.to(v.dtype)) @ v  # (B, H, Tq, hd)
+        B, H, T, hd = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, H * hd)))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """bias: additive fp32 mask broadcastable to (B, H, T, T)."""
+        q, k, v = self._qkv(x)
+        return self._attend(q, k, v, bias)
+
+    def forward_cached(
+        self, x: torch.Tensor, write: torch.Tensor, bias: torch.Tensor, kv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new position. x (B, 1, D); write (1, 1, L, 1) bool marks the cache slot to fill;
+        bias (1, 1, 1, L); kv (2, B, H, L, hd) -> output (B, 1, D), updated kv."""
+        q, k, v = self._qkv(x)  # (B, H, 1, hd)
+        kv = torch.where(write, torch.stack([k, v]), kv)  # broadcast the new row into its slot
+        return self._attend(q, kv[0], kv[1], bias), kv
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), bias)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x, write, bias, kv):
+        h, kv = self.attn.forward_cached(self.norm1(x), write, bias, kv)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv
+
+
+def _blocks(cfg: FARConfig, depth: int) -> nn.ModuleList:
+    return nn.ModuleList(
+        Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout) for _ in range(depth)
+    )
+
+
+def _init_weights(module: nn.Module) -> None:
+    """MAR's init: xavier-uniform linears, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class _ClassEmbedding(nn.Module):
+    """Shared by both backbones: a class embedding and MAR's learned null class `fake_latent`."""
+
+    def _init_class(self, cfg: FARConfig) -> None:
+        self.class_emb = nn.Embedding(cfg.num_classes, cfg.width)
+        self.fake_latent = nn.Parameter(torch.zeros(1, cfg.width))
+
+    def class_vector(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """labels (B,) -> (B, D); rows where `drop` is True get the null class (CFG / class dropout)."""
+        emb = self.class_emb(labels)
+        if drop is None:
+            return emb
+        return torch.where(drop[:, None], self.fake_latent.to(emb.dtype).expand_as(emb), emb)
+
+    def null_vector(self, batch: int) -> torch.Tensor:
+        return self.fake_latent.expand(batch, -1)
+
+
+# ----------------------------------------------------------------------------
+# Masked (MAR) backbone
+# ----------------------------------------------------------------------------
+
+
+class MaskedBackbone(_ClassEmbedding):
+    def __init__(self, cfg: FARConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, D, buf = cfg.seq_len, cfg.width, cfg.buffer_size
+        self.buffer_size = buf
+        self._init_class(cfg)
+        self.z_proj = nn.Linear(cfg.token_dim, D)
+        self.z_proj_ln = LayerNorm(D, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buf, D))
+        self.encoder_blocks = _blocks(cfg, cfg.enc_depth)
+        self.encoder_norm = LayerNorm(D, eps=1e-6)
+        self.decoder_embed = nn.Linear(D, D)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L + buf, D))
+        self.decoder_blocks = _blocks(cfg, cfg.dec_depth)
+        self.decoder_norm = LayerNorm(D, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        _init_weights(self)
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, class_vec: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, C); mask (B, L) 1 = unknown; class_vec (B, D) -> z (B, L, D) for every position."""
+        B = tokens.shape[0]
+        buf = self.buffer_size
+        known = torch.cat([torch.ones_like(mask[:, :1]).expand(B, buf), 1 - mask], dim=1)  # (B, T)
+        # encoder: buffer slots hold the class vector; unknown tokens are hidden as keys
+        x = self.z_proj(tokens)  # (B, L, D)
+        x = torch.cat([class_vec[:, None, :].expand(B, buf, -1).to(x.dtype), x], dim=1)  # (B, T, D)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+        key_bias = ((1 - known) * NEG)[:, None, None, :].float()  # (B, 1, 1, T)
+        for blk in self.encoder_blocks:
+            x = blk(x, key_bias)
+        x = self.encoder_norm(x)
+        # decoder: unknown positions become the mask token, everything attends to everything
+        x = self.decoder_embed(x)
+        x = torch.where(known[:, :, None] > 0.5, x, self.mask_token.to(x.dtype))
+        x = x + self.decoder_pos_embed_learned
+        no_bias = torch.zeros(1, 1, 1, 1, device=x.device)
+        for blk in self.decoder_blocks:
+            x = blk(x, no_bias)
+        x = self.decoder_norm(x)[:, buf:]  # (B, L, D)
+        return x + self.diffusion_pos_embed_learned
+
+
+# ----------------------------------------------------------------------------
+# Causal (GPT-style) backbone
+# ----------------------------------------------------------------------------
+
+
+class CausalBackbone(_ClassEmbedding):
+    """Position 0 holds the class vector, position i > 0 token i-1; the output at position i
+    conditions token i. Uses enc_depth + dec_depth blocks."""
+
+    def __init__(self, cfg: FARConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, D = cfg.seq_len, cfg.width
+        self._init_class(cfg)
+        self.z_proj = nn.Linear(cfg.token_dim, D)
+        self.z_proj_ln = LayerNorm(D, eps=1e-6)
+        self.pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        self.blocks = _blocks(cfg, cfg.depth)
+        self.norm = LayerNorm(D, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        self.register_buffer("causal_bias", torch.triu(torch.full((L, L), NEG), diagonal=1), persistent=False)
+        _init_weights(self)
+        for p in (self.class_emb.weight, self.fake_latent, self.pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, class_vec: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: tokens (B, L, C), class_vec (B, D) -> z (B, L, D)."""
+        x = torch.cat([class_vec[:, None, :].to(tokens.dtype), self.z_proj(tokens[:, :-1])], dim=1)  # (B, L, D)
+        x = self.z_proj_ln(x + self.pos_embed_learned)
+        for blk in self.blocks:
+            x = blk(x, self.causal_bias)
+        return self.norm(x) + self.diffusion_pos_embed_learned
+
+    def cache_shape(self, batch: int) -> tuple[int, ...]:
+        """KV cache of all layers: (depth, 2, B, H, L, hd)."""
+        c = self.cfg
+        return (c.depth, 2, batch, c.num_heads, c.seq_len, c.head_dim)
+
+    def forward_step(
+        self, prev_token: torch.Tensor, pos: torch.Tensor, class_vec: torch.Tensor, cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position. prev_token (B, C) (ignored at pos 0); pos () int64; class_vec (B, D);
+        cache (depth, 2, B, H, L, hd) -> z (B, D) for token `pos`, updated cache."""
+        L = self.cfg.seq_len
+        slots = torch.arange(L, device=pos.device)
+        onehot = (slots == pos).to(self.pos_embed_learned.dtype)  # (L,)
+        x = torch.where(pos == 0, class_vec.to(prev_token.dtype), self.z_proj(prev_token))[:, None]  # (B, 1, D)
+        x = self.z_proj_ln(x + (onehot @ self.pos_embed_learned[0])[None, None])
+        write = (slots == pos)[None, None, :, None]  # (1, 1, L, 1)
+        bias = torch.where(slots <= pos, 0.0, NEG)[None, None, None, :].float()  # (1, 1, 1, L)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk.forward_cached(x, write, bias, cache[i])
+            new_cache.append(kv)
+        z = self.norm(x[:, 0]) + onehot @ self.diffusion_pos_embed_learned[0]  # (B, D)
+        return z, torch.stack(new_cache)
+
+
+def build_backbone(cfg: FARConfig) -> MaskedBackbone | CausalBackbone:
+    return MaskedBackbone(cfg) if cfg.backbone == "masked" else CausalBackbone(cfg)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

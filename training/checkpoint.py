@@ -1,0 +1,170 @@
+"""Checkpoint directories (config.json + model.safetensors + vae.safetensors) and MAR's files.
+
+Weights are never unpickled: our own files are safetensors, and MAR's `.pth`/`.ckpt`
+files are opened with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from training.config import ConfigError, FARConfig
+from training.model import FAR
+from training.vae import AutoencoderKL
+
+CONFIG_FILE, MODEL_FILE, VAE_FILE = "config.json", "model.safetensors", "vae.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupt or mismatched checkpoint file."""
+
+
+@dataclass
+class Checkpoint:
+    cfg: FARConfig
+    model: FAR
+    vae: AutoencoderKL
+    path: Path | None = None
+
+
+def save_checkpoint(path: str | Path, model: FAR, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint directory atomically: into a temporary sibling, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.cfg.save(tmp / CONFIG_FILE)
+        save_file(_contiguous(model.state_dict()), str(tmp / MODEL_FILE))
+        save_file(_contiguous(vae.state_dict()), str(tmp / VAE_FILE))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename src over dst; an existing dst is moved aside first and removed only after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}")
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-export or re-download it") from None
+
+
+def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise CheckpointError(f"{what} does not match its config: {', '.join(parts)}")
+    module.load_state_dict(sd)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory; the config inside fully describes the model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    try:
+        cfg = FARConfig.load(path / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+    model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+    _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
+    _load_into(vae, _load_safetensors(path / VAE_FILE), str(path / VAE_FILE))
+    return Checkpoint(cfg, model.to(device).eval(), vae.to(device).eval(), path)
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """One digest over the checkpoint's config and weights (what an engine directory was built from)."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, MODEL_FILE, VAE_FILE):
+        h.update(name.encode())
+        with open(Path(path) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# MAR's official files
+# ----------------------------------------------------------------------------
+
+
+def _torch_load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a dict")
+    return obj
+
+
+def mar_to_far_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAR's flat names -> ours: `diffloss.net.*` -> `head.net.*`, everything else -> `backbone.*`."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("diffloss."):
+            if k.startswith("diffloss.net."):
+                out["head." + k[len("diffloss."):]] = v
+            # MAR's diffloss also stores no other tensors we need
+        else:
+            out["backbone." + k] = v
+    return out
+
+
+def load_mar_model(path: str | Path, cfg: FARConfig, key: str = "model_ema") -> FAR:
+    """MAR's `checkpoint-last.pth` ({"model", "model_ema", ...}) into a FAR with a MAR head."""
+    obj = _torch_load(path)
+    if key not in obj:
+        raise CheckpointError(f"{path} has no '{key}' entry (found: {', '.join(sorted(obj))})")
+    if cfg.head != "mar" or cfg.backbone != "masked":
+        raise CheckpointError("MAR checkpoints need a config with backbone='masked' and head='mar'")
+    model = FAR(cfg)
+    _load_into(model, mar_to_far_state_dict(obj[key]), str(path))
+    return model
+
+
+def load_mar_vae(path: str | Path, vae: AutoencoderKL) -> AutoencoderKL:
+    """MAR's `kl16.ckpt` ({"model": state dict}); LDM's loss/discriminator keys are ignored."""
+    obj = _torch_load(path)
+    sd = obj.get("model", obj)
+    own = vae.state_dict()
+    _load_into(vae, {k: v for k, v in sd.items() if k in own or not k.startswith("loss.")}, str(path))
+    return vae

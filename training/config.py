@@ -1,0 +1,258 @@
+"""Model configuration: small frozen dataclasses, presets, and their JSON form.
+
+A checkpoint directory stores `config.json` = `FARConfig.to_dict()`, so loading a
+checkpoint needs no architecture flags: `FARConfig.from_dict(json.load(f))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration (unknown key, impossible dims)."""
+
+
+# ----------------------------------------------------------------------------
+# VAE (LDM AutoencoderKL layout, MAR's KL-16 names)
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    embed_dim: int = 16  # latent channels
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)  # encoder only (as LDM/MAR's KL-16)
+    resolution: int = 256  # image side the attention resolutions refer to
+    in_channels: int = 3
+    out_ch: int = 3
+    num_groups: int = 32
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def validate(self) -> None:
+        if self.embed_dim < 1 or self.ch < 1 or self.num_res_blocks < 1:
+            raise ConfigError("vae: embed_dim, ch and num_res_blocks must be >= 1")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ConfigError("vae: ch_mult must be a non-empty tuple of positive ints")
+        for mult in self.ch_mult:
+            if (self.ch * mult) % self.num_groups:
+                raise ConfigError(
+                    f"vae: channels {self.ch * mult} not divisible by num_groups={self.num_groups}"
+                )
+        if self.resolution % self.stride:
+            raise ConfigError(f"vae: resolution {self.resolution} not divisible by stride {self.stride}")
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # MAR's KL-16 (66.5M parameters, 16x downsampling, 16 latent channels).
+    "kl16": VAEConfig(),
+    # A small VAE for 32x32 images: 8x downsampling to a 4x4 grid of 8 channels.
+    "small32": VAEConfig(
+        embed_dim=8, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(4,), resolution=32
+    ),
+    # Tests only.
+    "tiny": VAEConfig(
+        embed_dim=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, num_groups=4
+    ),
+}
+
+
+# ----------------------------------------------------------------------------
+# FAR: backbone + head + sampling defaults
+# ----------------------------------------------------------------------------
+
+BACKBONES = ("masked", "causal")
+HEADS = ("shortcut", "mar")
+CFG_SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class FARConfig:
+    backbone: str = "masked"  # "masked" (MAR-style, bidirectional) | "causal" (GPT-style, KV cache)
+    head: str = "shortcut"  # "shortcut" (FAR) | "mar" (MAR's diffusion head)
+    img_size: int = 256
+    patch_size: int = 1  # latent patches per token side
+    num_classes: int = 1000
+    width: int = 768  # encoder_embed_dim == decoder_embed_dim
+    enc_depth: int = 12
+    dec_depth: int = 12  # masked only; the causal backbone uses enc_depth + dec_depth blocks
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    buffer_size: int = 64
+    head_width: int = 1024
+    head_depth: int = 6
+    latent_scale: float = 0.2325  # VAE latents are multiplied by this before tokenisation
+    # training
+    class_dropout: float = 0.1
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    mask_ratio_min: float = 0.7
+    head_batch_mul: int = 4  # MAR's diffusion_batch_mul
+    shortcut_levels: int = 8  # step sizes d = 2^-l for l in [0, levels): K = 1 .. 128
+    bootstrap_fraction: float = 0.25  # share of each head batch trained on self-consistency
+    teacher: str = "ema"  # "ema" | "online": weights that produce self-consistency targets
+    diffusion_steps: int = 1000  # MAR head: training timesteps (cosine schedule)
+    # sampling defaults (all overridable at run time)
+    num_iter: int = 64  # masked AR steps (the causal backbone takes one step per token)
+    head_steps: int = 4  # K: shortcut Euler steps or MAR denoising steps
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    # -- derived ---------------------------------------------------------------
+    @property
+    def grid(self) -> int:
+        """Tokens per image side."""
+        return self.img_size // self.vae.stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae.embed_dim * self.patch_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def depth(self) -> int:
+        return self.enc_depth + self.dec_depth
+
+    @property
+    def num_ar_steps(self) -> int:
+        return self.num_iter if self.backbone == "masked" else self.seq_len
+
+    # -- checks and serialisation ---------------------------------------------
+    def validate(self) -> FARConfig:
+        self.vae.validate()
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ConfigError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+        if self.teacher not in ("ema", "online"):
+            raise ConfigError(f"teacher must be 'ema' or 'online', got {self.teacher!r}")
+        if self.img_size % (self.vae.stride * self.patch_size):
+            raise ConfigError(
+                f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} x patch {self.patch_size}"
+            )
+        if self.width % self.num_heads:
+            raise ConfigError(f"width {self.width} not divisible by num_heads {self.num_heads}")
+        if min(self.width, self.enc_depth, self.num_heads, self.head_width, self.head_depth) < 1:
+            raise ConfigError("width, depths, heads and head dims must be >= 1")
+        if self.backbone == "masked" and self.dec_depth < 1:
+            raise ConfigError("the masked backbone needs dec_depth >= 1")
+        if self.num_classes < 1:
+            raise ConfigError("num_classes must be >= 1")
+        if not 1 <= self.num_iter <= self.seq_len:
+            raise ConfigError(f"num_iter must be in [1, seq_len={self.seq_len}], got {self.num_iter}")
+        if self.shortcut_levels < 1 or not 1 <= self.head_steps:
+            raise ConfigError("shortcut_levels and head_steps must be >= 1")
+        if not 0 <= self.bootstrap_fraction < 1 or not 0 <= self.class_dropout < 1:
+            raise ConfigError("bootstrap_fraction and class_dropout must be in [0, 1)")
+        if not 0 < self.mask_ratio_min <= 1:
+            raise ConfigError("mask_ratio_min must be in (0, 1]")
+        if self.latent_scale <= 0 or self.temperature <= 0:
+            raise ConfigError("latent_scale and temperature must be > 0")
+        return self
+
+    def replace(self, **changes: Any) -> FARConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config_version"] = CONFIG_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FARConfig:
+        d = dict(d)
+        version = d.pop("config_version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"config_version {version} is newer than this code ({CONFIG_VERSION}): upgrade far-export")
+        vae = d.pop("vae", {})
+        if isinstance(vae, str):
+            vae = dataclasses.asdict(VAE_PRESETS[vae])
+        return cls(vae=_build(VAEConfig, vae, "vae."), **_fields(cls, d, "")).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FARConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(raw)
+
+
+def _fields(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = tuple(v)
+        out[k] = v
+    return out
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    try:
+        return cls(**_fields(cls, d, prefix))
+    except TypeError as e:
+        raise ConfigError(f"invalid {prefix.rstrip('.')} config: {e}") from None
+
+
+# ----------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------
+
+PRESETS: dict[str, FARConfig] = {
+    # Tests: trains and exports in seconds.
+    "tiny": FARConfig(
+        img_size=16, num_classes=4, width=32, enc_depth=1, dec_depth=1, num_heads=2, buffer_size=2,
+        head_width=32, head_depth=2, latent_scale=1.0, num_iter=4, head_steps=2, cfg=2.0,
+        vae=VAE_PRESETS["tiny"],
+    ),
+    # The shipped MNIST model: 32x32 digits, 4x4 tokens of 8 channels; trains on 2 CPU cores.
+    "mnist": FARConfig(
+        img_size=32, num_classes=10, width=128, enc_depth=3, dec_depth=3, num_heads=4, buffer_size=4,
+        head_width=128, head_depth=3, latent_scale=1.0, num_iter=8, head_steps=4, cfg=2.0,
+        attn_dropout=0.0, proj_dropout=0.0, vae=VAE_PRESETS["small32"],
+    ),
+    # MAR-B/L/H dims on ImageNet 256 with KL-16 (256 tokens of 16 channels).
+    "far-b": FARConfig(width=768, enc_depth=12, dec_depth=12, num_heads=12, head_width=1024, head_depth=6),
+    "far-l": FARConfig(width=1024, enc_depth=16, dec_depth=16, num_heads=16, head_width=1280, head_depth=8),
+    "far-h": FARConfig(width=1280, enc_depth=20, dec_depth=20, num_heads=16, head_width=1536, head_depth=12),
+}
+
+
+def preset(name: str, **changes: Any) -> FARConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes)

@@ -1,0 +1,213 @@
+"""The PyTorch reference sampler: the autoregressive loop for both backbones and both heads.
+
+Randomness follows the contract in `runtime/schedule.py` (image i draws from
+PCG64([seed, i]), in a fixed order), so the lean runtime produces the same tokens
+and the same PNG for the same seed and settings.
+
+    python training/sample.py --checkpoint checkpoints/far-mnist --classes 0-9 --per-class 4 \
+        --head-steps 4 --cfg 2.0 --seed 0 --out grid.png
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python training/sample.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from runtime.schedule import (
+    causal_schedule,
+    cfg_scale,
+    check_head_steps,
+    ddpm_sampling_schedule,
+    image_rng,
+    masked_positions,
+    masked_schedule,
+    shortcut_times,
+)
+from training.config import FARConfig
+from training.model import FAR, VAEDecoderStep, backbone_step, head_step
+from training.vae import AutoencoderKL
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Resolved settings of one request (defaults come from the model config)."""
+
+    head_steps: int
+    cfg: float
+    cfg_schedule: str
+    temperature: float
+    num_iter: int
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, cfg: FARConfig, seed: int = 0, **overrides) -> SamplingSettings:
+        values = {
+            "head_steps": cfg.head_steps, "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule,
+            "temperature": cfg.temperature, "num_iter": cfg.num_iter,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(seed=seed, **values)
+        check_head_steps(cfg.head, s.head_steps, cfg.shortcut_levels, cfg.diffusion_steps)
+        if cfg.backbone == "masked" and not 1 <= s.num_iter <= cfg.seq_len:
+            raise ValueError(f"num_iter must be in [1, {cfg.seq_len}], got {s.num_iter}")
+        return s
+
+
+def _f32(a: np.ndarray | list | float) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
+class _Head:
+    """Runs K (shortcut) or N (MAR) head steps on the rows of one AR step, drawing noise per contract."""
+
+    def __init__(self, model: FAR, s: SamplingSettings, guided: bool):
+        self.kind, self.s = model.cfg.head, s
+        self.C = model.cfg.token_dim
+        self.step = head_step(model, guided)
+        if self.kind == "shortcut":
+            self.times = shortcut_times(s.head_steps)
+        else:
+            self.times, self.coef = ddpm_sampling_schedule(model.cfg.diffusion_steps, s.head_steps)
+
+    def __call__(self, z: torch.Tensor, rngs: list[np.random.Generator], n: int, cfg_iter: float) -> torch.Tensor:
+        s, C = self.s, self.C
+        cfg_t = _f32([cfg_iter])
+        if self.kind == "shortcut":
+            x = _f32(np.concatenate([s.temperature * r.standard_normal((n, C)) for r in rngs]))
+            d = _f32([1.0 / s.head_steps])
+            for t in self.times:
+                x = self.step(x, _f32([t]), d, z, cfg_t)
+            return x
+        x = _f32(np.concatenate([r.standard_normal((n, C)) for r in rngs]))
+        last = len(self.times) - 1
+        for j, t in enumerate(self.times):
+            if j < last:
+                noise = _f32(np.concatenate([s.temperature * r.standard_normal((n, C)) for r in rngs]))
+            else:
+                noise = torch.zeros_like(x)
+            x = self.step(x, _f32([t]), z, cfg_t, _f32(self.coef[j]), noise)
+        return x
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: FAR,
+    labels: list[int],
+    s: SamplingSettings,
+    first_index: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Generate token latents (B, L, C) float32 for images first_index .. first_index + B - 1."""
+    cfg = model.cfg
+    model.eval()
+    B, L, C = len(labels), cfg.seq_len, cfg.token_dim
+    guided = s.cfg != 1.0
+    rngs = [image_rng(s.seed, first_index + i) for i in range(B)]
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    head = _Head(model, s, guided)
+    bstep = backbone_step(model, guided)
+    tokens = torch.zeros(B, L, C)
+
+    if cfg.backbone == "masked":
+        orders = [r.permutation(L) for r in rngs]
+        mask = torch.ones(B, L)
+        schedule = masked_schedule(L, s.num_iter)
+        for i, step in enumerate(schedule):
+            pos = torch.as_tensor(np.stack([masked_positions(o, step) for o in orders]))  # (B, n)
+            z = bstep(tokens, mask, labels_t, pos)
+            x = head(z, rngs, step.num_pred, cfg_scale(s.cfg, s.cfg_schedule, L, step))
+            rows = torch.arange(B)[:, None]
+            tokens[rows, pos] = x.reshape(B, step.num_pred, C)
+            mask[rows, pos] = 0.0
+            if progress:
+                progress(i + 1, len(schedule))
+    else:
+        Bg = 2 * B if guided else B
+        cache = torch.zeros(model.backbone.cache_shape(Bg), dtype=model.backbone.z_proj.weight.dtype)
+        prev = torch.zeros(B, C)
+        schedule = causal_schedule(L)
+        for i, step in enumerate(schedule):
+            z, cache = bstep(prev, torch.tensor([i]), labels_t, cache)
+            prev = head(z, rngs, 1, cfg_scale(s.cfg, s.cfg_schedule, L, step))
+            tokens[:, i] = prev
+            if progress:
+                progress(i + 1, len(schedule))
+    return tokens.numpy()
+
+
+@torch.no_grad()
+def decode_tokens(cfg: FARConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
+    """Token latents (B, L, C) -> images (B, 3, H, W) float32 in [0, 1]."""
+    return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).numpy()
+
+
+def generate(
+    model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it)."""
+    from runtime.images import to_uint8
+
+    batch = batch or len(labels)
+    out = []
+    for start in range(0, len(labels), batch):
+        chunk = labels[start : start + batch]
+        tokens = sample_tokens(model, chunk, s, first_index=start)
+        out.append(to_uint8(decode_tokens(model.cfg, vae, tokens)))
+        if progress:
+            progress(start + len(chunk), len(labels))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------
+
+
+def _cli():
+    import click
+
+    from runtime.images import parse_classes, request_labels, write_outputs
+    from runtime.options import request_from_kwargs, sampling_options
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory (config.json + safetensors).")
+    @sampling_options
+    def main(checkpoint: str, **kwargs) -> None:
+        """Sample images with the PyTorch reference loop."""
+        from tqdm import tqdm
+
+        from training.checkpoint import CheckpointError, load_checkpoint
+        from training.config import ConfigError
+
+        req = request_from_kwargs(kwargs)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        try:
+            ckpt = load_checkpoint(checkpoint)
+            classes = parse_classes(req.classes, ckpt.cfg.num_classes)
+            labels = request_labels(classes, req.per_class)
+            s = SamplingSettings.resolve(
+                ckpt.cfg, seed=req.seed, head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
+                temperature=req.temperature, num_iter=req.num_iter,
+            )
+            with tqdm(total=len(labels), unit="img", desc="sampling") as bar:
+                images = generate(ckpt.model, ckpt.vae, labels, s, req.batch,
+                                  progress=lambda done, total: bar.update(done - bar.n))
+            paths = write_outputs(images, labels, len(classes), req.out, req.out_dir)
+        except (CheckpointError, ConfigError, ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"wrote {len(images)} images: {paths[0]}" + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else ""))
+
+    return main
+
+
+if __name__ == "__main__":
+    _cli()()
