@@ -48,7 +48,8 @@ class SamplingSettings:
     seed: int = 0
 
     @classmethod
-    def resolve(cls, cfg: FARConfig, seed: int = 0, **overrides) -> SamplingSettings:
+    def resolve(cls, model_cfg: FARConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
+        cfg = model_cfg  # positional-only, so that `cfg=` (the guidance scale) can be an override
         values = {
             "head_steps": cfg.head_steps, "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule,
             "temperature": cfg.temperature, "num_iter": cfg.num_iter,
