@@ -34,6 +34,74 @@ def cli() -> None:
     """FAR: export checkpoints to static ONNX graphs and TensorRT engines, and sample from them."""
 
 
+# -- build / inspect / compile (far_export.build, far_export.inspect, far_export.tensorrt) ----------------
+
+
+@cli.command()
+@click.argument("checkpoint_dir", type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Engine directory to write, e.g. engines/far-mnist.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 | bf16: what runs inside the graphs.")
+@click.option("--batch", default=8, show_default=True, type=int, help="Images per graph call (static).")
+@click.option("--cfg/--no-cfg", "cfg_guidance", default=None,
+              help="Double the batch inside the graphs for classifier-free guidance. Default: on when the checkpoint's default CFG scale is not 1.")
+@click.option("--num-iter", type=int, default=None, help="Masked backbone: AR steps the per-step query size is fixed for. Default: the checkpoint's.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the end-to-end check.")
+@click.option("--no-validate", is_flag=True, help="Skip the per-graph checks against PyTorch.")
+@click.option("--no-end-to-end", is_flag=True, help="Skip the end-to-end check against the reference sampler.")
+@click.option("--engines/--no-engines", default=True, show_default=True, help="Build TensorRT plans where tensorrt and a GPU exist.")
+@click.option("--require-engines", is_flag=True, help="Fail when TensorRT plans cannot be built here.")
+@click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace limit.")
+@click.option("--opt-level", default=3, show_default=True, type=int, help="TensorRT builder optimisation level (0..5).")
+def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
+    """Export a checkpoint to static ONNX graphs, validate them, build TensorRT plans, write the manifest."""
+
+    def go() -> None:
+        from far_export.build import BuildOptions
+        from far_export.build import build as run_build
+
+        opts = BuildOptions(
+            precision=kw["precision"], batch=kw["batch"], cfg_guidance=kw["cfg_guidance"], num_iter=kw["num_iter"],
+            validate=not kw["no_validate"], end_to_end=not kw["no_end_to_end"], seed=kw["seed"],
+            engines=kw["engines"], require_engines=kw["require_engines"], workspace_gb=kw["workspace_gb"],
+            opt_level=kw["opt_level"],
+        )
+        run_build(checkpoint_dir, out_dir, opts.check(), log=lambda s: click.echo(s))
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(engine_dir: str, as_json: bool) -> None:
+    """Print an engine directory's manifest: graphs, shapes, dtypes, precision, validation, engines."""
+
+    def go() -> None:
+        from far_export.inspect import describe
+
+        click.echo(describe(engine_dir, as_json=as_json))
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace limit.")
+@click.option("--opt-level", default=3, show_default=True, type=int, help="TensorRT builder optimisation level (0..5).")
+@click.option("--no-validate", is_flag=True, help="Skip comparing each plan with ONNX Runtime.")
+def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: bool) -> None:
+    """Build TensorRT plans from the ONNX graphs already in ENGINE_DIR (imports no torch)."""
+
+    def go() -> None:
+        from far_export.tensorrt import EngineSettings, compile_directory
+
+        settings = EngineSettings(workspace_gb=workspace_gb, opt_level=opt_level).check()
+        compile_directory(engine_dir, settings, validate=not no_validate, log=lambda s: click.echo(s))
+        click.echo(f"updated {engine_dir}/manifest.json")
+
+    _run(go)
+
+
 def main() -> None:
     cli()
 

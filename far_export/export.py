@@ -1,0 +1,297 @@
+"""PyTorch -> static ONNX graphs: each graph described as data, then exported.
+
+`graph_specs()` is the one place that says what every graph takes and returns (names,
+static shapes, dtypes: the graph I/O contract of the engine directory). The torch
+modules behind them are the `*Step` modules of `training/model.py`, which the
+reference sampler calls too, so "the graph equals PyTorch" checks the sampler's math.
+
+Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript), opset 18.
+It traces with `torch.export` (no Python-bool capture of tensors), gives fully static
+shapes when no `dynamic_shapes` are passed, and matches PyTorch to ~1e-6 on every
+graph; the legacy TorchScript exporter is deprecated, warns on every call, and gave
+a masked-backbone graph that was wrong by ~1.9 on the tiny preset.
+
+Precision: fp32 graphs run the fp32 modules. fp16/bf16 graphs run `model.half()` /
+`model.bfloat16()` copies; norm statistics and softmax stay fp32 inside
+(training/layers.py), every float graph boundary stays fp32 except the causal KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.manifest import TensorSpec
+from runtime.schedule import ddpm_sampling_schedule, max_tokens_per_step
+from training.config import FARConfig
+from training.model import FAR, VAEDecoderStep, backbone_step, head_step
+from training.vae import AutoencoderKL
+
+OPSET = 18
+PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "vae_decoder": "vae_decoder.onnx"}
+# Ops that stay fp32 inside a reduced-precision graph (training/layers.py, the Step modules' casts).
+FP32_ISLANDS = {
+    "backbone": ("LayerNorm statistics", "attention softmax", "graph inputs/outputs"),
+    "head": ("LayerNorm statistics", "timestep sinusoid", "graph inputs/outputs"),
+    "vae_decoder": ("GroupNorm statistics", "attention softmax", "graph inputs/outputs"),
+}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file>.data` (protobuf's 2 GB)
+
+
+class ExportError(RuntimeError):
+    """A graph could not be exported (unsupported op, bad options)."""
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """One graph as data: its name and the static inputs/outputs of the contract."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return GRAPH_FILES[self.name]
+
+
+@dataclass(frozen=True)
+class GraphShapes:
+    """The build-time sizes every graph is fixed to."""
+
+    batch: int  # B
+    guided: bool  # CFG doubles the batch inside the graphs
+    num_iter: int  # masked AR steps the query size Q is computed for
+    max_query: int  # Q (1 for the causal backbone)
+
+    @classmethod
+    def for_config(cls, cfg: FARConfig, batch: int, guided: bool, num_iter: int | None = None) -> GraphShapes:
+        if batch < 1:
+            raise ExportError(f"batch must be >= 1, got {batch}")
+        n = cfg.num_iter if num_iter is None else num_iter
+        if cfg.backbone == "masked":
+            if not 1 <= n <= cfg.seq_len:
+                raise ExportError(f"num_iter must be in [1, seq_len={cfg.seq_len}], got {n}")
+            q = max_tokens_per_step(cfg.seq_len, n)
+        else:
+            q = 1
+        return cls(batch=batch, guided=guided, num_iter=n, max_query=q)
+
+    @property
+    def rows(self) -> int:
+        """N: head rows per call (every queried token of every image)."""
+        return self.batch * self.max_query
+
+
+def _t(name: str, shape: tuple[int, ...], dtype: str = "float32") -> TensorSpec:
+    return TensorSpec(name=name, shape=tuple(int(s) for s in shape), dtype=dtype)
+
+
+def graph_specs(cfg: FARConfig, shapes: GraphShapes, precision: str = "fp32") -> dict[str, GraphIO]:
+    """The graph I/O contract for this model and these build sizes."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    B, L, C, D = shapes.batch, cfg.seq_len, cfg.token_dim, cfg.width
+    g = 2 if shapes.guided else 1
+    N = shapes.rows
+    if cfg.backbone == "masked":
+        Q = shapes.max_query
+        backbone = GraphIO(
+            "backbone",
+            (_t("tokens", (B, L, C)), _t("mask", (B, L)), _t("labels", (B,), "int64"), _t("query", (B, Q), "int64")),
+            (_t("z", (g * N, D)),),
+        )
+    else:
+        cache = (cfg.depth, 2, g * B, cfg.num_heads, L, cfg.head_dim)
+        cdt = NUMPY_NAMES[precision]
+        backbone = GraphIO(
+            "backbone",
+            (_t("prev_token", (B, C)), _t("pos", (1,), "int64"), _t("labels", (B,), "int64"), _t("cache", cache, cdt)),
+            (_t("z", (g * B, D)), _t("cache_out", cache, cdt)),
+        )
+    cfg_in = (_t("cfg", (1,)),) if shapes.guided else ()
+    if cfg.head == "shortcut":
+        head_in = (_t("x", (N, C)), _t("t", (1,)), _t("d", (1,)), _t("z", (g * N, D)), *cfg_in)
+    else:
+        head_in = (_t("x", (N, C)), _t("t", (1,)), _t("z", (g * N, D)), *cfg_in, _t("coef", (6,)), _t("noise", (N, C)))
+    head = GraphIO("head", head_in, (_t("x_next", (N, C)),))
+    vae = GraphIO("vae_decoder", (_t("tokens", (B, L, C)),), (_t("image", (B, 3, cfg.img_size, cfg.img_size)),))
+    return {"backbone": backbone, "head": head, "vae_decoder": vae}
+
+
+# ----------------------------------------------------------------------------
+# The torch modules behind the graphs
+# ----------------------------------------------------------------------------
+
+
+class _DiffusionHeadAlwaysCfg(nn.Module):
+    """The MAR head step with the contract's argument order (cfg only when guided)."""
+
+    def __init__(self, step: nn.Module, guided: bool):
+        super().__init__()
+        self.step, self.guided = step, guided
+
+    def forward(self, x, t, z, *rest):
+        if self.guided:
+            cfg, coef, noise = rest
+        else:
+            (coef, noise), cfg = rest, None
+        return self.step(x, t, z, cfg, coef, noise)
+
+
+def graph_modules(
+    model: FAR, vae: AutoencoderKL, guided: bool, precision: str = "fp32", vae_precision: str | None = None
+) -> dict[str, nn.Module]:
+    """The eval-mode torch modules that the graphs compute, in `precision` (copies when not fp32)."""
+    dtype = TORCH_DTYPES[precision]
+    vdtype = TORCH_DTYPES[vae_precision or precision]
+    m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    v = vae if vdtype == torch.float32 else copy.deepcopy(vae).to(vdtype)
+    head = head_step(m, guided)
+    if model.cfg.head == "mar":
+        head = _DiffusionHeadAlwaysCfg(head, guided)
+    mods = {"backbone": backbone_step(m, guided), "head": head, "vae_decoder": VAEDecoderStep(model.cfg, v)}
+    return {k: mod.eval() for k, mod in mods.items()}
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------
+
+
+def example_inputs(cfg: FARConfig, io_: GraphIO, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Valid random inputs for one graph (labels in range, d a trained step size, ...)."""
+    L = cfg.seq_len
+    out: dict[str, np.ndarray] = {}
+    for spec in io_.inputs:
+        shape, n = spec.shape, spec.name
+        if n == "labels":
+            a = rng.integers(0, cfg.num_classes, shape)
+        elif n == "query":
+            a = np.stack([np.sort(rng.permutation(L)[: shape[1]]) for _ in range(shape[0])])
+        elif n == "pos":
+            a = rng.integers(0, L, shape)
+        elif n == "mask":
+            a = (rng.random(shape) < 0.5).astype(np.float32)
+        elif n == "t":
+            a = rng.random(shape) if cfg.head == "shortcut" else rng.integers(0, cfg.diffusion_steps, shape)
+        elif n == "d":
+            a = np.full(shape, 2.0 ** -int(rng.integers(0, cfg.shortcut_levels)))
+        elif n == "cfg":
+            a = np.full(shape, 1.0 + 3.0 * rng.random())
+        elif n == "coef":
+            _, coef = ddpm_sampling_schedule(cfg.diffusion_steps, 8)
+            a = coef[int(rng.integers(0, len(coef)))]
+        elif n == "cache":
+            a = rng.standard_normal(shape)
+            # keys/values of positions not yet written are never read; zero the tail like a fresh cache
+            p = int(rng.integers(1, L))
+            a[..., p:, :] = 0.0
+        elif n == "z":
+            a = rng.standard_normal(shape)
+        else:  # tokens, prev_token, x, noise
+            a = rng.standard_normal(shape)
+        out[n] = _as_dtype(np.asarray(a), spec.dtype)
+    return out
+
+
+def _as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # numpy has no bfloat16: keep float32 values that are exactly bf16
+        return to_bf16_values(a.astype(np.float32))
+    return a.astype(dtype)
+
+
+def to_bf16_values(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (still float32)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+# ----------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress lines and warnings; a build prints its own stage lines."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_graph(module: nn.Module, io_: GraphIO, path: str | Path, inputs: dict[str, np.ndarray]) -> Path:
+    """Export `module` with the static shapes of `io_` to `path` (one file while under 2 GB)."""
+    path = Path(path)
+    args = tuple(to_torch(inputs[s.name], s.dtype) for s in io_.inputs)
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                input_names=[s.name for s in io_.inputs], output_names=[s.name for s in io_.outputs],
+            )
+            program.save(str(path), external_data=nbytes > EXTERNAL_DATA_BYTES)
+    except Exception as e:  # the exporter raises many types; name the graph and the first line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"exporting the {io_.name} graph failed: {type(e).__name__}: {msg}") from e
+    _check_io(path, io_)
+    return path
+
+
+def _check_io(path: Path, io_: GraphIO) -> None:
+    """The exported graph must have exactly the contract's names, static shapes and dtypes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[tuple[str, tuple[int, ...], str]]:
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+            out.append((v.name, dims, _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))))
+        return out
+
+    want_in = [(s.name, s.shape, s.dtype) for s in io_.inputs]
+    want_out = [(s.name, s.shape, s.dtype) for s in io_.outputs]
+    for kind, got, want in (("inputs", describe(model.graph.input), want_in),
+                            ("outputs", describe(model.graph.output), want_out)):
+        if got != want:
+            raise ExportError(f"the {io_.name} graph's {kind} are {got}, the contract says {want}")
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def graph_file_bytes(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

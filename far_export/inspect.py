@@ -1,0 +1,67 @@
+"""`far-export inspect`: an engine directory's manifest, readable (or as JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runtime.manifest import Manifest, TensorSpec, load_manifest
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{t.name} {t.dtype}[{','.join(map(str, t.shape))}]" for t in specs)
+
+
+def _stats(d: dict) -> str:
+    return f"max {d['max']:.2g} mean {d['mean']:.2g} p99 {d['p99']:.2g}"
+
+
+def describe(directory: str | Path, as_json: bool = False) -> str:
+    """The manifest of `directory` (graph files verified against their sha256) as text."""
+    m = load_manifest(directory)
+    if as_json:
+        return json.dumps(m.to_dict(), indent=2)
+    return "\n".join(lines(m, Path(directory)))
+
+
+def lines(m: Manifest, directory: Path) -> list[str]:
+    mi = m.model
+    out = [
+        f"{directory}: {m.producer}, schema {m.schema_version}, created {m.created}",
+        f"  checkpoint sha256 {m.checkpoint_sha256[:16]}...",
+        f"  precision {m.precision}, batch {m.batch}, cfg guidance {'on (batch doubled inside)' if m.cfg_guidance else 'off'}",
+        f"  model: {mi.backbone} backbone ({mi.depth} blocks, width {mi.width}, {mi.num_heads} heads), {mi.head} head; "
+        f"{mi.img_size}x{mi.img_size} images, {mi.grid}x{mi.grid} tokens of {mi.token_dim} channels, {mi.num_classes} classes",
+        f"  schedule: {mi.num_iter} AR steps, up to {mi.max_query} tokens per step; defaults: K={mi.head_steps}, "
+        f"cfg {mi.cfg} ({mi.cfg_schedule}), temperature {mi.temperature}",
+        "  graphs:",
+    ]
+    for name, g in m.graphs.items():
+        size = (directory / g.file).stat().st_size / 1e6 if (directory / g.file).exists() else 0.0
+        islands = f"; fp32 islands: {', '.join(g.fp32_islands)}" if g.fp32_islands else ""
+        out += [
+            f"    {name}: {g.file} ({size:.1f} MB, {g.precision}{islands})",
+            f"      in:  {_tensors(g.inputs)}",
+            f"      out: {_tensors(g.outputs)}",
+        ]
+    v = m.validation
+    if v:
+        out.append(f"  validation ({v.get('backend', '?')}; {'passed' if v.get('passed') else 'NOT passed'}):")
+        for name, res in v.get("graphs", {}).items():
+            for kind, per_out in res.items():
+                for o, st in per_out.items():
+                    out.append(f"    {name}.{o} ({kind} inputs): {_stats(st)}")
+        e2e = v.get("end_to_end")
+        if e2e:
+            out.append(f"    end to end (seed {e2e['settings']['seed']}, labels {e2e['labels']}): "
+                       f"tokens {_stats(e2e['tokens'])}; image {_stats(e2e['image'])}")
+    else:
+        out.append("  validation: none recorded")
+    if m.engines:
+        out.append("  TensorRT engines:")
+        for name, e in m.engines.items():
+            out.append(f"    {name}: {e.file} for TensorRT {e.tensorrt_version} on {e.gpu_name} (sm {e.compute_capability}), "
+                       f"key {e.build_key[:12]}")
+    else:
+        out.append("  TensorRT engines: none (build them on the device: far-export compile DIR)")
+    return out
