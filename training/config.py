@@ -188,7 +188,11 @@ class FARConfig:
             raise ConfigError(f"config_version {version} is newer than this code ({CONFIG_VERSION}): upgrade far-export")
         vae = d.pop("vae", {})
         if isinstance(vae, str):
+            if vae not in VAE_PRESETS:
+                raise ConfigError(f"unknown vae preset {vae!r}; choose from {', '.join(VAE_PRESETS)}")
             vae = dataclasses.asdict(VAE_PRESETS[vae])
+        if not isinstance(vae, dict):
+            raise ConfigError(f"config key vae must be an object or a preset name, got {vae!r}")
         return cls(vae=_build(VAEConfig, vae, "vae."), **_fields(cls, d, "")).validate()
 
     def save(self, path: str | Path) -> None:
@@ -217,8 +221,21 @@ def _fields(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
     for k, v in d.items():
         if isinstance(v, list):
             v = tuple(v)
+        default = known[k].default
+        if default is not dataclasses.MISSING:
+            if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)  # JSON writes 2.0 as 2
+            if not _same_kind(v, default):
+                raise ConfigError(f"config key {prefix}{k} must be {type(default).__name__}, got {v!r}")
         out[k] = v
     return out
+
+
+def _same_kind(v: Any, default: Any) -> bool:
+    """Whether a JSON value fits a field whose default is `default` (bool is not an int here)."""
+    if isinstance(default, tuple):
+        return isinstance(v, tuple) and all(_same_kind(x, default[0]) for x in v) if default else isinstance(v, tuple)
+    return type(v) is type(default)
 
 
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
