@@ -164,7 +164,7 @@ class MaskedBackbone(_ClassEmbedding):
         x = self.z_proj(tokens)  # (B, L, D)
         x = torch.cat([class_vec[:, None, :].expand(B, buf, -1).to(x.dtype), x], dim=1)  # (B, T, D)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        key_bias = ((1 - known) * NEG)[:, None, None, :].float()  # (B, 1, 1, T)
+        key_bias = ((1 - known.float()) * NEG)[:, None, None, :]  # (B, 1, 1, T), fp32: -1e9 overflows fp16
         for blk in self.encoder_blocks:
             x = blk(x, key_bias)
         x = self.encoder_norm(x)
