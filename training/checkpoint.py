@@ -6,8 +6,10 @@ files are opened with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -128,12 +130,25 @@ def _torch_load(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # MAR's main_mar.py saves its argparse.Namespace beside the weights: a plain attribute bag,
+        # whose values still pass the weights-only unpickler's checks.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {_load_reason(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a dict")
     return obj
+
+
+def _load_reason(e: Exception) -> str:
+    """The informative line of torch.load's (multi-line, ANSI-coloured) error."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln] or [type(e).__name__]
+    for ln in lines:
+        if "Unsupported global" in ln:
+            return ln.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")
+    return lines[0]
 
 
 def mar_to_far_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
