@@ -102,6 +102,95 @@ def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: b
     _run(go)
 
 
+# -- sample / bench (runtime.pipeline, runtime.bench: numpy + one backend, no torch) ----------------------
+
+
+def _sampling_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The flags training/sample.py has (runtime.options imports click only)."""
+    from runtime.options import sampling_options
+
+    return sampling_options
+
+
+def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+                     help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines."),
+        click.option("--providers", default="cpu", show_default=True,
+                     help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
+                          "that ONNX Runtime cannot use is an error, not a slow fallback."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."),
+        click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each bound call as a CUDA graph."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@_sampling_options()
+@_backend_options
+def sample(engine_dir: str, backend: str, providers: str, threads: int | None, cuda_graph: bool, **kw: Any) -> None:
+    """Generate images from an engine directory (flags and layout as training/sample.py's)."""
+    from runtime.options import request_from_kwargs
+
+    req = request_from_kwargs(kw)
+
+    def go() -> None:
+        from tqdm import tqdm
+
+        from runtime.images import parse_classes, request_labels, write_outputs
+        from runtime.pipeline import Pipeline
+
+        pipe = Pipeline.load(engine_dir, backend=backend, providers=providers, threads=threads, cuda_graph=cuda_graph)
+        classes = parse_classes(req.classes, pipe.model.num_classes)
+        labels = request_labels(classes, req.per_class)
+        pipe.settings(head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
+                      temperature=req.temperature, num_iter=req.num_iter, seed=req.seed)  # bad values fail here
+        pipe.check_batch(req.batch)
+        with tqdm(desc="sampling", unit="step", leave=False) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            images = pipe.generate(labels, head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
+                                   temperature=req.temperature, num_iter=req.num_iter, seed=req.seed,
+                                   batch=req.batch, progress=progress)
+        paths = write_outputs(images, labels, len(classes), req.out, req.out_dir)
+        t = pipe.timings
+        click.echo(f"wrote {len(images)} images: {paths[0]}" + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "")
+                   + f" in {t.wall:.2f}s ({pipe.backend.describe()})")
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per call. Default: the engine batch.")
+@click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's.")
+@click.option("--cfg", type=float, default=None, help="CFG scale. Default: the model's.")
+@click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs (one batch each).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
+@_backend_options
+def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
+    """Time generation: per-stage time (backbone, head, VAE, loop Python), images/s, p50/p95, peak memory."""
+
+    def go() -> None:
+        from runtime.bench import BenchOptions, write_json
+        from runtime.bench import bench as run_bench
+
+        result = run_bench(engine_dir, BenchOptions(**kw))
+        click.echo(result.summary())
+        if json_path:
+            click.echo(f"wrote {write_json(result, json_path)}")
+
+    _run(go)
+
+
 def main() -> None:
     cli()
 

@@ -1,0 +1,234 @@
+"""Backends: run one engine-directory graph on host buffers that are bound once.
+
+The AR loop (`runtime/pipeline.py`) is written once over this small interface:
+
+    backend = open_backend("ort", directory, manifest, providers=["cpu"])
+    buf = backend.empty((B, L, C), "float32")           # a host buffer the backend can bind
+    call = backend.graph("vae_decoder").bind({"tokens": buf}, {"image": img})
+    call.run()                                           # reads buf, writes img in place
+
+A `Call` is prepared once per set of buffers; running it takes no arguments and
+allocates nothing, so the loop writes inputs in place, runs, and reads outputs in
+place. ONNX Runtime binds the numpy memory itself (IO binding over OrtValues that
+share it); TensorRT (`runtime/trt.py`) stages it through pinned host memory.
+
+numpy only at import time; onnxruntime is imported when an ORT backend is opened.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.manifest import GraphSpec, Manifest, TensorSpec
+
+BACKENDS = ("ort", "trt")
+
+# Short provider names accepted by --providers, and which ones need a GPU.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be opened or a graph that does not match its manifest."""
+
+
+class Call(ABC):
+    """One prepared graph call over fixed host buffers."""
+
+    @abstractmethod
+    def run(self) -> None: ...
+
+
+class Graph(ABC):
+    """One graph of the engine directory, opened by a backend."""
+
+    spec: GraphSpec
+
+    @abstractmethod
+    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
+        """Prepare a call reading `inputs` and writing `outputs` (buffers from `Backend.empty`)."""
+
+    def check_buffers(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Every graph input and output bound once, with the manifest's shape and dtype, C-contiguous."""
+        for kind, specs, arrays in (("input", self.spec.inputs, inputs), ("output", self.spec.outputs, outputs)):
+            names = {t.name for t in specs}
+            if set(arrays) != names:
+                raise BackendError(f"{self.spec.file}: bind {kind}s {sorted(names)}, got {sorted(arrays)}")
+            for t in specs:
+                a = arrays[t.name]
+                if a.shape != t.shape or a.dtype != np.dtype(t.dtype) or not a.flags.c_contiguous:
+                    raise BackendError(
+                        f"{self.spec.file}: {kind} {t.name!r} needs a contiguous {t.dtype}{list(t.shape)} buffer, "
+                        f"got {a.dtype}{list(a.shape)}"
+                    )
+
+
+class Backend(ABC):
+    """Opens the graphs of one engine directory."""
+
+    name: str
+
+    @abstractmethod
+    def graph(self, name: str) -> Graph: ...
+
+    def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        """A zeroed host buffer that this backend can bind (TensorRT: pinned memory)."""
+        return np.zeros(tuple(shape), dtype=dtype)
+
+    def describe(self) -> str:
+        return self.name
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device resources (a no-op for ONNX Runtime on CPU)."""
+
+
+# ----------------------------------------------------------------------------
+# ONNX Runtime
+# ----------------------------------------------------------------------------
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    """'cpu' / 'cuda,cpu' / ['CUDAExecutionProvider'] -> ONNX Runtime provider names, in order."""
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    out = []
+    for p in providers:
+        p = p.strip()
+        full = PROVIDERS.get(p.lower(), p)
+        if not full.endswith("ExecutionProvider"):
+            raise BackendError(f"unknown ONNX Runtime provider {p!r}: use {', '.join(sorted(set(PROVIDERS)))}")
+        out.append(full)
+    if not out:
+        raise BackendError("no ONNX Runtime provider given: use e.g. --providers cpu or --providers cuda")
+    return out
+
+
+class OrtCall(Call):
+    def __init__(self, session: Any, binding: Any, keep: list[Any]):
+        self._run = session.run_with_iobinding
+        self._binding = binding
+        self._keep = keep  # the OrtValues (and through them the numpy buffers) the binding points at
+
+    def run(self) -> None:
+        self._run(self._binding)
+
+
+class OrtGraph(Graph):
+    def __init__(self, ort: Any, session: Any, spec: GraphSpec, path: Path):
+        self._ort, self.session, self.spec = ort, session, spec
+        _check_session_io(session, spec, path)
+
+    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
+        self.check_buffers(inputs, outputs)
+        binding = self.session.io_binding()
+        keep = []
+        for name, array in inputs.items():
+            value = self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory on CPU
+            binding.bind_ortvalue_input(name, value)
+            keep.append(value)
+        for name, array in outputs.items():
+            value = self._ort.OrtValue.ortvalue_from_numpy(array)
+            binding.bind_ortvalue_output(name, value)
+            keep.append(value)
+        return OrtCall(self.session, binding, keep)
+
+
+def _check_session_io(session: Any, spec: GraphSpec, path: Path) -> None:
+    """The graph file's inputs and outputs are the manifest's (names, static shapes)."""
+    for kind, declared, actual in (
+        ("inputs", spec.inputs, session.get_inputs()),
+        ("outputs", spec.outputs, session.get_outputs()),
+    ):
+        want = {t.name: t.shape for t in declared}
+        got = {a.name: tuple(a.shape) for a in actual}
+        if set(want) != set(got):
+            raise BackendError(f"{path.name}: graph {kind} {sorted(got)} differ from the manifest's {sorted(want)}")
+        for name, shape in want.items():
+            if got[name] != shape:
+                raise BackendError(f"{path.name}: {name} has shape {list(got[name])}, the manifest says {list(shape)}")
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime with the providers the user chose; a GPU provider that is asked for must be used."""
+
+    name = "ort"
+
+    def __init__(self, directory: Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("onnxruntime is not installed: pip install 'far-export[ort]' (or [gpu])") from None
+        self._ort = ort
+        self.providers = resolve_providers(providers)
+        available = ort.get_available_providers()
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise BackendError(
+                f"ONNX Runtime {ort.__version__} has no {missing[0]} (available: {', '.join(available)}); "
+                + ("install onnxruntime-gpu instead of onnxruntime" if missing[0] in GPU_PROVIDERS else "check --providers")
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._opts = opts
+        self.directory, self.manifest = directory, manifest
+        self._graphs: dict[str, OrtGraph] = {}
+
+    def graph(self, name: str) -> Graph:
+        if name not in self._graphs:
+            spec = self.manifest.graphs[name]
+            path = self.directory / spec.file
+            try:
+                session = self._ort.InferenceSession(str(path), sess_options=self._opts, providers=self.providers)
+            except Exception as e:  # onnxruntime raises its own exception types for invalid files
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BackendError(f"ONNX Runtime cannot load {path} ({first}); rebuild with far-export build") from None
+            used = session.get_providers()
+            fell_back = [p for p in self.providers if p in GPU_PROVIDERS and p not in used]
+            if fell_back:
+                raise BackendError(
+                    f"{fell_back[0]} was asked for but ONNX Runtime fell back to {', '.join(used)} for {spec.file} "
+                    "(CUDA/cuDNN or TensorRT libraries missing?); refusing to run slowly: use --providers cpu"
+                )
+            self._graphs[name] = OrtGraph(self._ort, session, spec, path)
+        return self._graphs[name]
+
+    def describe(self) -> str:
+        return f"onnxruntime {self._ort.__version__} [{', '.join(self.providers)}]"
+
+
+# ----------------------------------------------------------------------------
+# Opening a backend
+# ----------------------------------------------------------------------------
+
+
+def open_backend(kind: str, directory: str | Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None, cuda_graph: bool = False) -> Backend:
+    """'ort' (providers: cpu / cuda / tensorrt) or 'trt' (the manifest's TensorRT plans)."""
+    directory = Path(directory)
+    if kind == "ort":
+        return OrtBackend(directory, manifest, providers, threads)
+    if kind == "trt":
+        from runtime.trt import TrtBackend
+
+        return TrtBackend(directory, manifest, cuda_graph=cuda_graph)
+    raise BackendError(f"unknown backend {kind!r}: use one of {', '.join(BACKENDS)}")
+
+
+def tensor_nbytes(t: TensorSpec) -> int:
+    return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize

@@ -1,0 +1,143 @@
+"""`far-export bench`: how fast an engine directory generates, and where the time goes.
+
+Warm-up runs first (sessions, allocators, CUDA graphs), then `runs` timed calls of
+`Pipeline.generate` on one batch each. Reported: per-stage time per batch (backbone,
+head, VAE decoder, the AR loop's own Python time, the per-batch preparation),
+images/s, latency p50/p95 of a batch, and peak memory (host RSS; device memory in
+use for TensorRT). numpy + the backend only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.manifest import write_atomic
+from runtime.pipeline import Pipeline, RequestError, Timings
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backend: str = "ort"
+    providers: str | None = None
+    threads: int | None = None
+    cuda_graph: bool = False
+    batch: int | None = None  # images per generate call; default: the engine batch
+    head_steps: int | None = None
+    cfg: float | None = None
+    num_iter: int | None = None
+    warmup: int = 2
+    runs: int = 10
+    seed: int = 0
+
+    def check(self) -> BenchOptions:
+        if self.warmup < 0 or self.runs < 1:
+            raise RequestError(f"need warmup >= 0 and runs >= 1, got {self.warmup} and {self.runs}")
+        return self
+
+
+@dataclass
+class BenchResult:
+    engine_dir: str
+    backend: str
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    batch: int
+    runs: int
+    stages_ms: dict[str, float]  # per batch, mean over the timed runs
+    shares: dict[str, float]  # of the wall time
+    images_per_s: float
+    latency_ms: dict[str, float]  # per batch: p50, p95, mean, min
+    calls_per_batch: dict[str, int]
+    peak_rss_mb: float
+    device_mem_mb: float | None = None
+    host: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        st, sh = self.stages_ms, self.shares
+        lines = [
+            f"{self.engine_dir}: {self.model['backbone']} backbone, {self.model['head']} head, {self.backend}",
+            f"settings: batch {self.batch}, " + ", ".join(f"{k} {v}" for k, v in self.settings.items()),
+            f"per batch ({self.runs} runs after warm-up), mean:",
+        ]
+        for k in ("backbone", "head", "vae", "loop", "prepare", "wall"):
+            share = f"  {100 * sh[k]:5.1f}%" if k in sh else ""
+            lines.append(f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms{share}")
+        lat = self.latency_ms
+        lines.append(f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; {self.images_per_s:.1f} images/s")
+        lines.append(f"calls per batch: {self.calls_per_batch['backbone']} backbone, {self.calls_per_batch['head']} head, 1 VAE")
+        mem = f"peak host RSS {self.peak_rss_mb:.0f} MB"
+        if self.device_mem_mb is not None:
+            mem += f", device memory in use {self.device_mem_mb:.0f} MB"
+        lines.append(mem)
+        return "\n".join(lines)
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _device_mem_mb(pipe: Pipeline) -> float | None:
+    cuda = getattr(pipe.backend, "cuda", None)
+    if cuda is None:
+        return None
+    free, total = cuda.check(cuda.rt.cudaMemGetInfo(), "cudaMemGetInfo")
+    return (total - free) / 2**20
+
+
+def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeline | None = None) -> BenchResult:
+    """Time `Pipeline.generate` on one batch per run; returns per-stage means and latency percentiles."""
+    opts = (opts or BenchOptions()).check()
+    pipe = pipe or Pipeline.load(engine_dir, backend=opts.backend, providers=opts.providers, threads=opts.threads,
+                                 cuda_graph=opts.cuda_graph)
+    batch = pipe.check_batch(opts.batch)
+    m = pipe.model
+    labels = [i % m.num_classes for i in range(batch)]
+    s = pipe.settings(head_steps=opts.head_steps, cfg=opts.cfg, num_iter=opts.num_iter, seed=opts.seed)
+    kwargs = dict(head_steps=s.head_steps, cfg=s.cfg, num_iter=s.num_iter, batch=batch)
+    for i in range(opts.warmup):
+        pipe.generate(labels, seed=opts.seed + i, **kwargs)
+    timings: list[Timings] = []
+    for i in range(opts.runs):
+        pipe.generate(labels, seed=opts.seed + opts.warmup + i, **kwargs)
+        timings.append(pipe.timings)
+    stages = ("backbone", "head", "vae", "loop", "prepare", "wall")
+    per = {k: np.array([getattr(t, k) for t in timings]) * 1e3 for k in stages}
+    mean = {k: float(v.mean()) for k, v in per.items()}
+    wall = per["wall"]
+    last = timings[-1]
+    return BenchResult(
+        engine_dir=str(engine_dir),
+        backend=pipe.backend.describe(),
+        model={"backbone": m.backbone, "head": m.head, "img_size": m.img_size, "seq_len": m.seq_len,
+               "precision": pipe.manifest.precision, "engine_batch": pipe.B, "cfg_guidance": pipe.guided},
+        settings={"head_steps": s.head_steps, "cfg": s.cfg, "num_iter": s.num_iter if m.backbone == "masked" else m.seq_len},
+        batch=batch,
+        runs=opts.runs,
+        stages_ms=mean,
+        shares={k: mean[k] / mean["wall"] for k in stages if k != "wall"},
+        images_per_s=float(batch / (wall.mean() / 1e3)),
+        latency_ms={"p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95)),
+                    "mean": float(wall.mean()), "min": float(wall.min())},
+        calls_per_batch={"backbone": last.backbone_calls, "head": last.head_calls},
+        peak_rss_mb=_peak_rss_mb(),
+        device_mem_mb=_device_mem_mb(pipe),
+        host={"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()},
+    )
+
+
+def write_json(result: BenchResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
