@@ -107,3 +107,23 @@ def test_fp32_norms_equal_torch_norms_and_survive_fp16() -> None:
     big = (torch.randn(2, 8) * 3000).half()  # squares overflow fp16 (max 65504)
     out = LayerNorm(8, eps=1e-6).half()(big)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_fp16_vae_attention_does_not_overflow() -> None:
+    """Protects the VAE attention's fp32 island: q.k of 16 channels of 70 each (78400 > fp16's 65504)
+    gives inf - inf = NaN in a pure fp16 softmax; the fp16 decoder stays finite and near fp32."""
+    torch.manual_seed(0)
+    vae = randomize_(AutoencoderKL(VAE_PRESETS["tiny"]), 2).eval()
+    attn = vae.decoder.mid.attn_1
+    with torch.no_grad():
+        for conv in (attn.q, attn.k):
+            conv.weight.zero_()
+            conv.bias.fill_(70.0)
+        z = torch.randn(1, 4, 8, 8)
+        ref = vae.decode(z)
+        try:
+            out = vae.half().decode(z.half())
+        except RuntimeError as e:  # pragma: no cover - depends on the torch build's CPU kernels
+            pytest.skip(f"fp16 conv on CPU is not supported by this torch build: {e}")
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.05

@@ -42,7 +42,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels; softmax in fp32."""
+    """Single-head self-attention over all pixels; logits and softmax in fp32."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -58,7 +58,8 @@ class AttnBlock(nn.Module):
         q = self.q(h).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
         k = self.k(h).reshape(B, C, H * W)  # (B, C, HW)
         v = self.v(h).reshape(B, C, H * W)  # (B, C, HW)
-        w = softmax32(torch.bmm(q, k) * C**-0.5, dim=2)  # (B, HW_q, HW_k)
+        # logits in fp32 (an fp32 island in fp16 graphs: q.k sums C products before the scaling)
+        w = softmax32(torch.bmm(q.float(), k.float()) * C**-0.5, dim=2).to(v.dtype)  # (B, HW_q, HW_k)
         h = torch.bmm(v, w.transpose(1, 2)).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
