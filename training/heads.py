@@ -265,8 +265,9 @@ class DiffusionHead(nn.Module):
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + cfg.to(eps.dtype) * (eps_cond - eps_uncond)
             var_values = var_values[: x.shape[0]]  # MAR keeps the cond half's variance
-        mean, logvar = self._posterior(x, eps, var_values, coef.to(x.dtype))
-        return mean + torch.exp(0.5 * logvar) * noise
+        # fp32 posterior (an fp32 island in fp16 graphs): 1/sqrt(alpha_bar) reaches ~1e4 at large t
+        mean, logvar = self._posterior(x.float(), eps.float(), var_values.float(), coef.float())
+        return mean + torch.exp(0.5 * logvar) * noise.float()
 
 
 def build_head(cfg: FARConfig) -> ShortcutHead | DiffusionHead:
