@@ -47,6 +47,7 @@ from far_export.validate import (
     sample_loop,
     settings_dict,
     torch_runner,
+    upcast_bf16,
 )
 from runtime.manifest import SCHEMA_VERSION, GraphSpec, Manifest, ModelInfo, load_manifest, sha256_file
 from training.config import FARConfig
@@ -178,7 +179,9 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                                    "relative_to": "max(1, max|reference|)"}
         sessions = {}
         for name, io_ in specs.items():
-            sessions[name] = _session_for(tmp / io_.file, precision, name)
+            sessions[name], how = _session_for(tmp / io_.file, precision)
+            if how:
+                validation.setdefault("notes", {})[name] = how
         graphs_v: dict[str, Any] = {}
         if opts.validate:
             for name, io_ in specs.items():
@@ -193,7 +196,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                         graph_precision[name] = "fp32"
                         modules[name] = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision, "fp32")[name]
                         export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
-                        sessions[name] = ort_session(tmp / io_.file)
+                        sessions[name], _ = _session_for(tmp / io_.file, "fp32")
                         res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(modules[name], io_),
                                       feeds[name], TOLERANCES["fp32"], "random")
                     graphs_v[name] = {"random": res}
@@ -226,16 +229,18 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
     return load_manifest(tmp)  # re-read: what the runtime will see
 
 
-def _session_for(path: Path, precision: str, name: str) -> Any:
+BF16_NOTE = ("ONNX Runtime on CPU has no bf16 kernels for this graph: validated with its bf16 weights and casts "
+             "upcast to fp32 (same graph, activations in fp32) against PyTorch's bf16 modules")
+
+
+def _session_for(path: Path, precision: str) -> tuple[Any, str | None]:
+    """An ORT session for the graph, and a note on how it is validated when not as it is."""
     try:
-        return ort_session(path)
-    except ValidationError as e:
-        if precision == "bf16":
-            raise ValidationError(
-                f"{e} (ONNX Runtime on CPU lacks bf16 kernels for this graph; build fp16 or fp32 to validate on CPU, "
-                f"or build on a GPU with TensorRT)"
-            ) from None
-        raise
+        return ort_session(path), None
+    except ValidationError:
+        if precision != "bf16":
+            raise
+    return ort_session(upcast_bf16(path), name=f"{path.name} (upcast to fp32)"), BF16_NOTE
 
 
 def _worst(res: dict[str, dict[str, float]]) -> str:

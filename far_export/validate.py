@@ -93,19 +93,56 @@ def check(stats: dict[str, float], tol: Tolerance, what: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def ort_session(path: str | Path, threads: int = 0) -> Any:
+def ort_session(path: str | Path | bytes, threads: int = 0, name: str | None = None) -> Any:
     """A CPU ONNX Runtime session; a graph it cannot run raises ValidationError in one line."""
     import onnxruntime as ort
+
+    name = name or (Path(path).name if not isinstance(path, bytes) else "graph")
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        src = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, NotImplemented, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"ONNX Runtime cannot load {Path(path).name}: {first}") from None
+        raise ValidationError(f"ONNX Runtime cannot load {name}: {first}") from None
+
+
+def upcast_bf16(path: str | Path) -> bytes:
+    """The graph at `path` with every bfloat16 tensor made float32: its bf16 weights (exact in fp32) and
+    casts to bf16 become fp32. ONNX Runtime on CPU has no bf16 kernels for most ops; this runs the same
+    graph structure with the same rounded weights, activations in fp32 (validation of bf16 graphs on CPU)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+
+    def fix_tensor(t: TensorProto) -> None:
+        if t.data_type == bf16:
+            arr = numpy_helper.to_array(t).astype(np.float32)  # onnx returns ml_dtypes bfloat16
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    def fix_graph(g: Any) -> None:
+        for t in g.initializer:
+            fix_tensor(t)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type == bf16:
+                vi.type.tensor_type.elem_type = f32
+        for node in g.node:
+            for a in node.attribute:
+                if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == bf16:
+                    a.i = f32
+                if a.type == onnx.AttributeProto.TENSOR:
+                    fix_tensor(a.t)
+                if a.type == onnx.AttributeProto.GRAPH:
+                    fix_graph(a.g)
+
+    fix_graph(model.graph)
+    return model.SerializeToString()
 
 
 def ort_runner(session: Any, io_: GraphIO) -> Runner:
