@@ -18,7 +18,10 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
         if not m:
             raise ValueError(f"--classes {spec!r} is not a list like '0-9' or '1,3,7'")
         lo = int(m.group(1))
-        out.extend(range(lo, int(m.group(2) or lo) + 1))
+        hi = int(m.group(2) or lo)
+        if hi < lo:
+            raise ValueError(f"--classes range {part.strip()!r} runs backwards: write it as '{hi}-{lo}'")
+        out.extend(range(lo, hi + 1))
     if not out:
         raise ValueError(f"--classes {spec!r} names no class")
     bad = [c for c in out if not 0 <= c < num_classes]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
@@ -205,3 +206,43 @@ def test_fp16_step_modules_run(backbone: str) -> None:
     z, z_ref = (out[0], ref[0]) if backbone == "causal" else (out, ref)
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
     assert (z - z_ref).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------
+# Training-time masking and class dropout (MAR's recipe)
+# ----------------------------------------------------------------------------
+
+
+def test_random_mask_is_mars_truncated_normal_ratio() -> None:
+    """Protects MAR's training mask: one ratio per batch from N(1, 0.25) truncated to [0.7, 1],
+    ceil(L * ratio) unknown tokens per image, each image in its own random order."""
+    model, _ = tiny_model("masked", "shortcut")
+    L = model.cfg.seq_len
+    torch.manual_seed(0)
+    counts = []
+    for _ in range(400):
+        m = model.random_mask(8, torch.device("cpu"))
+        assert m.shape == (8, L) and set(m.unique().tolist()) <= {0.0, 1.0}
+        n = m.sum(dim=1)
+        assert (n == n[0]).all()  # one ratio per batch
+        counts.append(int(n[0]))
+        assert n[0] == L or not (m == m[0]).all()  # different orders per image
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert counts.min() >= math.ceil(0.7 * L) and counts.max() <= L
+    # mean of N(1, 0.25) truncated to [0.7, 1]: 1 - 0.25 * phi(0) - phi(-1.2)) / (Phi(0) - Phi(-1.2))
+    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    mean_ratio = 1 - 0.25 * (phi(0) - phi(-1.2)) / (Phi(0) - Phi(-1.2))
+    got = (counts / L).mean().item()  # ceil adds [0, 1/L); sd of the mean of 400 draws ~0.004
+    assert mean_ratio - 0.012 < got < mean_ratio + 1 / L + 0.012, (got, mean_ratio)
+
+
+def test_class_dropout_uses_the_null_class() -> None:
+    model, _ = tiny_model("causal", "shortcut")
+    bb = model.backbone
+    labels = torch.tensor([0, 1, 2, 3])
+    v = bb.class_vector(labels, torch.tensor([True, False, True, False]))
+    torch.testing.assert_close(v[0], bb.fake_latent[0])
+    torch.testing.assert_close(v[2], bb.fake_latent[0])
+    torch.testing.assert_close(v[1], bb.class_emb.weight[1])
+    torch.testing.assert_close(bb.null_vector(3), bb.fake_latent.expand(3, -1))

@@ -175,3 +175,18 @@ def test_script_entry_points(tmp_path: Path, tiny_checkpoint) -> None:
     r = _subprocess(["training/sample.py", "--checkpoint", str(tmp_path / "nope"), "--out", "x.png"], REPO)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: checkpoint directory")
+
+
+def test_parse_classes() -> None:
+    from runtime.images import parse_classes, request_labels
+
+    assert parse_classes("0-9", 10) == list(range(10))
+    assert parse_classes("1,3, 7", 10) == [1, 3, 7]
+    assert parse_classes("0-2,5", 10) == [0, 1, 2, 5]
+    assert request_labels([2, 5], 3) == [2, 2, 2, 5, 5, 5]
+    for spec, msg in [("5-2", "runs backwards"), ("x", "is not a list like"), ("10", "class id 10 is out of range"),
+                      ("", "is not a list like")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_classes(spec, 10)
+    with pytest.raises(ValueError, match="per-class"):
+        request_labels([1], 0)
