@@ -129,6 +129,13 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     opts = (options or BuildOptions()).check()
     out = Path(out_dir)
     check_output_path(out)
+    if opts.require_engines:  # fail before a long export, not after it
+        from far_export.tensorrt import TensorRTUnavailable, detect_device
+
+        try:
+            detect_device()
+        except TensorRTUnavailable as e:
+            raise BuildError(f"--require-engines: TensorRT plans cannot be built here: {e}") from None
 
     from training.checkpoint import checkpoint_sha256, load_checkpoint
 

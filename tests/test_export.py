@@ -1,0 +1,135 @@
+"""far_export.export / far_export.validate: the graph contract, static export, validation errors, the numpy loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_model
+
+from far_export.export import (
+    ExportError,
+    GraphShapes,
+    export_graph,
+    graph_modules,
+    graph_specs,
+)
+from far_export.validate import (
+    TOLERANCES,
+    LoopSettings,
+    ValidationError,
+    compare,
+    ort_runner,
+    ort_session,
+    random_feeds,
+    sample_loop,
+    torch_runner,
+    upcast_bf16,
+)
+from runtime.schedule import max_tokens_per_step
+from training.sample import SamplingSettings, sample_tokens
+
+
+def _shape(specs, name):
+    return {t.name: (t.shape, t.dtype) for t in (*specs[name].inputs, *specs[name].outputs)}
+
+
+def test_graph_specs_follow_the_io_contract():
+    """Names, static shapes and dtypes of the three graphs as the engine-directory contract says."""
+    model, _ = tiny_model()
+    cfg = model.cfg
+    shapes = GraphShapes.for_config(cfg, batch=3, guided=True)
+    Q = max_tokens_per_step(cfg.seq_len, cfg.num_iter)
+    assert shapes.max_query == Q and shapes.num_iter == cfg.num_iter
+    specs = graph_specs(cfg, shapes, "fp16")
+    L, C, D = cfg.seq_len, cfg.token_dim, cfg.width
+    assert _shape(specs, "backbone") == {
+        "tokens": ((3, L, C), "float32"), "mask": ((3, L), "float32"), "labels": ((3,), "int64"),
+        "query": ((3, Q), "int64"), "z": ((2 * 3 * Q, D), "float32"),
+    }
+    assert [t.name for t in specs["head"].inputs] == ["x", "t", "d", "z", "cfg"]
+    assert _shape(specs, "vae_decoder")["image"] == ((3, 3, cfg.img_size, cfg.img_size), "float32")
+
+    causal, _ = tiny_model(backbone="causal", head="mar")
+    cs = GraphShapes.for_config(causal.cfg, batch=2, guided=False)
+    assert cs.max_query == 1
+    specs = graph_specs(causal.cfg, cs, "fp16")
+    cache = (causal.cfg.depth, 2, 2, causal.cfg.num_heads, L, causal.cfg.head_dim)
+    assert _shape(specs, "backbone")["cache"] == (cache, "float16")  # the KV cache stays in the graph's dtype
+    assert _shape(specs, "backbone")["cache_out"] == (cache, "float16")
+    assert [t.name for t in specs["head"].inputs] == ["x", "t", "z", "coef", "noise"]  # no cfg input unguided
+
+
+def test_bad_shapes_and_precision_raise_typed_errors():
+    model, _ = tiny_model()
+    with pytest.raises(ExportError, match="batch must be >= 1"):
+        GraphShapes.for_config(model.cfg, batch=0, guided=True)
+    with pytest.raises(ExportError, match="num_iter"):
+        GraphShapes.for_config(model.cfg, batch=1, guided=True, num_iter=model.cfg.seq_len + 1)
+    with pytest.raises(ExportError, match="unknown precision 'fp8'"):
+        graph_specs(model.cfg, GraphShapes.for_config(model.cfg, 1, True), "fp8")
+
+
+@pytest.mark.parametrize("backbone,head,guided", [("masked", "shortcut", True), ("causal", "mar", False)])
+def test_exported_graphs_are_static_and_match_pytorch(tmp_path, backbone, head, guided):
+    """Every graph exports with fully static shapes, no data-dependent ops, and equals its torch module."""
+    model, vae = tiny_model(backbone, head)
+    shapes = GraphShapes.for_config(model.cfg, batch=2, guided=guided)
+    specs = graph_specs(model.cfg, shapes)
+    modules = graph_modules(model, vae, guided)
+    for name, io_ in specs.items():
+        feeds = random_feeds(model.cfg, io_)
+        path = export_graph(modules[name], io_, tmp_path / io_.file, feeds[0])
+        proto = onnx.load(str(path))
+        assert proto.opset_import[0].version >= 18
+        assert not {"NonZero", "Loop", "If"} & {n.op_type for n in proto.graph.node}, name
+        for v in (*proto.graph.input, *proto.graph.output):
+            assert all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim), (name, v.name)
+        res = compare(name, io_, ort_runner(ort_session(path), io_), torch_runner(modules[name], io_), feeds,
+                      TOLERANCES["fp32"], "random")
+        for out, st in res.items():
+            assert st["max"] <= 1e-4 * st["scale"], (name, out, st)
+
+
+def test_validation_error_names_graph_output_and_difference():
+    model, vae = tiny_model()
+    shapes = GraphShapes.for_config(model.cfg, batch=1, guided=True)
+    io_ = graph_specs(model.cfg, shapes)["head"]
+    ref = torch_runner(graph_modules(model, vae, True)["head"], io_)
+
+    def off_by_a_bit(feeds):
+        return {"x_next": ref(feeds)["x_next"] + 0.25}
+
+    with pytest.raises(ValidationError, match=r"head graph, output 'x_next' \(random inputs\).*max abs error 0\.25"):
+        compare("head", io_, off_by_a_bit, ref, random_feeds(model.cfg, io_), TOLERANCES["fp32"], "random")
+
+
+@pytest.mark.parametrize("backbone,head", [("masked", "shortcut"), ("causal", "mar")])
+def test_numpy_loop_over_torch_graph_modules_equals_reference_sampler(backbone, head):
+    """The validation loop (padded queries, per-image draws) is the reference sampler's loop."""
+    model, vae = tiny_model(backbone, head)
+    cfg = model.cfg
+    shapes = GraphShapes.for_config(cfg, batch=3, guided=True)
+    specs = graph_specs(cfg, shapes)
+    mods = graph_modules(model, vae, True)
+    runners = {n: torch_runner(mods[n], io_) for n, io_ in specs.items()}
+    s = SamplingSettings.resolve(cfg, seed=5)
+    loop = LoopSettings(s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter, s.seed)
+    got = sample_loop(cfg, shapes, specs, runners, [0, 1, 3], loop)
+    ref = sample_tokens(model, [0, 1, 3], s)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_bf16_graph_runs_upcast_on_cpu(tmp_path):
+    """ORT CPU lacks bf16 kernels; the upcast graph (same structure, bf16 weights) matches torch's bf16 head."""
+    model, vae = tiny_model()
+    shapes = GraphShapes.for_config(model.cfg, batch=1, guided=True)
+    io_ = graph_specs(model.cfg, shapes, "bf16")["head"]
+    mod = graph_modules(model, vae, True, "bf16")["head"]
+    assert mod.head.net.input_proj.weight.dtype == torch.bfloat16
+    feeds = random_feeds(model.cfg, io_)
+    path = export_graph(mod, io_, tmp_path / "head.onnx", feeds[0])
+    assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in onnx.load(str(path)).graph.initializer)
+    sess = ort_session(upcast_bf16(path), name="head (upcast)")
+    compare("head", io_, ort_runner(sess, io_), torch_runner(mod, io_), feeds, TOLERANCES["bf16"], "random")
