@@ -265,3 +265,17 @@ def test_mar_loader_errors(tmp_path: Path) -> None:
     torch.save({"model_ema": {}}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="head='mar'"):
         load_mar_model(tmp_path / "empty.pth", shortcut.cfg)
+
+
+def test_mar_loader_entry_errors(tmp_path: Path) -> None:
+    """MAR saves model_ema=None when trained without EMA; a weird entry gives one line, not a traceback."""
+    model, vae = tiny_model("masked", "mar")
+    torch.save({"model": _to_mar_names(model.state_dict()), "model_ema": None}, tmp_path / "noema.pth")
+    with pytest.raises(CheckpointError, match=r"\['model_ema'\] holds no state dict \(got NoneType\)"):
+        load_mar_model(tmp_path / "noema.pth", model.cfg)
+    torch.save({"model": {"encoder.conv_in.weight": 3}}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="'encoder.conv_in.weight' is not a named tensor"):
+        load_mar_vae(tmp_path / "bad.ckpt", AutoencoderKL(vae.cfg))
+    torch.save({"state_dict": vae.state_dict(), "global_step": 10}, tmp_path / "ldm.ckpt")  # LDM's format
+    loaded = load_mar_vae(tmp_path / "ldm.ckpt", AutoencoderKL(vae.cfg))
+    assert torch.equal(loaded.decoder.conv_out.weight, vae.decoder.conv_out.weight)

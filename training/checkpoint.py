@@ -151,6 +151,16 @@ def _load_reason(e: Exception) -> str:
     return lines[0]
 
 
+def _tensors(sd: object, what: str) -> dict[str, torch.Tensor]:
+    """`sd` if it is a state dict (names -> tensors), else a one-line CheckpointError."""
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"{what} holds no state dict (got {type(sd).__name__})")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{what} is not a state dict: entry {bad[0]!r} is not a named tensor")
+    return sd
+
+
 def mar_to_far_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """MAR's flat names -> ours: `diffloss.net.*` -> `head.net.*`, everything else -> `backbone.*`."""
     out = {}
@@ -172,14 +182,16 @@ def load_mar_model(path: str | Path, cfg: FARConfig, key: str = "model_ema") -> 
     if cfg.head != "mar" or cfg.backbone != "masked":
         raise CheckpointError("MAR checkpoints need a config with backbone='masked' and head='mar'")
     model = FAR(cfg)
-    _load_into(model, mar_to_far_state_dict(obj[key]), str(path))
+    _load_into(model, mar_to_far_state_dict(_tensors(obj[key], f"{path} ['{key}']")), str(path))
     return model
 
 
 def load_mar_vae(path: str | Path, vae: AutoencoderKL) -> AutoencoderKL:
-    """MAR's `kl16.ckpt` ({"model": state dict}); LDM's loss/discriminator keys are ignored."""
+    """MAR's `kl16.ckpt` ({"model": state dict}; LDM's {"state_dict": ...} too); loss/discriminator
+    keys are ignored."""
     obj = _torch_load(path)
-    sd = obj.get("model", obj)
+    entry = "model" if "model" in obj else "state_dict" if "state_dict" in obj else None
+    sd = _tensors(obj[entry] if entry else obj, f"{path}" + (f" ['{entry}']" if entry else ""))
     own = vae.state_dict()
     _load_into(vae, {k: v for k, v in sd.items() if k in own or not k.startswith("loss.")}, str(path))
     return vae
