@@ -1,0 +1,150 @@
+"""`far-export build / inspect / compile`: the manifest written, bad input, atomic replacement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_tiny_checkpoint
+
+from far_export.cli import cli
+from runtime.manifest import GRAPHS, load_manifest, sha256_file
+from runtime.schedule import max_tokens_per_step
+from training.config import FARConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One fp32 build of a tiny masked/shortcut checkpoint: (checkpoint dir, engine dir, CLI output)."""
+    root = tmp_path_factory.mktemp("build")
+    ckpt = make_tiny_checkpoint(root / "ckpt")
+    res = _invoke("build", ckpt, "--out", root / "engines" / "tiny", "--batch", "2")
+    assert res.exit_code == 0, res.output
+    return ckpt, root / "engines" / "tiny", res.output
+
+
+def test_build_writes_a_valid_manifest(built):
+    ckpt, out, output = built
+    cfg = FARConfig.load(ckpt / "config.json")
+    m = load_manifest(out)  # verifies every graph's sha256
+    assert set(m.graphs) == set(GRAPHS) and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
+    assert m.model.max_query == max_tokens_per_step(cfg.seq_len, cfg.num_iter)
+    assert (m.model.num_iter, m.model.seq_len, m.model.token_dim, m.model.cfg) == (cfg.num_iter, cfg.seq_len, cfg.token_dim, cfg.cfg)
+    v = m.validation
+    assert v["passed"] and v["end_to_end"]["passed"]
+    assert v["end_to_end"]["image"]["max"] < 1e-4  # fp32 graphs sample the reference's image
+    for name in GRAPHS:
+        for kind in ("random", "real"):
+            for st in v["graphs"][name][kind].values():
+                assert st["max"] < 1e-4 * st["scale"]
+    # one line per stage with its time, and one line saying why no TensorRT plans
+    assert sum("s)" in line for line in output.splitlines()) >= 6
+    assert [line for line in output.splitlines() if line.startswith("TensorRT plans were not built")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_inspect_prints_graphs_shapes_and_validation(built):
+    _, out, _ = built
+    res = _invoke("inspect", out)
+    assert res.exit_code == 0, res.output
+    for word in ("backbone.onnx", "query int64[2,", "x_next float32", "image float32[2,3,16,16]", "end to end",
+                 "TensorRT engines: none"):
+        assert word in res.output
+    res = _invoke("inspect", out, "--json")
+    assert json.loads(res.output)["graphs"]["head"]["file"] == "head.onnx"
+
+
+def _one_line_error(res, *words: str) -> None:
+    """Exit non-zero; the output ends in one `Error: ...` line (after any stage lines), no traceback."""
+    assert res.exit_code != 0
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.output
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in errors[0], res.output
+
+
+def test_bad_input_gives_one_line_errors(built, tmp_path):
+    ckpt, _, _ = built
+    out = tmp_path / "eng"
+    _one_line_error(_invoke("build", tmp_path / "nope", "--out", out), "does not exist")
+    _one_line_error(_invoke("build", ckpt, "--out", out, "--precision", "fp8"), "unknown precision 'fp8'")
+    _one_line_error(_invoke("build", ckpt, "--out", out, "--batch", "0"), "--batch must be >= 1")
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(_invoke("build", ckpt, "--out", tmp_path / "afile"), "is a file")
+    _one_line_error(_invoke("build", ckpt, "--out", tmp_path / "afile" / "sub"), "is a file")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "model.safetensors", "vae.safetensors"):
+        (broken / f).write_bytes((ckpt / f).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    _one_line_error(_invoke("build", broken, "--out", out), "model.safetensors")
+    (broken / "model.safetensors").unlink()
+    _one_line_error(_invoke("build", broken, "--out", out), "missing")
+    _one_line_error(_invoke("inspect", tmp_path), "manifest.json")
+    assert not out.exists()
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        _one_line_error(_invoke("build", ckpt, "--out", ro / "eng"), "not writable")
+
+
+def test_require_engines_fails_fast_without_tensorrt(built, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("tensorrt is installed here")
+    ckpt, _, _ = built
+    res = _invoke("build", ckpt, "--out", tmp_path / "eng", "--require-engines")
+    _one_line_error(res, "--require-engines", "tensorrt")
+    assert not (tmp_path / "eng").exists()
+
+
+def test_failed_build_leaves_the_existing_engine_dir_untouched(built, monkeypatch):
+    """A build that fails validation writes nothing: the old directory keeps its files and manifest."""
+    import far_export.build as build_mod
+    from far_export.validate import Tolerance
+
+    ckpt, out, _ = built
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    monkeypatch.setitem(build_mod.TOLERANCES, "fp32", Tolerance(max_abs=0.0, p99_abs=0.0))
+    res = _invoke("build", ckpt, "--out", out, "--batch", "2", "--no-end-to-end")
+    _one_line_error(res, "differs from PyTorch", "max abs error")
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_compile_imports_no_torch_and_says_why_no_plans(built):
+    """`far-export compile` on a device without torch: loads the manifest, fails in one line on missing TensorRT."""
+    _, out, _ = built
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from click.testing import CliRunner\n"
+        "from far_export.cli import cli\n"
+        f"r = CliRunner().invoke(cli, ['compile', {str(out)!r}])\n"
+        "print(r.output); assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+        "sys.exit(r.exit_code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stdout.strip().startswith("Error: ") and "tensorrt" in proc.stdout, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+    else:
+        pytest.skip("tensorrt is installed here: tests/test_tensorrt.py covers compile")
