@@ -64,6 +64,14 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
         ({"bootstrap_fraction": 1.5}, "bootstrap_fraction"),
         ({"config_version": CONFIG_VERSION + 1}, "newer than this code"),
         ({"vae": {**PRESETS["tiny"].to_dict()["vae"], "ch": 6}}, "not divisible by num_groups"),
+        ({"num_heads": 0}, "heads and head dims must be >= 1"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"vae": {**PRESETS["tiny"].to_dict()["vae"], "num_groups": 0}}, "num_groups"),
+        ({"buffer_size": 0}, "buffer_size >= 1"),
+        ({"dec_depth": 0}, "dec_depth >= 1"),
+        ({"head_steps": 3}, "power of two from 1 to 128"),
+        ({"head": "mar", "head_steps": 1001}, "MAR head steps"),
+        ({"attn_dropout": 1.0}, "attn_dropout"),
     ],
 )
 def test_invalid_configs_raise_one_line_config_error(change: dict, match: str) -> None:
@@ -72,6 +80,11 @@ def test_invalid_configs_raise_one_line_config_error(change: dict, match: str) -
     with pytest.raises(ConfigError, match=match) as e:
         FARConfig.from_dict(d)
     _one_line(e)
+
+
+def test_causal_backbone_needs_no_decoder_or_buffer() -> None:
+    cfg = preset("tiny", backbone="causal", dec_depth=0, buffer_size=0)
+    assert cfg.depth == cfg.enc_depth
 
 
 def test_load_errors(tmp_path: Path) -> None:

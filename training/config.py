@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.schedule import check_head_steps
+
 CONFIG_VERSION = 1
 
 
@@ -41,8 +43,8 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def validate(self) -> None:
-        if self.embed_dim < 1 or self.ch < 1 or self.num_res_blocks < 1:
-            raise ConfigError("vae: embed_dim, ch and num_res_blocks must be >= 1")
+        if min(self.embed_dim, self.ch, self.num_res_blocks, self.num_groups, self.resolution) < 1:
+            raise ConfigError("vae: embed_dim, ch, num_res_blocks, num_groups and resolution must be >= 1")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ConfigError("vae: ch_mult must be a non-empty tuple of positive ints")
         for mult in self.ch_mult:
@@ -148,22 +150,32 @@ class FARConfig:
             raise ConfigError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
         if self.teacher not in ("ema", "online"):
             raise ConfigError(f"teacher must be 'ema' or 'online', got {self.teacher!r}")
+        if min(self.width, self.enc_depth, self.num_heads, self.head_width, self.head_depth) < 1:
+            raise ConfigError("width, depths, heads and head dims must be >= 1")
+        if min(self.img_size, self.patch_size, self.head_batch_mul, self.diffusion_steps) < 1 or self.dec_depth < 0:
+            raise ConfigError("img_size, patch_size, head_batch_mul, diffusion_steps must be >= 1, dec_depth >= 0")
+        if self.mlp_ratio <= 0 or self.buffer_size < 0:
+            raise ConfigError("mlp_ratio must be > 0 and buffer_size >= 0")
         if self.img_size % (self.vae.stride * self.patch_size):
             raise ConfigError(
                 f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} x patch {self.patch_size}"
             )
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} not divisible by num_heads {self.num_heads}")
-        if min(self.width, self.enc_depth, self.num_heads, self.head_width, self.head_depth) < 1:
-            raise ConfigError("width, depths, heads and head dims must be >= 1")
-        if self.backbone == "masked" and self.dec_depth < 1:
-            raise ConfigError("the masked backbone needs dec_depth >= 1")
+        if self.backbone == "masked" and (self.dec_depth < 1 or self.buffer_size < 1):
+            raise ConfigError("the masked backbone needs dec_depth >= 1 and buffer_size >= 1 (the class token's slots)")
         if self.num_classes < 1:
             raise ConfigError("num_classes must be >= 1")
         if not 1 <= self.num_iter <= self.seq_len:
             raise ConfigError(f"num_iter must be in [1, seq_len={self.seq_len}], got {self.num_iter}")
         if self.shortcut_levels < 1 or not 1 <= self.head_steps:
             raise ConfigError("shortcut_levels and head_steps must be >= 1")
+        try:
+            check_head_steps(self.head, self.head_steps, self.shortcut_levels, self.diffusion_steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 <= self.attn_dropout < 1 or not 0 <= self.proj_dropout < 1:
+            raise ConfigError("attn_dropout and proj_dropout must be in [0, 1)")
         if not 0 <= self.bootstrap_fraction < 1 or not 0 <= self.class_dropout < 1:
             raise ConfigError("bootstrap_fraction and class_dropout must be in [0, 1)")
         if not 0 < self.mask_ratio_min <= 1:
