@@ -346,3 +346,14 @@ def test_fp16_head_steps_run(head_kind: str) -> None:
             pytest.skip(f"fp16 on CPU is not supported by this torch build: {e}")
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 1e-2 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize(("levels", "fraction"), [(1, 0.25), (8, 0.0), (2, 0.5)])
+def test_shortcut_loss_edge_configs(levels: int, fraction: float) -> None:
+    """Protects: one level (plain flow matching) and no bootstrap rows train without errors."""
+    model, _ = tiny_model("masked", "shortcut", shortcut_levels=levels, bootstrap_fraction=fraction, head_steps=1)
+    torch.manual_seed(0)
+    loss = model.loss(torch.randn(2, model.cfg.seq_len, model.cfg.token_dim), torch.tensor([0, 1]))
+    assert torch.isfinite(loss)
+    level = shortcut_targets(torch.randn(16, 4), torch.randn(16, 32), model.head, levels, fraction)[2]
+    assert (level[int(16 * fraction) if levels > 1 else 0 :] == levels - 1).all()

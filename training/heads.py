@@ -172,7 +172,7 @@ def shortcut_targets(
     dev = x1.device
     # 1) step sizes: bootstrap rows at a random coarse level, flow rows at the finest one
     level = torch.cat([
-        torch.randint(0, levels - 1, (nb,), device=dev),
+        torch.randint(0, max(levels - 1, 1), (nb,), device=dev),  # (nb = 0 when levels = 1)
         torch.full((M - nb,), levels - 1, device=dev, dtype=torch.long),
     ])
     d = torch.pow(2.0, -level.float())  # (M,)
