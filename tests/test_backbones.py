@@ -66,7 +66,7 @@ def _mask_with(B: int, L: int, num_masked: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("num_masked", [0, 1, 23, 63, 64])
 def test_masked_backbone_equals_mar_gather(num_masked: int) -> None:
     """Protects: the static-shape attention-mask encoder computes MAR's nonzero-gather outputs."""
-    model, _ = tiny_model("masked", "mar", seed=3)
+    model, _ = tiny_model("masked", "mar", seed=3, enc_depth=3, dec_depth=2, buffer_size=4)
     bb = model.backbone
     B, L, C = 3, model.cfg.seq_len, model.cfg.token_dim
     g = torch.Generator().manual_seed(1)
