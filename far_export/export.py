@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from far_export.feeds import example_inputs, to_bf16_values  # noqa: F401 (re-exported)
 from runtime.manifest import TensorSpec
-from runtime.schedule import ddpm_sampling_schedule, max_tokens_per_step
+from runtime.schedule import max_tokens_per_step
 from training.config import FARConfig
 from training.model import FAR, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
@@ -169,53 +170,6 @@ def graph_modules(
 # ----------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------
-
-
-def example_inputs(cfg: FARConfig, io_: GraphIO, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Valid random inputs for one graph (labels in range, d a trained step size, ...)."""
-    L = cfg.seq_len
-    out: dict[str, np.ndarray] = {}
-    for spec in io_.inputs:
-        shape, n = spec.shape, spec.name
-        if n == "labels":
-            a = rng.integers(0, cfg.num_classes, shape)
-        elif n == "query":
-            a = np.stack([np.sort(rng.permutation(L)[: shape[1]]) for _ in range(shape[0])])
-        elif n == "pos":
-            a = rng.integers(0, L, shape)
-        elif n == "mask":
-            a = (rng.random(shape) < 0.5).astype(np.float32)
-        elif n == "t":
-            a = rng.random(shape) if cfg.head == "shortcut" else rng.integers(0, cfg.diffusion_steps, shape)
-        elif n == "d":
-            a = np.full(shape, 2.0 ** -int(rng.integers(0, cfg.shortcut_levels)))
-        elif n == "cfg":
-            a = np.full(shape, 1.0 + 3.0 * rng.random())
-        elif n == "coef":
-            _, coef = ddpm_sampling_schedule(cfg.diffusion_steps, 8)
-            a = coef[int(rng.integers(0, len(coef)))]
-        elif n == "cache":
-            a = rng.standard_normal(shape)
-            # keys/values of positions not yet written are never read; zero the tail like a fresh cache
-            p = int(rng.integers(1, L))
-            a[..., p:, :] = 0.0
-        elif n == "z":
-            a = rng.standard_normal(shape)
-        else:  # tokens, prev_token, x, noise
-            a = rng.standard_normal(shape)
-        out[n] = _as_dtype(np.asarray(a), spec.dtype)
-    return out
-
-
-def _as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":  # numpy has no bfloat16: keep float32 values that are exactly bf16
-        return to_bf16_values(a.astype(np.float32))
-    return a.astype(dtype)
-
-
-def to_bf16_values(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (still float32)."""
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).float().numpy()
 
 
 def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:

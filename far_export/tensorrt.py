@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.manifest import EngineSpec, Manifest, ManifestError, load_manifest, sha256_file
+from runtime.manifest import (
+    EngineSpec,
+    GraphSpec,
+    Manifest,
+    ManifestError,
+    ModelInfo,
+    load_manifest,
+    sha256_file,
+)
 
 TIMING_CACHE = "timing.cache"
 
@@ -148,22 +156,30 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: EngineSettings, cache
         cache_tmp.replace(cache_path)
 
 
-def validate_plan(onnx_path: Path, plan_path: Path, graph: str, atol: float, rtol: float) -> dict[str, Any]:
-    """Run the plan (TensorRT) and the graph (ONNX Runtime) on the same random inputs with polygraphy's
-    runners and comparator; raise EngineBuildError when they disagree."""
+def validate_plan(onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec, model: ModelInfo,
+                  atol: float, rtol: float, count: int = 2) -> dict[str, Any]:
+    """Run the plan (TensorRT) and the graph (ONNX Runtime on CPU; bf16 graphs upcast to fp32) on the same
+    valid random inputs with polygraphy's runners and comparator; EngineBuildError when they disagree."""
+    import numpy as np
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc, DataLoader
+    from polygraphy.comparator import Comparator, CompareFunc
 
+    from far_export.feeds import example_inputs, upcast_bf16
+
+    source = upcast_bf16(onnx_path) if spec.precision == "bf16" else str(onnx_path)
     runners = [
-        OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])),
+        OnnxrtRunner(SessionFromOnnx(source, providers=["CPUExecutionProvider"])),
         TrtRunner(EngineFromBytes(plan_path.read_bytes())),
     ]
-    results = Comparator.run(runners, data_loader=DataLoader(seed=0, iterations=1))
+    rng = np.random.Generator(np.random.PCG64(1234))
+    feeds = [example_inputs(model, spec, rng) for _ in range(count)]
+    results = Comparator.run(runners, data_loader=feeds)
     ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
     if not bool(ok):
-        raise EngineBuildError(f"the TensorRT plan of the {graph} graph differs from ONNX Runtime beyond atol {atol}")
-    return {"atol": atol, "rtol": rtol, "passed": True, "compared_with": "onnxruntime CPU (polygraphy)"}
+        raise EngineBuildError(f"the TensorRT plan of the {graph} graph differs from ONNX Runtime beyond "
+                               f"atol {atol} / rtol {rtol} (see polygraphy's report above)")
+    return {"atol": atol, "rtol": rtol, "inputs": count, "passed": True, "compared_with": "onnxruntime CPU (polygraphy)"}
 
 
 PLAN_TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (1e-1, 1e-1)}
@@ -198,7 +214,7 @@ def compile_engines(
         checks: dict[str, Any] = {}
         if validate and not reused:
             atol, rtol = PLAN_TOLERANCE.get(g.precision, (1e-3, 1e-3))
-            checks = validate_plan(directory / g.file, plan, name, atol, rtol)
+            checks = validate_plan(directory / g.file, plan, name, g, manifest.model, atol, rtol)
         engines[name] = EngineSpec(
             file=plan.name, sha256=sha256_file(plan), tensorrt_version=device.tensorrt_version,
             gpu_name=device.gpu_name, compute_capability=device.compute_capability, onnx_sha256=g.sha256,

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_export.export import GraphIO, GraphShapes, example_inputs, to_torch
+from far_export.export import GraphIO, GraphShapes, to_torch
+from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
 from runtime.schedule import (
     causal_schedule,
     cfg_scale,
@@ -109,40 +110,6 @@ def ort_session(path: str | Path | bytes, threads: int = 0, name: str | None = N
     except Exception as e:  # onnxruntime raises its own exception types (Fail, NotImplemented, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(f"ONNX Runtime cannot load {name}: {first}") from None
-
-
-def upcast_bf16(path: str | Path) -> bytes:
-    """The graph at `path` with every bfloat16 tensor made float32: its bf16 weights (exact in fp32) and
-    casts to bf16 become fp32. ONNX Runtime on CPU has no bf16 kernels for most ops; this runs the same
-    graph structure with the same rounded weights, activations in fp32 (validation of bf16 graphs on CPU)."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    model = onnx.load(str(path))
-    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-
-    def fix_tensor(t: TensorProto) -> None:
-        if t.data_type == bf16:
-            arr = numpy_helper.to_array(t).astype(np.float32)  # onnx returns ml_dtypes bfloat16
-            t.CopyFrom(numpy_helper.from_array(arr, t.name))
-
-    def fix_graph(g: Any) -> None:
-        for t in g.initializer:
-            fix_tensor(t)
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
-            if vi.type.tensor_type.elem_type == bf16:
-                vi.type.tensor_type.elem_type = f32
-        for node in g.node:
-            for a in node.attribute:
-                if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == bf16:
-                    a.i = f32
-                if a.type == onnx.AttributeProto.TENSOR:
-                    fix_tensor(a.t)
-                if a.type == onnx.AttributeProto.GRAPH:
-                    fix_graph(a.g)
-
-    fix_graph(model.graph)
-    return model.SerializeToString()
 
 
 def ort_runner(session: Any, io_: GraphIO) -> Runner:
