@@ -1,0 +1,316 @@
+"""The lean runtime's API and its refusals: engine directories, requests, providers, TensorRT plans.
+
+Every bad input must end in one typed exception with a one-line message (the CLI
+turns it into `Error: ...`, exit 1). Engines: the tiny masked/shortcut model built
+once with far_export.build (tests/runtime_engines.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from runtime_engines import built_engines
+
+from runtime.backends import BackendError, resolve_providers
+from runtime.manifest import SCHEMA_VERSION, EngineSpec, ManifestError, load_manifest, sha256_file
+from runtime.pipeline import Pipeline, RequestError
+from runtime.trt import DeviceInfo, EngineMismatchError, check_engine, check_engines
+
+pytest.importorskip("torch")  # the engines are built from a checkpoint
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> Path:
+    return built_engines(tmp_path_factory, "masked", "shortcut")[1]
+
+
+@pytest.fixture(scope="module")
+def pipe(engines) -> Pipeline:
+    return Pipeline.load(engines)
+
+
+@pytest.fixture
+def copy(engines, tmp_path) -> Path:
+    out = tmp_path / "engines"
+    shutil.copytree(engines, out)
+    return out
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------
+
+
+def test_generate_shapes_and_determinism(pipe):
+    a = pipe.generate([0, 1, 2], seed=5)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, pipe.generate([0, 1, 2], seed=5))
+    assert not np.array_equal(a, pipe.generate([0, 1, 2], seed=6))
+
+
+def test_image_depends_on_seed_index_class_not_batching(pipe):
+    """Image i draws from PCG64([seed, i]): the same whatever the batch or the other images."""
+    full = pipe.generate([3, 1, 2], seed=1)
+    one_by_one = pipe.generate([3, 1, 2], seed=1, batch=1)
+    other = pipe.generate([0, 1], seed=1)
+    assert np.abs(full.astype(int) - one_by_one).max() <= 1
+    assert np.abs(full[1].astype(int) - other[1]).max() <= 1
+
+
+def test_progress_counts_ar_steps(pipe):
+    seen = []
+    pipe.generate([0, 1, 2], seed=0, progress=lambda done, total: seen.append((done, total)))
+    steps = pipe.model.num_iter
+    assert seen[-1] == (2 * steps, 2 * steps) and len(seen) == 2 * steps  # 3 images = 2 batches of 2
+    assert [d for d, _ in seen] == list(range(1, 2 * steps + 1))
+
+
+def test_plans_prepared_once_and_timed(pipe):
+    pipe.generate([0], seed=0, head_steps=4)
+    plans = dict(pipe._plans)
+    pipe.generate([1], seed=1, head_steps=4)
+    assert pipe._plans == plans  # the same bound calls and buffers, nothing re-made
+    t = pipe.timings
+    assert t.images == 1 and t.batches == 1
+    assert t.backbone_calls == pipe.model.num_iter and t.head_calls == 4 * pipe.model.num_iter
+    assert 0 < t.backbone + t.head + t.vae + t.loop + t.prepare <= t.wall
+
+
+def test_defaults_come_from_manifest(pipe):
+    s = pipe.settings()
+    m = pipe.model
+    assert (s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter) == (
+        m.head_steps, m.cfg, m.cfg_schedule, m.temperature, m.num_iter)
+
+
+def test_more_ar_steps_fit_the_static_query(pipe):
+    """num_iter above the built one predicts fewer tokens per step, so it fits Q."""
+    assert pipe.generate([0], num_iter=pipe.model.num_iter + 2).shape == (1, 16, 16, 3)
+
+
+# ----------------------------------------------------------------------------
+# bad requests
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"classes": [0, 4]}, "class id 4 is out of range"),
+    ({"classes": [-1]}, "class id -1 is out of range"),
+    ({"classes": []}, "no class"),
+    ({"batch": 3}, "batch 3 is larger than the engines were built for \\(2\\)"),
+    ({"batch": 0}, "batch must be >= 1"),
+    ({"head_steps": 3}, "power of two"),
+    ({"head_steps": 0}, "power of two"),
+    ({"head_steps": 256}, "power of two from 1 to 128"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"cfg_schedule": "cosine"}, "unknown cfg schedule"),
+    ({"num_iter": 1}, "engines query at most"),
+])
+def test_bad_requests_are_one_line_errors(pipe, kwargs, match):
+    kwargs = {"classes": [0], **kwargs}
+    with pytest.raises(RequestError, match=match) as e:
+        pipe.generate(**kwargs)
+    _one_line(e)
+
+
+def test_sample_tokens_refuses_more_than_the_engine_batch(pipe):
+    with pytest.raises(RequestError, match="larger than the engines"):
+        pipe.sample_tokens([0, 1, 2], pipe.settings())
+
+
+# ----------------------------------------------------------------------------
+# bad engine directories
+# ----------------------------------------------------------------------------
+
+
+def _edit_manifest(directory: Path, fn) -> None:
+    path = directory / "manifest.json"
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist") as e:
+        Pipeline.load(tmp_path / "nope")
+    _one_line(e)
+
+
+def test_directory_without_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="manifest.json is missing") as e:
+        Pipeline.load(tmp_path)
+    _one_line(e)
+
+
+def test_invalid_json_manifest(copy):
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def test_newer_schema(copy):
+    _edit_manifest(copy, lambda d: d.update(schema_version=SCHEMA_VERSION + 1))
+    with pytest.raises(ManifestError, match="newer than this runtime") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def test_manifest_missing_fields(copy):
+    _edit_manifest(copy, lambda d: d["model"].pop("seq_len"))
+    with pytest.raises(ManifestError, match="invalid manifest") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def test_incomplete_directory(copy):
+    (copy / "head.onnx").unlink()
+    with pytest.raises(ManifestError, match="head.onnx .* is missing") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def test_corrupt_graph_detected_by_sha256(copy):
+    with open(copy / "backbone.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    with pytest.raises(ManifestError, match="does not match its sha256") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def test_corrupt_graph_with_matching_sha256(copy):
+    """A truncated graph whose manifest was rewritten to match: ONNX Runtime refuses it, one line."""
+    f = copy / "head.onnx"
+    f.write_bytes(f.read_bytes()[:200])
+    _edit_manifest(copy, lambda d: d["graphs"]["head"].update(sha256=sha256_file(f)))
+    with pytest.raises(BackendError, match="ONNX Runtime cannot load") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def test_graph_shapes_differ_from_manifest(copy):
+    def grow(d):
+        d["graphs"]["vae_decoder"]["inputs"][0]["shape"][0] = 4
+    _edit_manifest(copy, grow)
+    with pytest.raises(BackendError, match="tokens has shape") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+# ----------------------------------------------------------------------------
+# providers and TensorRT plans
+# ----------------------------------------------------------------------------
+
+
+def test_resolve_providers():
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    assert resolve_providers("cuda,cpu") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(["TensorrtExecutionProvider"]) == ["TensorrtExecutionProvider"]
+    with pytest.raises(BackendError, match="unknown ONNX Runtime provider"):
+        resolve_providers("gpu")
+
+
+def test_gpu_provider_missing_is_an_error(engines):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(BackendError, match="has no CUDAExecutionProvider") as e:
+        Pipeline.load(engines, providers="cuda")
+    _one_line(e)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_silent_cpu_fallback_is_an_error(engines, monkeypatch):
+    """onnxruntime-gpu without working CUDA builds a CPU session; the runtime must refuse it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    with pytest.raises(BackendError, match="CUDAExecutionProvider was asked for but ONNX Runtime fell back to") as e:
+        Pipeline.load(engines, providers="cuda,cpu")
+    _one_line(e)
+
+
+def _engine_spec(**kw) -> EngineSpec:
+    base = dict(file="backbone.trt10.3.0.plan", sha256="0" * 64, tensorrt_version="10.3.0", gpu_name="Orin",
+                compute_capability="8.7", onnx_sha256="1" * 64, build_key="2" * 64)
+    return EngineSpec(**{**base, **kw})
+
+
+def test_plan_for_another_tensorrt_version_or_gpu_is_refused():
+    here = DeviceInfo("10.3.0", "Orin", "8.7")
+    check_engine("backbone", _engine_spec(), here)  # the same: accepted
+    with pytest.raises(EngineMismatchError, match="built with TensorRT 10.3.0, this is 11.0.0") as e:
+        check_engine("backbone", _engine_spec(), DeviceInfo("11.0.0", "Orin", "8.7"))
+    _one_line(e)
+    with pytest.raises(EngineMismatchError, match=r"built for Orin \(sm 8.7\), this GPU is NVIDIA H100 \(sm 9.0\)") as e:
+        check_engine("backbone", _engine_spec(), DeviceInfo("10.3.0", "NVIDIA H100", "9.0"))
+    _one_line(e)
+
+
+def test_trt_backend_without_plans(pipe, engines):
+    with pytest.raises(BackendError, match="lists no TensorRT plan") as e:
+        check_engines(pipe.manifest, DeviceInfo("10.3.0", "Orin", "8.7"))
+    _one_line(e)
+    with pytest.raises(BackendError, match="lists no TensorRT plan"):
+        Pipeline.load(engines, backend="trt")
+
+
+def test_trt_backend_without_tensorrt(copy):
+    """Plans listed but no TensorRT here: a one-line reason, not an ImportError."""
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is importable here")
+    except Exception:
+        pass
+    man = load_manifest(copy)
+    plans = {g: replace(_engine_spec(), file=f"{g}.plan") for g in man.graphs}
+    man.replace(engines=plans).save(copy)
+    with pytest.raises(BackendError, match="tensorrt") as e:
+        Pipeline.load(copy, backend="trt")
+    _one_line(e)
+
+
+def _tensorrt_or_skip() -> None:
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or PyPI's stub wheel failing to fetch its libraries
+        pytest.skip(f"TensorRT cannot be installed here (PyPI's wheels are download stubs): {type(e).__name__}")
+    if not hasattr(trt, "Runtime"):
+        pytest.skip("the tensorrt package here is a stub without its libraries")
+    try:
+        from runtime.trt import _Cuda
+
+        _Cuda().device()
+    except BackendError as e:
+        pytest.skip(f"no usable CUDA GPU: {e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_trt_backend_equals_ort(copy, cuda_graph):
+    _tensorrt_or_skip()
+    from far_export.tensorrt import EngineSettings, compile_directory
+
+    compile_directory(copy, EngineSettings(), validate=False, log=lambda s: None)
+    ort_images = Pipeline.load(copy).generate([0, 1, 2], seed=4)
+    trt = Pipeline.load(copy, backend="trt", cuda_graph=cuda_graph)
+    try:
+        images = trt.generate([0, 1, 2], seed=4)
+        assert np.abs(images.astype(int) - ort_images).max() <= 2
+    finally:
+        trt.close()
