@@ -1,0 +1,415 @@
+"""Benchmarks anyone can rerun: FAR vs MAR, runtime vs PyTorch, KV cache, precision, roofline, memory.
+
+    python benchmarks/run.py [--quick] [--json results.json] [--plots DIR] [--markdown FILE]
+
+A script, not a test. Each comparison runs its sides in the same process,
+alternating, after a warm-up, and reports medians and ratios. Engines are built
+from the shipped checkpoints into engines/bench/ (reused when up to date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.flops import graph_flops  # noqa: E402
+from runtime.manifest import load_manifest  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.schedule import masked_schedule  # noqa: E402
+
+MODELS = {  # name -> checkpoint directory
+    "FAR (masked, shortcut head)": ROOT / "checkpoints/far-mnist",
+    "MAR (masked, diffusion head)": ROOT / "checkpoints/mar-mnist",
+    "FAR (causal, shortcut head)": ROOT / "checkpoints/far-mnist-causal",
+}
+ENGINES = ROOT / "engines/bench"
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+
+
+def median_time(fn: Callable[[], object], reps: int) -> float:
+    return statistics.median(_timed(fn) for _ in range(reps))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(sides: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each side, the sides interleaved rep by rep after a warm-up."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(reps):
+        for k, fn in sides.items():
+            times[k].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def engine_dir(ckpt: Path, precision: str, batch: int) -> Path:
+    """Build (or reuse) an engine directory for a checkpoint, precision and batch."""
+    from far_export.build import BuildOptions, build
+    from training.checkpoint import checkpoint_sha256
+
+    out = ENGINES / f"{ckpt.name}-{precision}-b{batch}"
+    try:
+        m = load_manifest(out)
+        if m.checkpoint_sha256 == checkpoint_sha256(ckpt):
+            return out
+    except Exception:  # missing or stale: rebuild
+        pass
+    build(ckpt, out, BuildOptions(precision=precision, batch=batch, end_to_end=False, engines=False),
+          log=lambda s: print(f"    [build] {s}", flush=True))
+    return out
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text, flush=True)
+    return text
+
+
+def quality_of(ckpt: Path) -> dict[str, dict]:
+    """Evaluation rows saved by training/evaluate.py beside the checkpoint (eval.json), keyed by head steps."""
+    f = ckpt / "eval.json"
+    if not f.is_file():
+        return {}
+    rows = json.loads(f.read_text()).get("rows", [])
+    return {str(r["head_steps"]): r for r in rows}
+
+
+# ----------------------------------------------------------------------------
+# 1 + 2. FAR vs MAR, runtime vs PyTorch
+# ----------------------------------------------------------------------------
+
+
+def far_vs_mar(quick: bool, batches: list[int], reps: int) -> tuple[str, list[dict]]:
+    from training.checkpoint import load_checkpoint
+    from training.sample import SamplingSettings, generate
+
+    far, mar = MODELS["FAR (masked, shortcut head)"], MODELS["MAR (masked, diffusion head)"]
+    plans = [(far, "FAR", k) for k in (1, 2, 4, 8)] + [(mar, "MAR", n) for n in ((25, 100) if quick else (25, 50, 100))]
+    results, text = [], ""
+    for batch in batches:
+        for ckpt, label, k in plans:
+            if not ckpt.is_dir():
+                print(f"  skip {label}: {ckpt} missing")
+                continue
+            pipe = Pipeline.load(engine_dir(ckpt, "fp32", batch), backend="ort")
+            ref = load_checkpoint(ckpt)
+            classes = [i % pipe.model.num_classes for i in range(batch)]
+            s = SamplingSettings.resolve(ref.cfg, seed=0, head_steps=k)
+            loop_share = []
+
+            def run_rt(pipe=pipe, classes=classes, k=k, loop_share=loop_share):
+                pipe.generate(classes, head_steps=k, seed=0)
+                loop_share.append(pipe.timings.loop / pipe.timings.wall)
+
+            def run_ref(ref=ref, classes=classes, s=s):
+                generate(ref.model, ref.vae, classes, s)
+
+            t = alternate({"runtime": run_rt, "pytorch": run_ref}, reps)
+            q = quality_of(ckpt).get(str(k), {})
+            results.append({
+                "model": label, "head_steps": k, "batch": batch,
+                "runtime_s_per_image": t["runtime"] / batch, "pytorch_s_per_image": t["pytorch"] / batch,
+                "loop_python_share": statistics.median(loop_share),
+                "accuracy": q.get("accuracy"), "frechet": q.get("frechet"),
+            })
+            print(f"  {label} K={k} batch {batch}: runtime {t['runtime'] / batch * 1e3:.2f} ms/img, "
+                  f"pytorch {t['pytorch'] / batch * 1e3:.2f} ms/img", flush=True)
+            pipe.close()
+    for batch in batches:
+        rows = [r for r in results if r["batch"] == batch]
+        base = {side: next((r[f"{side}_s_per_image"] for r in rows if r["model"] == "MAR" and r["head_steps"] == 100), None)
+                for side in ("runtime", "pytorch")}
+        out = []
+        for r in rows:
+            out.append([
+                r["model"], r["head_steps"], r["runtime_s_per_image"] * 1e3, r["pytorch_s_per_image"] * 1e3,
+                r["pytorch_s_per_image"] / r["runtime_s_per_image"],
+                (base["runtime"] / r["runtime_s_per_image"]) if base["runtime"] else "-",
+                (base["pytorch"] / r["pytorch_s_per_image"]) if base["pytorch"] else "-",
+                f"{100 * r['loop_python_share']:.1f}%",
+                "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+                "-" if r["frechet"] is None else r["frechet"],
+            ])
+        text += table(
+            f"FAR vs MAR, batch {batch} (same masked backbone and AR steps; ms per image)",
+            ["head", "K / N", "runtime (ORT fp32)", "PyTorch", "runtime speed-up", "vs MAR-100 (runtime)",
+             "vs MAR-100 (PyTorch)", "loop Python share", "class acc.", "Frechet"],
+            out,
+        )
+    return text, results
+
+
+# ----------------------------------------------------------------------------
+# 3. KV cache
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _kv_cache_at(dims: str, L: int, quick: bool, reps: int) -> dict:
+    from training.backbones import CausalBackbone
+    from training.config import preset
+
+    base = preset(dims)
+    cfg = preset(dims, backbone="causal", img_size=int(L**0.5) * base.vae.stride * base.patch_size, num_iter=1)
+    bb = CausalBackbone(cfg).eval()
+    B, C = 1, cfg.token_dim
+    tokens, prev = torch.randn(B, L, C), torch.randn(B, C)
+    cls = bb.class_vector(torch.zeros(B, dtype=torch.long))
+    cache = torch.zeros(bb.cache_shape(B))
+
+    def cached(pos: int) -> None:
+        bb.forward_step(prev, torch.tensor(pos), cls, cache)
+
+    def recompute(pos: int) -> None:  # the prefix up to and including pos, no cache
+        x = torch.cat([cls[:, None], bb.z_proj(tokens[:, :pos])], dim=1)
+        x = bb.z_proj_ln(x + bb.pos_embed_learned[:, : pos + 1])
+        for blk in bb.blocks:
+            x = blk(x, bb.causal_bias[: pos + 1, : pos + 1])
+        bb.norm(x[:, -1])
+
+    # per-token cost, averaged over positions spread across the sequence
+    t: dict[str, list[float]] = {"cached": [], "recompute": []}
+    for p in np.linspace(0, L - 1, 4 if quick else 8).round().astype(int):
+        m = alternate({"cached": lambda p=p: cached(int(p)), "recompute": lambda p=p: recompute(int(p))}, reps)
+        for k in t:
+            t[k].append(m[k])
+    c, r = float(np.mean(t["cached"])), float(np.mean(t["recompute"]))
+    return {"dims": f"{dims} ({cfg.depth} blocks x {cfg.width})", "tokens": L, "cached_ms": c * 1e3,
+            "recompute_ms": r * 1e3, "ratio": r / c}
+
+
+def kv_cache(quick: bool, reps: int) -> tuple[str, list[dict]]:
+    """Per-token time of the causal backbone: one cached step vs recomputing the whole prefix."""
+    results = [_kv_cache_at("mnist" if quick else "far-b", L, quick, reps) for L in (64, 256)]
+    rows = [[r["dims"], r["tokens"], r["cached_ms"], r["recompute_ms"], r["ratio"]] for r in results]
+    return table("KV cache: causal backbone, ms per generated token, batch 1 (PyTorch, CPU)",
+                 ["backbone dims", "tokens", "cached step", "recompute prefix", "ratio"], rows), results
+
+
+# ----------------------------------------------------------------------------
+# 4. Precision
+# ----------------------------------------------------------------------------
+
+
+def precision(batch: int, reps: int) -> tuple[str, dict]:
+    ckpt = MODELS["FAR (masked, shortcut head)"]
+    pipes = {p: Pipeline.load(engine_dir(ckpt, p, batch), backend="ort") for p in ("fp32", "fp16")}
+    classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
+    imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
+    diff = np.abs(imgs["fp32"] - imgs["fp16"])
+    t = alternate({p: (lambda pipe=pipe: pipe.generate(classes, seed=0)) for p, pipe in pipes.items()}, reps)
+    res = {"batch": batch, "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
+           "fp32_ms_per_image": t["fp32"] / batch * 1e3, "fp16_ms_per_image": t["fp16"] / batch * 1e3}
+    text = table(
+        f"Precision: fp32 vs fp16 graphs, FAR K=default, batch {batch}, ONNX Runtime CPU",
+        ["graphs", "ms / image", "max |pixel diff| vs fp32 (0-255)", "mean |pixel diff|"],
+        [["fp32", res["fp32_ms_per_image"], 0, 0.0],
+         ["fp16", res["fp16_ms_per_image"], res["max_pixel_diff"], res["mean_pixel_diff"]]],
+    )
+    text += ("\nONNX Runtime's CPU provider has no fp16 kernels for most ops and casts to fp32, so fp16 here "
+             "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider).\n")
+    for pipe in pipes.values():
+        pipe.close()
+    return text, res
+
+
+# ----------------------------------------------------------------------------
+# 5. Against the limit
+# ----------------------------------------------------------------------------
+
+
+def matmul_peak(n: int = 1024, reps: int = 10) -> float:
+    """This machine's fp32 matrix-multiply rate (FLOP/s), PyTorch on all cores."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = median_time(lambda: a @ b, reps)
+    return 2 * n**3 / t
+
+
+def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
+    ckpt = MODELS["FAR (masked, shortcut head)"]
+    peak = matmul_peak()
+    rows, results = [], []
+    for batch in batches:
+        d = engine_dir(ckpt, "fp32", batch)
+        m = load_manifest(d)
+        f = {g: graph_flops(d / spec.file) for g, spec in m.graphs.items()}
+        steps = len(masked_schedule(m.model.seq_len, m.model.num_iter))
+        k = m.model.head_steps
+        per_image = (f["backbone"] * steps + f["head"] * k * steps + f["vae_decoder"]) / batch
+        pipe = Pipeline.load(d, backend="ort")
+        classes = [i % m.model.num_classes for i in range(batch)]
+        t = alternate({"run": lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0)}, reps)["run"] / batch
+        pipe.close()
+        frac = per_image / t / peak
+        results.append({"batch": batch, "flops_per_image": per_image, "s_per_image": t, "peak_flops": peak,
+                        "fraction_of_peak": frac, "graph_flops": f})
+        rows.append([batch, per_image / 1e6, f["backbone"] * steps / batch / 1e6, f["head"] * k * steps / batch / 1e6,
+                     f["vae_decoder"] / batch / 1e6, t * 1e3, per_image / t / 1e9, f"{100 * frac:.1f}%"])
+    text = table(
+        f"Against the limit: FAR (K={k}), ONNX Runtime fp32; machine matmul peak {peak / 1e9:.0f} GFLOP/s",
+        ["batch", "MFLOP / image", "backbone", "head", "VAE", "ms / image", "GFLOP/s achieved", "of peak"], rows)
+    return text, results
+
+
+# ----------------------------------------------------------------------------
+# 6. Peak memory of `far-export sample`
+# ----------------------------------------------------------------------------
+
+
+def sample_memory() -> tuple[str, dict]:
+    d = engine_dir(MODELS["FAR (masked, shortcut head)"], "fp32", 8)
+    exe = Path(sys.executable).with_name("far-export")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [str(exe), "sample", str(d), "--classes", "0-9", "--per-class", "4", "--out", f"{tmp}/grid.png"]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+    peak_mb = usage.ru_maxrss / 1024
+    res = {"command": " ".join(cmd[1:4]) + " --classes 0-9 --per-class 4", "peak_rss_mb": peak_mb, "exit": status}
+    return table("Peak memory of a `far-export sample` process (40 images, ONNX Runtime CPU)",
+                 ["command", "peak RSS (MB)"], [["`far-export sample ENGINE --classes 0-9 --per-class 4`", peak_mb]]), res
+
+
+# ----------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------
+
+
+def plots(results: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch"] for r in results}):
+        for model, marker in (("FAR", "o"), ("MAR", "s")):
+            rows = sorted((r for r in results if r["model"] == model and r["batch"] == batch), key=lambda r: r["head_steps"])
+            if rows:
+                ax.plot([r["head_steps"] for r in rows], [r["runtime_s_per_image"] * 1e3 for r in rows], marker=marker,
+                        label=f"{model} head, batch {batch}")
+    ax.set(xscale="log", yscale="log", xlabel="head steps per token (K for FAR, N for MAR)",
+           ylabel="ms per image (runtime, ORT CPU)", title="Time per image vs head steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "time_vs_steps.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    quality = [(m, q) for m, ck in (("FAR", MODELS["FAR (masked, shortcut head)"]), ("MAR", MODELS["MAR (masked, diffusion head)"]))
+               for q in [quality_of(ck)] if q]
+    if quality:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model, q in quality:
+            rows = sorted(q.values(), key=lambda r: r["head_steps"])
+            ax.plot([r["head_steps"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=f"{model} head")
+        ax.set(xscale="log", xlabel="head steps per token", ylabel="class accuracy of samples (%)",
+               title="Quality vs head steps (training/evaluate.py)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "quality_vs_steps.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+# ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "torch_threads": str(torch.get_num_threads())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer settings and repetitions (a few minutes)")
+    ap.add_argument("--json", type=Path, help="write all results as JSON")
+    ap.add_argument("--plots", type=Path, help="write PNG plots into this folder")
+    ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
+    args = ap.parse_args()
+    missing = [str(p) for p in MODELS.values() if not p.is_dir()]
+    if missing:
+        print(f"note: missing checkpoints are skipped: {', '.join(missing)}")
+    reps = 3 if args.quick else 5
+    batches = [1, 16] if args.quick else [1, 16, 64]
+    info = machine()
+    md = [f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
+          f"onnxruntime {info['onnxruntime']}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.\n"]
+    results: dict[str, object] = {"machine": info, "quick": args.quick}
+    t0 = time.perf_counter()
+    print("== 1+2. FAR vs MAR, runtime vs PyTorch", flush=True)
+    text, results["far_vs_mar"] = far_vs_mar(args.quick, batches, reps)
+    md.append(text)
+    print("== 3. KV cache", flush=True)
+    text, results["kv_cache"] = kv_cache(args.quick, reps)
+    md.append(text)
+    print("== 4. precision", flush=True)
+    text, results["precision"] = precision(16, reps)
+    md.append(text)
+    print("== 5. against the limit", flush=True)
+    text, results["roofline"] = roofline([1, 64] if not args.quick else [1, 16], reps)
+    md.append(text)
+    print("== 6. memory", flush=True)
+    text, results["memory"] = sample_memory()
+    md.append(text)
+    results["seconds"] = time.perf_counter() - t0
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    if args.plots:
+        for p in plots(results["far_vs_mar"], args.plots):
+            print(f"wrote {p}")
+    if args.markdown:
+        args.markdown.write_text("\n".join(md))
+    print(f"done in {results['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
