@@ -139,11 +139,14 @@ class ShortcutHead(nn.Module):
 
     def step(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, z: torch.Tensor,
              cfg: torch.Tensor | None = None) -> torch.Tensor:
-        """One Euler step. x (N, C); t, d (1,); z (N, D) or (2N, D) with cfg (1,) -> x + d * v."""
+        """One Euler step. x (N, C); t, d (1,); z (N, D) or (2N, D) with cfg (1,) -> x + d * v.
+        The network runs in its weights' dtype; t, the CFG mix and the update stay in x's dtype
+        (fp32 x: an fp32 island in fp16/bf16 graphs, where t * 1000 and x + d * v would round)."""
+        dtype = self.net.input_proj.weight.dtype
         xx, guided = _cfg_pair(x, z)
         M = xx.shape[0]
         level = torch.round(-torch.log2(d.float())).long().clamp(0, self.levels - 1).expand(M)
-        v = self.velocity(xx, t.to(xx.dtype).expand(M), level, z)
+        v = self.velocity(xx.to(dtype), t.float().expand(M), level, z.to(dtype)).to(x.dtype)
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg.to(v.dtype) * (v_cond - v_uncond)
@@ -258,9 +261,10 @@ class DiffusionHead(nn.Module):
              cfg: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising step. x, noise (N, C) (noise already times temperature, zero at the last
         step); t (1,) original timestep; coef (6,) from runtime.schedule.ddpm_sampling_schedule."""
+        dtype = self.net.input_proj.weight.dtype
         xx, guided = _cfg_pair(x, z)
         M = xx.shape[0]
-        eps, var_values = self.net(xx, t.expand(M), z).split(self.channels, dim=-1)
+        eps, var_values = self.net(xx.to(dtype), t.expand(M), z.to(dtype)).float().split(self.channels, dim=-1)
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + cfg.to(eps.dtype) * (eps_cond - eps_uncond)

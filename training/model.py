@@ -124,9 +124,8 @@ class ShortcutHeadStep(nn.Module):
         self.head, self.guided = model.head, cfg_guidance
 
     def forward(self, x, t, d, z, cfg=None):
-        dtype = self.head.net.input_proj.weight.dtype
-        out = self.head.step(x.to(dtype), t, d, z.to(dtype), cfg if self.guided else None)
-        return out.float()
+        # x stays fp32: the network runs in the head's dtype, the Euler update in fp32
+        return self.head.step(x.float(), t, d, z, cfg if self.guided else None).float()
 
 
 class DiffusionHeadStep(nn.Module):
@@ -138,9 +137,8 @@ class DiffusionHeadStep(nn.Module):
         self.head, self.guided = model.head, cfg_guidance
 
     def forward(self, x, t, z, cfg, coef, noise):
-        dtype = self.head.net.input_proj.weight.dtype
-        out = self.head.step(x.to(dtype), t, z.to(dtype), coef, noise.to(dtype), cfg if self.guided else None)
-        return out.float()
+        # x stays fp32: the network runs in the head's dtype, the posterior in fp32
+        return self.head.step(x.float(), t, z, coef, noise.float(), cfg if self.guided else None).float()
 
 
 class VAEDecoderStep(nn.Module):
