@@ -52,7 +52,9 @@ class BenchResult:
     batch: int
     runs: int
     stages_ms: dict[str, float]  # per batch, mean over the timed runs
-    shares: dict[str, float]  # of the wall time
+    stages_median_ms: dict[str, float]  # per batch, median over the timed runs (robust to preemption)
+    shares: dict[str, float]  # of the wall time: mean stage / mean wall
+    loop_share_median: float  # median over runs of loop / wall: the loop's own Python time
     images_per_s: float
     latency_ms: dict[str, float]  # per batch: p50, p95, mean, min
     calls_per_batch: dict[str, int]
@@ -68,11 +70,13 @@ class BenchResult:
         lines = [
             f"{self.engine_dir}: {self.model['backbone']} backbone, {self.model['head']} head, {self.backend}",
             f"settings: batch {self.batch}, " + ", ".join(f"{k} {v}" for k, v in self.settings.items()),
-            f"per batch ({self.runs} runs after warm-up), mean:",
+            f"per batch ({self.runs} runs after warm-up):   mean     median   share of wall",
         ]
+        med = self.stages_median_ms
         for k in ("backbone", "head", "vae", "loop", "prepare", "wall"):
             share = f"  {100 * sh[k]:5.1f}%" if k in sh else ""
-            lines.append(f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms{share}")
+            lines.append(f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms {med[k]:9.3f} ms{share}")
+        lines.append(f"loop Python share of wall: {100 * sh['loop']:.2f}% (mean), {100 * self.loop_share_median:.2f}% (median run)")
         lat = self.latency_ms
         lines.append(f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; {self.images_per_s:.1f} images/s")
         lines.append(f"calls per batch: {self.calls_per_batch['backbone']} backbone, {self.calls_per_batch['head']} head, 1 VAE")
@@ -115,6 +119,7 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
     stages = ("backbone", "head", "vae", "loop", "prepare", "wall")
     per = {k: np.array([getattr(t, k) for t in timings]) * 1e3 for k in stages}
     mean = {k: float(v.mean()) for k, v in per.items()}
+    median = {k: float(np.median(v)) for k, v in per.items()}
     wall = per["wall"]
     last = timings[-1]
     return BenchResult(
@@ -126,7 +131,9 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
         batch=batch,
         runs=opts.runs,
         stages_ms=mean,
+        stages_median_ms=median,
         shares={k: mean[k] / mean["wall"] for k in stages if k != "wall"},
+        loop_share_median=float(np.median(per["loop"] / per["wall"])),
         images_per_s=float(batch / (wall.mean() / 1e3)),
         latency_ms={"p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95)),
                     "mean": float(wall.mean()), "min": float(wall.min())},
