@@ -63,6 +63,7 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
         ({"num_classes": 0}, "num_classes"),
         ({"bootstrap_fraction": 1.5}, "bootstrap_fraction"),
         ({"config_version": CONFIG_VERSION + 1}, "newer than this code"),
+        ({"config_version": "2"}, "config_version must be an int"),
         ({"vae": {**PRESETS["tiny"].to_dict()["vae"], "ch": 6}}, "not divisible by num_groups"),
         ({"num_heads": 0}, "heads and head dims must be >= 1"),
         ({"patch_size": 0}, "patch_size"),

@@ -196,6 +196,8 @@ class FARConfig:
     def from_dict(cls, d: dict[str, Any]) -> FARConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
+        if type(version) is not int:
+            raise ConfigError(f"config_version must be an int, got {version!r}")
         if version > CONFIG_VERSION:
             raise ConfigError(f"config_version {version} is newer than this code ({CONFIG_VERSION}): upgrade far-export")
         vae = d.pop("vae", {})
