@@ -78,10 +78,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     clf = DigitClassifier()
-    opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-4)
     n, bs = len(labels), 64
     steps = epochs * (n // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     clf.train()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)

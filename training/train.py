@@ -561,7 +561,7 @@ def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log,
     ds = load_dataset(DataSpec(run.data.source, cfg.img_size, run.data.hflip), "train")
     from training.data import stack_images
 
-    fixed, _ = stack_images(ds, list(range(min(16, len(ds)))))
+    fixed, _ = stack_images(ds, np.linspace(0, len(ds) - 1, min(16, len(ds))).astype(int).tolist())  # all classes
 
     def batch_fn(idx, g):
         imgs = [ds[i][0] for i in idx]

