@@ -38,6 +38,14 @@ PROVIDERS = {
 GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
 
 
+def host_dtype(dtype: str | np.dtype) -> np.dtype:
+    """numpy dtype of a host buffer for a manifest dtype; numpy has no bfloat16, so its bits live in uint16."""
+    return np.dtype(np.uint16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+
 class BackendError(RuntimeError):
     """A backend that cannot be opened or a graph that does not match its manifest."""
 
@@ -66,7 +74,7 @@ class Graph(ABC):
                 raise BackendError(f"{self.spec.file}: bind {kind}s {sorted(names)}, got {sorted(arrays)}")
             for t in specs:
                 a = arrays[t.name]
-                if a.shape != t.shape or a.dtype != np.dtype(t.dtype) or not a.flags.c_contiguous:
+                if a.shape != t.shape or a.dtype != host_dtype(t.dtype) or not a.flags.c_contiguous:
                     raise BackendError(
                         f"{self.spec.file}: {kind} {t.name!r} needs a contiguous {t.dtype}{list(t.shape)} buffer, "
                         f"got {a.dtype}{list(a.shape)}"
@@ -83,7 +91,7 @@ class Backend(ABC):
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         """A zeroed host buffer that this backend can bind (TensorRT: pinned memory)."""
-        return np.zeros(tuple(shape), dtype=dtype)
+        return np.zeros(tuple(shape), dtype=host_dtype(dtype))
 
     def describe(self) -> str:
         return self.name
@@ -133,16 +141,20 @@ class OrtGraph(Graph):
     def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
         self.check_buffers(inputs, outputs)
         binding = self.session.io_binding()
+        dtypes = {t.name: t.dtype for t in (*self.spec.inputs, *self.spec.outputs)}
         keep = []
-        for name, array in inputs.items():
-            value = self._ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory on CPU
-            binding.bind_ortvalue_input(name, value)
-            keep.append(value)
-        for name, array in outputs.items():
-            value = self._ort.OrtValue.ortvalue_from_numpy(array)
-            binding.bind_ortvalue_output(name, value)
-            keep.append(value)
+        for names, bind in ((inputs, binding.bind_ortvalue_input), (outputs, binding.bind_ortvalue_output)):
+            for name, array in names.items():
+                value = self._ortvalue(array, dtypes[name])
+                bind(name, value)
+                keep.append(value)
         return OrtCall(self.session, binding, keep)
+
+    def _ortvalue(self, array: np.ndarray, dtype: str) -> Any:
+        """An OrtValue over the numpy memory (shared, not copied, on CPU)."""
+        if dtype == "bfloat16":
+            return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, ONNX_BFLOAT16)
+        return self._ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def _check_session_io(session: Any, spec: GraphSpec, path: Path) -> None:

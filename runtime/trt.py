@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import Backend, BackendError, Call, Graph
+from runtime.backends import Backend, BackendError, Call, Graph, host_dtype
 from runtime.manifest import GRAPHS, EngineSpec, Manifest, sha256_file
 
 
@@ -212,8 +212,9 @@ class TrtGraph(Graph):
             raise BackendError(f"{path.name}: tensors {sorted(io)} differ from the manifest's {sorted(want)}")
         for name, t in want.items():
             shape = tuple(self.engine.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            if shape != t.shape or dtype != np.dtype(t.dtype):
+            dt = self.engine.get_tensor_dtype(name)
+            dtype = "bfloat16" if dt == trt.DataType.BF16 else np.dtype(trt.nptype(dt)).name
+            if shape != t.shape or dtype != t.dtype:
                 raise BackendError(f"{path.name}: {name} is {dtype}{list(shape)}, the manifest says {t.dtype}{list(t.shape)}")
 
     def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
@@ -255,7 +256,7 @@ class TrtBackend(Backend):
 
     def empty(self, shape: Any, dtype: Any) -> np.ndarray:
         """Pinned host memory, zeroed, viewed as a numpy array (so copies can be captured in CUDA graphs)."""
-        dtype = np.dtype(dtype)
+        dtype = host_dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         ptr = self.cuda.host_alloc(nbytes)
         raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
