@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -190,6 +191,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
             if how:
                 validation.setdefault("notes", {})[name] = how
         graphs_v: dict[str, Any] = {}
+        validation["graphs"] = graphs_v
         if opts.validate:
             for name, io_ in specs.items():
                 with stage(log, f"validate {io_.file} on random inputs") as st:
@@ -208,28 +210,34 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                                       feeds[name], TOLERANCES["fp32"], "random")
                     graphs_v[name] = {"random": res}
                     st["note"] = _worst(res)
-        if opts.end_to_end:
-            graphs_v_real, e2e = _end_to_end(cfg, ckpt, shapes, specs, sessions, modules, opts, graph_precision, log)
-            for name, res in graphs_v_real.items():
-                graphs_v.setdefault(name, {})["real"] = res
-            validation["end_to_end"] = e2e
         validation["graphs"] = graphs_v
-        validation["passed"] = True
 
-    graphs = {
-        name: GraphSpec(
-            file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
-            precision=graph_precision[name],
-            fp32_islands=FP32_ISLANDS[name] if graph_precision[name] != "fp32" else (),
+    def make_manifest(validation: dict[str, Any]) -> Manifest:
+        graphs = {
+            name: GraphSpec(
+                file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
+                precision=graph_precision[name],
+                fp32_islands=FP32_ISLANDS[name] if graph_precision[name] != "fp32" else (),
+            )
+            for name, io_ in specs.items()
+        }
+        return Manifest(
+            schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
+            precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
+            graphs=graphs, validation=validation,
         )
-        for name, io_ in specs.items()
-    }
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
-        precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
-        graphs=graphs, validation=validation,
-    )
+
+    manifest = make_manifest(validation)
+    manifest.save(tmp)  # provisional: the runtime's pipeline reads it in the end-to-end check
+    if opts.end_to_end:
+        graphs_v_real, e2e = _end_to_end(tmp, cfg, ckpt, shapes, specs, sessions, modules, opts, graph_precision, log)
+        for name, res in graphs_v_real.items():
+            validation["graphs"].setdefault(name, {})["real"] = res
+        validation["end_to_end"] = e2e
+    if validation:
+        validation["passed"] = True
+        manifest = manifest.replace(validation=validation)
     manifest.save(tmp)
     if opts.engines or opts.require_engines:
         manifest = _engines(tmp, out, manifest, opts, log)
@@ -254,7 +262,7 @@ def _worst(res: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{k} max {v['max']:.2g} p99 {v['p99']:.2g}" for k, v in res.items())
 
 
-def _end_to_end(cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs: dict[str, GraphIO], sessions: dict[str, Any],
+def _end_to_end(tmp: Path, cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs: dict[str, GraphIO], sessions: dict[str, Any],
                 modules: dict[str, Any], opts: BuildOptions, graph_precision: dict[str, str],
                 log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
     import torch
@@ -267,12 +275,13 @@ def _end_to_end(cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs: dict[str,
     loop = LoopSettings(s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter, s.seed)
     runners = {name: ort_runner(sessions[name], io_) for name, io_ in specs.items()}
     rec = Recorder()
-    with stage(log, f"end to end: sample {len(labels)} images through the graphs (seed {opts.seed})"):
-        tokens = sample_loop(cfg, shapes, specs, runners, labels, loop, record=rec)
+    with stage(log, f"end to end: sample {len(labels)} images through the graphs (seed {opts.seed})"), \
+            _bar("graphs") as bar:
+        tokens = sample_loop(cfg, shapes, specs, runners, labels, loop, record=rec, progress=bar)
         image = runners["vae_decoder"]({"tokens": tokens})["image"]
-    with stage(log, "end to end: PyTorch reference sampler") as st:
+    with stage(log, "end to end: PyTorch reference sampler") as st, _bar("reference") as bar:
         torch.manual_seed(0)
-        ref_tokens = sample_tokens(ckpt.model, labels, s)
+        ref_tokens = sample_tokens(ckpt.model, labels, s, progress=bar)
         ref_image = decode_tokens(cfg, ckpt.vae, ref_tokens)
         tok = error_stats(tokens, ref_tokens)
         img = error_stats(image, ref_image)
@@ -286,8 +295,47 @@ def _end_to_end(cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs: dict[str,
             real[name] = compare(name, io_, runners[name], torch_runner(modules[name], io_), rec.picks(name), tol, "real")
         st["note"] = "; ".join(f"{n}: {_worst(r)}" for n, r in real.items())
     check(img, E2E_TOLERANCES[opts.precision], "end to end: the image sampled through the graphs")
+    with stage(log, "end to end: the runtime (runtime.pipeline, ONNX Runtime) against the reference") as st:
+        e2e["runtime"] = _runtime_check(tmp, labels, loop, ref_tokens, ref_image, opts.precision)
+        r = e2e["runtime"]
+        st["note"] = r.get("skipped") or f"tokens max {r['tokens']['max']:.2g}, image max {r['image']['max']:.2g}"
     e2e["passed"] = True
     return real, e2e
+
+
+def _runtime_check(tmp: Path, labels: list[int], loop: LoopSettings, ref_tokens: np.ndarray, ref_image: np.ndarray,
+                   precision: str) -> dict[str, Any]:
+    """The lean runtime's own loop over this directory must sample the reference's image too."""
+    if precision == "bf16":
+        return {"skipped": "ONNX Runtime on CPU cannot run bf16 graphs"}
+    try:
+        from runtime.pipeline import Pipeline
+    except ImportError as e:
+        return {"skipped": f"runtime.pipeline is not importable ({e})"}
+    pipe = Pipeline.load(tmp, backend="ort")
+    try:
+        s = pipe.settings(head_steps=loop.head_steps, cfg=loop.cfg, cfg_schedule=loop.cfg_schedule,
+                          temperature=loop.temperature, num_iter=loop.num_iter, seed=loop.seed)
+        tokens = pipe.sample_tokens(labels, s)
+        image = pipe.decode(tokens)
+    finally:
+        pipe.close()
+    res = {"tokens": error_stats(tokens, ref_tokens), "image": error_stats(image, ref_image)}
+    check(res["image"], E2E_TOLERANCES[precision], "end to end: the image sampled by runtime.pipeline")
+    return res
+
+
+@contextmanager
+def _bar(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr for the long sampling stages (only on a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, unit="step", leave=False, disable=not sys.stderr.isatty()) as bar:
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield update
 
 
 def _engines(tmp: Path, out: Path, manifest: Manifest, opts: BuildOptions, log: Log) -> Manifest:

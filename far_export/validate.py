@@ -173,7 +173,8 @@ class LoopSettings:
 
 def sample_loop(cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO], run: dict[str, Runner],
                 labels: list[int], s: LoopSettings,
-                record: Callable[[str, dict[str, np.ndarray]], None] | None = None) -> np.ndarray:
+                record: Callable[[str, dict[str, np.ndarray]], None] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Tokens (B, L, C) float32 through the backbone and head runners; `record(graph, feeds)` sees every call."""
     B, L, C, Q = shapes.batch, cfg.seq_len, cfg.token_dim, shapes.max_query
     if len(labels) != B:
@@ -213,7 +214,8 @@ def sample_loop(cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO], 
     if cfg.backbone == "masked":
         orders = [r.permutation(L) for r in rngs]
         mask = np.ones((B, L), np.float32)
-        for step in masked_schedule(L, s.num_iter):
+        schedule = masked_schedule(L, s.num_iter)
+        for i, step in enumerate(schedule):
             n = step.num_pred
             if n > Q:
                 raise ValueError(f"num_iter {s.num_iter} predicts {n} tokens in a step; the graphs hold {Q}")
@@ -224,16 +226,21 @@ def sample_loop(cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO], 
             rows = np.arange(B)[:, None]
             tokens[rows, pos] = x
             mask[rows, pos] = 0.0
+            if progress:
+                progress(i + 1, len(schedule))
     else:
         cache_spec = next(t for t in specs["backbone"].inputs if t.name == "cache")
         cache = np.zeros(cache_spec.shape, np.float32 if cache_spec.dtype == "bfloat16" else cache_spec.dtype)
         prev = np.zeros((B, C), np.float32)
-        for i, step in enumerate(causal_schedule(L)):
+        schedule = causal_schedule(L)
+        for i, step in enumerate(schedule):
             out = call("backbone", {"prev_token": prev, "pos": np.array([i], np.int64), "labels": labels_a,
                                     "cache": cache})
             cache = out["cache_out"].astype(cache.dtype)
             prev = head(out["z"], 1, cfg_scale(s.cfg, s.cfg_schedule, L, step))[:, 0]
             tokens[:, i] = prev
+            if progress:
+                progress(i + 1, len(schedule))
     return tokens
 
 
