@@ -188,6 +188,39 @@ def test_respaced_timesteps_match_mar(n: str) -> None:
     assert ts.tolist() == expect[::-1] and coef.shape == (int(n), 6)
 
 
+def mar_spaced_diffusion(num_steps: int) -> tuple[list[int], np.ndarray]:
+    """MAR's create_diffusion(str(num_steps), noise_schedule="cosine"): SpacedDiffusion's timestep_map
+    and the GaussianDiffusion coefficients of its respaced betas (DDPM_COEF_NAMES order)."""
+    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = np.array([min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)])
+    use = mar_space_timesteps(1000, str(num_steps))
+    last, new_betas, timestep_map = 1.0, [], []
+    for i, a in enumerate(np.cumprod(1.0 - betas)):
+        if i in use:
+            new_betas.append(1 - a / last)
+            last = a
+            timestep_map.append(i)
+    b = np.array(new_betas)
+    acp = np.cumprod(1.0 - b)
+    acp_prev = np.append(1.0, acp[:-1])
+    post_var = b * (1.0 - acp_prev) / (1.0 - acp)
+    coef = np.stack([
+        np.sqrt(1.0 / acp), np.sqrt(1.0 / acp - 1), b * np.sqrt(acp_prev) / (1.0 - acp),
+        (1.0 - acp_prev) * np.sqrt(1.0 - b) / (1.0 - acp), np.log(np.append(post_var[1], post_var[1:])), np.log(b),
+    ], axis=1)
+    return timestep_map, coef
+
+
+@pytest.mark.parametrize("n", [2, 25, 50, 100, 1000])
+def test_sampling_coefficients_match_mar_spaced_diffusion(n: int) -> None:
+    """Protects the MAR head's sampling: step j uses original timestep timestep_map[-1-j] and the
+    respaced GaussianDiffusion's coefficients (p_mean_variance with learned-range variance)."""
+    timestep_map, coef = mar_spaced_diffusion(n)
+    ts, got = ddpm_sampling_schedule(1000, n)
+    assert ts.tolist() == timestep_map[::-1]
+    np.testing.assert_allclose(got, coef[::-1], rtol=1e-12, atol=0)
+
+
 def test_cosine_betas_and_coefficients_are_ddpms() -> None:
     """Protects the improved-DDPM cosine schedule and the posterior coefficients (DDPM eqs. 6-7)."""
     betas = cosine_betas(1000)
@@ -235,6 +268,51 @@ def test_diffusion_head_step_is_mar_p_sample() -> None:
     logvar = frac * c[5] + (1 - frac) * c[4]
     torch.testing.assert_close(out, (mean + torch.exp(0.5 * logvar) * noise).float(), atol=1e-5, rtol=1e-5)
     assert var.abs().mean() > 1e-3
+
+
+def test_diffusion_loss_is_mar_training_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Protects the MAR head's loss: guided-diffusion's training_losses (MSE on eps + VLB with the
+    mean frozen, LEARNED_RANGE variance, t = 0 decoder NLL), written here in float64 numpy."""
+    model, _ = tiny_model("masked", "mar", seed=14)
+    head: DiffusionHead = model.head
+    M, C, D = 12, model.cfg.token_dim, model.cfg.width
+    g = torch.Generator().manual_seed(0)
+    x_start, z = torch.rand(M, C, generator=g) * 2 - 1, torch.randn(M, D, generator=g)
+    t = torch.tensor([0, 0, 1, 5, 100, 500, 900, 999, 0, 3, 250, 998])
+    noise = torch.randn(M, C, generator=g)
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: t)
+    monkeypatch.setattr(torch, "randn_like", lambda x: noise)
+    got = head.loss(x_start, z).detach().double().numpy()
+    with torch.no_grad():  # the network's own outputs, then everything else in float64
+        c32 = head.coef[t]
+        x_t32 = c32[:, 6:7] * x_start + c32[:, 7:8] * noise
+        eps, var = (a.double().numpy() for a in head.net(x_t32, t, z).split(C, dim=-1))
+
+    betas = cosine_betas(1000)
+    ac = np.cumprod(1 - betas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+    tt = t.numpy()
+    col = lambda a: a[tt][:, None]  # noqa: E731
+    xs, nz, xt = x_start.double().numpy(), noise.double().numpy(), x_t32.double().numpy()
+    mse = ((nz - eps) ** 2).mean(1)
+    true_mean = col(betas * np.sqrt(ac_prev) / (1 - ac)) * xs + col((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)) * xt
+    true_logvar = col(post_logvar)
+    frac = (var + 1) / 2
+    logvar = frac * col(np.log(betas)) + (1 - frac) * col(post_logvar)
+    pred_x0 = col(np.sqrt(1 / ac)) * xt - col(np.sqrt(1 / ac - 1)) * eps
+    mean = col(betas * np.sqrt(ac_prev) / (1 - ac)) * pred_x0 + col((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)) * xt
+    kl = 0.5 * (-1 + logvar - true_logvar + np.exp(true_logvar - logvar) + (true_mean - mean) ** 2 * np.exp(-logvar))
+    approx_cdf = lambda v: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))  # noqa: E731
+    inv_std = np.exp(-0.5 * logvar)
+    cdf_plus, cdf_min = approx_cdf(inv_std * (xs - mean + 1 / 255)), approx_cdf(inv_std * (xs - mean - 1 / 255))
+    log_probs = np.where(xs < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
+                         np.where(xs > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)),
+                                  np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))
+    vb = np.where(tt == 0, -log_probs.mean(1) / np.log(2), kl.mean(1) / np.log(2))
+    np.testing.assert_allclose(got, mse + vb, rtol=2e-4, atol=1e-5)
+    assert (vb[tt == 0] > 0.1).all() and (vb[tt != 0] >= 0).all()
 
 
 def test_diffusion_head_loss_finite_and_trains() -> None:
