@@ -52,7 +52,8 @@ def tiny_model(
 def make_tiny_checkpoint(
     path: str | Path, backbone: str = "masked", head: str = "shortcut", seed: int = 0, **changes: Any
 ) -> Path:
-    """Write a tiny checkpoint directory (config.json + model.safetensors + vae.safetensors) at `path`."""
+    """Write a tiny checkpoint directory (config.json + model.safetensors + vae.safetensors) at `path`.
+    Like save_checkpoint, it replaces `path` whole: give it a fresh sub-directory, not tmp_path itself."""
     model, vae = tiny_model(backbone, head, seed, **changes)
     return save_checkpoint(path, model, vae)
 
