@@ -59,6 +59,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="far-b-export-") as tmp:
         t0 = time.perf_counter()
         model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+        with torch.no_grad():  # AdaLN-zero init makes the head the identity: perturb so its check is real
+            for p in (*model.parameters(), *vae.parameters()):
+                p.add_(torch.randn_like(p) * 0.02)
         params = sum(p.numel() for p in model.parameters())
         vae_params = sum(p.numel() for p in vae.parameters())
         save_checkpoint(Path(tmp) / "ckpt", model, vae)

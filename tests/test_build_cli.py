@@ -94,6 +94,9 @@ def test_bad_input_gives_one_line_errors(built, tmp_path):
     (broken / "model.safetensors").unlink()
     _one_line_error(_invoke("build", broken, "--out", out), "missing")
     _one_line_error(_invoke("inspect", tmp_path), "manifest.json")
+    # never replace a directory that is not an engine directory, nor the checkpoint itself
+    _one_line_error(_invoke("build", ckpt, "--out", tmp_path), "not an engine directory")
+    _one_line_error(_invoke("build", ckpt, "--out", ckpt.parent), "not an engine directory")
     assert not out.exists()
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
