@@ -284,6 +284,44 @@ def test_trt_backend_without_tensorrt(copy):
     _one_line(e)
 
 
+def _fake_tensorrt(monkeypatch, version: str, gpu: bytes, major: int, minor: int) -> None:
+    """Stand-ins for the tensorrt and cuda-python modules: only a version and a device to compare."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__, trt.Runtime = version, object
+    rt = types.ModuleType("cuda.bindings.runtime")
+    rt.cudaGetDeviceCount = lambda: (0, 1)
+    rt.cudaGetDeviceProperties = lambda i: (0, SimpleNamespace(name=gpu, major=major, minor=minor))
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    cuda.bindings, bindings.runtime = bindings, rt
+    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+@pytest.mark.parametrize("version,gpu,cc,match", [
+    ("11.0.0", b"Orin", (8, 7), "built with TensorRT 10.3.0, this is 11.0.0"),
+    ("10.3.0", b"NVIDIA H100 80GB HBM3", (9, 0), r"built for Orin \(sm 8.7\), this GPU is NVIDIA H100 80GB HBM3 \(sm 9.0\)"),
+])
+def test_trt_backend_refuses_mismatched_plans(copy, monkeypatch, version, gpu, cc, match):
+    """Through Pipeline.load and the CLI: the mismatch is found from the manifest, before any plan is read."""
+    man = load_manifest(copy)
+    man.replace(engines={g: replace(_engine_spec(), file=f"{g}.plan") for g in man.graphs}).save(copy)
+    _fake_tensorrt(monkeypatch, version, gpu, *cc)
+    with pytest.raises(EngineMismatchError, match=match) as e:
+        Pipeline.load(copy, backend="trt")
+    _one_line(e)
+    from click.testing import CliRunner
+
+    from far_export.cli import cli
+
+    r = CliRunner().invoke(cli, ["sample", str(copy), "--classes", "0", "--backend", "trt", "--out", "x.png"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: backbone.plan (backbone) was built")
+
+
 def _tensorrt_or_skip() -> None:
     try:
         import tensorrt as trt
