@@ -273,6 +273,12 @@ class Pipeline:
     def close(self) -> None:
         self.backend.close()
 
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- preparation --------------------------------------------------------------
     def _plan(self, s: Settings) -> _Plan:
         """Buffers and bound calls for (num_iter, K), made once and reused."""
