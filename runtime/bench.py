@@ -13,6 +13,7 @@ import json
 import platform
 import resource
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class BenchResult:
     latency_ms: dict[str, float]  # per batch: p50, p95, mean, min
     calls_per_batch: dict[str, int]
     peak_rss_mb: float
+    load_s: float | None = None  # Pipeline.load: manifest, sha256 checks, sessions, bound calls
     device_mem_mb: float | None = None
     host: dict[str, str] = field(default_factory=dict)
 
@@ -81,6 +83,8 @@ class BenchResult:
         lines.append(f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; {self.images_per_s:.1f} images/s")
         lines.append(f"calls per batch: {self.calls_per_batch['backbone']} backbone, {self.calls_per_batch['head']} head, 1 VAE")
         mem = f"peak host RSS {self.peak_rss_mb:.0f} MB"
+        if self.load_s is not None:
+            mem = f"load {self.load_s:.2f} s; " + mem
         if self.device_mem_mb is not None:
             mem += f", device memory in use {self.device_mem_mb:.0f} MB"
         lines.append(mem)
@@ -103,8 +107,12 @@ def _device_mem_mb(pipe: Pipeline) -> float | None:
 def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeline | None = None) -> BenchResult:
     """Time `Pipeline.generate` on one batch per run; returns per-stage means and latency percentiles."""
     opts = (opts or BenchOptions()).check()
-    pipe = pipe or Pipeline.load(engine_dir, backend=opts.backend, providers=opts.providers, threads=opts.threads,
-                                 cuda_graph=opts.cuda_graph)
+    load_s = None
+    if pipe is None:
+        t0 = time.perf_counter()
+        pipe = Pipeline.load(engine_dir, backend=opts.backend, providers=opts.providers, threads=opts.threads,
+                             cuda_graph=opts.cuda_graph)
+        load_s = time.perf_counter() - t0
     batch = pipe.check_batch(opts.batch)
     m = pipe.model
     labels = [i % m.num_classes for i in range(batch)]
@@ -139,6 +147,7 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
                     "mean": float(wall.mean()), "min": float(wall.min())},
         calls_per_batch={"backbone": last.backbone_calls, "head": last.head_calls},
         peak_rss_mb=_peak_rss_mb(),
+        load_s=load_s,
         device_mem_mb=_device_mem_mb(pipe),
         host={"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()},
     )
