@@ -85,32 +85,40 @@ def detect_device() -> Device:
 
 
 def _gpu() -> tuple[str, str]:
-    """(GPU name, "major.minor") of device 0 via cuda-python, or polygraphy's cuda wrapper."""
+    """(GPU name, "major.minor") of device 0: cuda-python where installed, else the driver's libcuda."""
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
     except ImportError:
         try:
             from cuda import cudart  # older cuda-python
         except ImportError:
-            cudart = None
-    if cudart is not None:
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or count < 1:
-            raise TensorRTUnavailable("no CUDA GPU is visible")
-        err, prop = cudart.cudaGetDeviceProperties(0)
-        if int(err) != 0:
-            raise TensorRTUnavailable(f"cannot query the CUDA GPU (error {int(err)})")
-        name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-        return name.rstrip("\x00"), f"{prop.major}.{prop.minor}"
-    try:
-        from polygraphy import cuda as pcuda
+            return _gpu_driver()
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
+        raise TensorRTUnavailable("no CUDA GPU is visible")
+    err, prop = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise TensorRTUnavailable(f"cannot query the CUDA GPU (cudaError {int(err)})")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return name.split("\x00")[0].strip(), f"{prop.major}.{prop.minor}"
 
-        # polygraphy wraps libcudart with ctypes; the device name comes from TensorRT's builder
-        major = pcuda.wrapper().get_device_attribute(75)  # cudaDevAttrComputeCapabilityMajor
-        minor = pcuda.wrapper().get_device_attribute(76)
-        return "CUDA device 0", f"{major}.{minor}"
-    except Exception as e:
-        raise TensorRTUnavailable(f"no CUDA GPU could be queried (install cuda-python: {type(e).__name__})") from None
+
+def _gpu_driver() -> tuple[str, str]:
+    """The same through the CUDA driver API (libcuda, present wherever the driver is, Jetson included)."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        raise TensorRTUnavailable("no CUDA driver (libcuda.so.1) is installed") from None
+    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    name = ctypes.create_string_buffer(256)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+        raise TensorRTUnavailable("no CUDA GPU is visible (cuInit/cuDeviceGet failed)")
+    cuda.cuDeviceGetName(name, 256, dev)
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+    return name.value.decode(errors="replace"), f"{major.value}.{minor.value}"
 
 
 def build_key(onnx_sha256: str, settings: EngineSettings, device: Device) -> str:
@@ -152,7 +160,7 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: EngineSettings, cache
     tmp.replace(plan_path)
     if cache is not None and cache_path is not None:
         cache_tmp = cache_path.with_name(cache_path.name + ".tmp")
-        cache_tmp.write_bytes(bytes(cache.serialize()))
+        cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))  # updated by the build
         cache_tmp.replace(cache_path)
 
 
@@ -204,23 +212,36 @@ def compile_engines(
             shutil.copy2(old_cache, cache_path)
     old = _old_engines(previous)
     engines: dict[str, EngineSpec] = {}
-    for name, g in manifest.graphs.items():
-        key = build_key(g.sha256, settings, device)
-        plan = directory / plan_name(name, device)
-        t0 = time.perf_counter()
-        reused = _reuse(old.get(name), key, Path(previous) if previous else directory, plan)
-        if not reused:
-            build_plan(directory / g.file, plan, settings, cache_path)
-        checks: dict[str, Any] = {}
-        if validate and not reused:
-            atol, rtol = PLAN_TOLERANCE.get(g.precision, (1e-3, 1e-3))
-            checks = validate_plan(directory / g.file, plan, name, g, manifest.model, atol, rtol)
-        engines[name] = EngineSpec(
-            file=plan.name, sha256=sha256_file(plan), tensorrt_version=device.tensorrt_version,
-            gpu_name=device.gpu_name, compute_capability=device.compute_capability, onnx_sha256=g.sha256,
-            build_key=key, settings={**settings.key_fields(), "strongly_typed": True, "validation": checks},
-        )
-        log(f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} ({time.perf_counter() - t0:.1f}s)")
+    staged: list[tuple[Path, Path]] = []  # new plans are moved into place only when every graph succeeded
+    try:
+        for name, g in manifest.graphs.items():
+            key = build_key(g.sha256, settings, device)
+            plan = directory / plan_name(name, device)
+            t0 = time.perf_counter()
+            prev = old.get(name)
+            reused = _reuse(prev, key, Path(previous) if previous else directory, plan)
+            if reused:
+                target, checks = plan, dict((prev.settings if prev else {}).get("validation", {}))
+            else:
+                target = plan.with_name(plan.name + ".new")
+                staged.append((target, plan))
+                build_plan(directory / g.file, target, settings, cache_path)
+                checks = {}
+                if validate:
+                    atol, rtol = PLAN_TOLERANCE.get(g.precision, (1e-3, 1e-3))
+                    checks = validate_plan(directory / g.file, target, name, g, manifest.model, atol, rtol)
+            engines[name] = EngineSpec(
+                file=plan.name, sha256=sha256_file(target), tensorrt_version=device.tensorrt_version,
+                gpu_name=device.gpu_name, compute_capability=device.compute_capability, onnx_sha256=g.sha256,
+                build_key=key, settings={**settings.key_fields(), "strongly_typed": True, "validation": checks},
+            )
+            log(f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} ({time.perf_counter() - t0:.1f}s)")
+    except BaseException:
+        for src, _ in staged:
+            src.unlink(missing_ok=True)
+        raise
+    for src, dst in staged:
+        src.replace(dst)
     new = manifest.replace(engines=engines, timing_cache=cache_path.name if cache_path and cache_path.exists() else None)
     new.save(directory)
     return new

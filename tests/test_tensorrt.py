@@ -80,3 +80,92 @@ def test_compile_builds_validates_and_reuses_plans(tmp_path):
     lines.clear()
     compile_directory(out, EngineSettings(workspace_gb=1.0), log=lines.append)
     assert all(line.startswith("reuse ") for line in lines), lines  # same graphs, same settings: no rebuild
+
+
+# ----------------------------------------------------------------------------
+# The orchestration (keys, reuse, staging, manifest) with TensorRT itself stubbed out: runs everywhere
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """detect_device / build_plan / validate_plan replaced: a 'plan' is the graph's bytes reversed."""
+    import far_export.tensorrt as trt_mod
+
+    calls: dict[str, list[str]] = {"build": [], "validate": []}
+
+    def build_plan(onnx_path, plan_path, settings, cache_path):
+        calls["build"].append(onnx_path.name)
+        plan_path.write_bytes(onnx_path.read_bytes()[::-1])
+        if cache_path is not None:
+            cache_path.write_bytes(b"cache")
+
+    def validate_plan(onnx_path, plan_path, graph, spec, model, atol, rtol, count=2):
+        calls["validate"].append(graph)
+        if graph in calls.get("fail", []):
+            raise EngineBuildError(f"the TensorRT plan of the {graph} graph differs from ONNX Runtime")
+        return {"atol": atol, "rtol": rtol, "passed": True}
+
+    monkeypatch.setattr(trt_mod, "detect_device", lambda: DEV)
+    monkeypatch.setattr(trt_mod, "build_plan", build_plan)
+    monkeypatch.setattr(trt_mod, "validate_plan", validate_plan)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    from far_export.build import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("trt")
+    ckpt = make_tiny_checkpoint(root / "ckpt")
+    out = root / "engines"
+    build(ckpt, out, BuildOptions(batch=1, engines=False, validate=False, end_to_end=False), log=lambda s: None)
+    return out
+
+
+def test_compile_records_engines_reuses_and_rebuilds_on_change(engine_dir, fake_trt):
+    import shutil
+
+    out = engine_dir.parent / "compile1"
+    shutil.copytree(engine_dir, out)
+    m = compile_directory(out, EngineSettings(workspace_gb=1.0))
+    assert set(m.engines) == set(m.graphs) and m.timing_cache == "timing.cache"
+    for name, e in m.engines.items():
+        assert e.file == f"{name}.trt10.3.0.plan" and (out / e.file).is_file()
+        assert (e.gpu_name, e.compute_capability, e.onnx_sha256) == ("Orin", "8.7", m.graphs[name].sha256)
+        assert e.settings["validation"]["passed"]
+    assert load_manifest(out).engines == m.engines
+    assert len(fake_trt["build"]) == 3
+    compile_directory(out, EngineSettings(workspace_gb=1.0))
+    assert len(fake_trt["build"]) == 3  # unchanged key: nothing rebuilt
+    compile_directory(out, EngineSettings(workspace_gb=2.0))
+    assert len(fake_trt["build"]) == 6  # new settings: every plan rebuilt
+    assert not list(out.glob("*.new"))
+
+
+def test_failed_plan_validation_leaves_plans_and_manifest_as_they_were(engine_dir, fake_trt):
+    import shutil
+
+    out = engine_dir.parent / "compile2"
+    shutil.copytree(engine_dir, out)
+    compile_directory(out, EngineSettings(workspace_gb=1.0))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fake_trt["fail"] = ["head"]
+    with pytest.raises(EngineBuildError, match="head graph"):
+        compile_directory(out, EngineSettings(workspace_gb=3.0))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "timing.cache"} == {
+        k: v for k, v in before.items() if k != "timing.cache"}
+
+
+def test_build_with_engines_reuses_plans_of_the_previous_build(engine_dir, fake_trt, tmp_path):
+    from far_export.build import BuildOptions, build
+
+    ckpt = engine_dir.parent / "ckpt"
+    out = tmp_path / "eng"
+    opts = BuildOptions(batch=1, validate=False, end_to_end=False, require_engines=True)
+    lines: list[str] = []
+    m = build(ckpt, out, opts, log=lines.append)
+    assert set(m.engines) == set(m.graphs) and len(fake_trt["build"]) == 3
+    build(ckpt, out, opts, log=lines.append)  # same graphs (the export is deterministic), same settings
+    assert len(fake_trt["build"]) == 3
+    assert sum(line.startswith("reuse TensorRT plan") for line in lines) == 3
