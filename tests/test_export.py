@@ -133,3 +133,21 @@ def test_bf16_graph_runs_upcast_on_cpu(tmp_path):
     assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in onnx.load(str(path)).graph.initializer)
     sess = ort_session(upcast_bf16(path), name="head (upcast)")
     compare("head", io_, ort_runner(sess, io_), torch_runner(mod, io_), feeds, TOLERANCES["bf16"], "random")
+
+
+@pytest.mark.slow
+def test_far_b_preset_exports_and_validates(tmp_path):
+    """far-b (MAR-B dims, 207.9M parameters, random weights) exports and validates on CPU (~6 min, ~3.5 GB)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "far_b.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "export_far_b.py"), "--json", str(out)], check=True,
+                   cwd=root)
+    res = json.loads(out.read_text())
+    assert res["params_million"] == pytest.approx(207.9, abs=0.1)
+    assert res["end_to_end_image_max"] < 1e-3
+    assert set(res["validation"]) == {"backbone", "head", "vae_decoder"}
