@@ -24,12 +24,12 @@ import numpy as np
 
 from far_export import __version__
 from far_export.export import (
-    FP32_ISLANDS,
     PRECISIONS,
     ExportError,
     GraphIO,
     GraphShapes,
     export_graph,
+    fp32_islands,
     graph_modules,
     graph_specs,
 )
@@ -233,7 +233,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
             name: GraphSpec(
                 file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
                 precision=graph_precision[name],
-                fp32_islands=FP32_ISLANDS[name] if graph_precision[name] != "fp32" else (),
+                fp32_islands=fp32_islands(name, cfg) if graph_precision[name] != "fp32" else (),
             )
             for name, io_ in specs.items()
         }

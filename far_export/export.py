@@ -42,12 +42,21 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "vae_decoder": "vae_decoder.onnx"}
-# Ops that stay fp32 inside a reduced-precision graph (training/layers.py, the Step modules' casts).
-FP32_ISLANDS = {
-    "backbone": ("LayerNorm statistics", "attention softmax", "graph inputs/outputs"),
-    "head": ("LayerNorm statistics", "timestep sinusoid", "graph inputs/outputs"),
-    "vae_decoder": ("GroupNorm statistics", "attention softmax", "graph inputs/outputs"),
+# What stays fp32 inside a reduced-precision graph (training/layers.py, the models' explicit casts).
+_ISLANDS = {
+    "backbone": ("LayerNorm statistics", "attention logits + mask bias + softmax", "graph inputs/outputs"),
+    "shortcut": ("LayerNorm statistics", "timestep sinusoid", "graph inputs/outputs"),
+    "mar": ("LayerNorm statistics", "timestep sinusoid", "DDPM posterior (mean, variance, noise)",
+            "graph inputs/outputs"),
+    "vae_decoder": ("GroupNorm statistics", "attention logits + softmax", "graph inputs/outputs"),
 }
+
+
+def fp32_islands(graph: str, cfg: FARConfig) -> tuple[str, ...]:
+    """What runs in fp32 inside the `graph` of a reduced-precision build."""
+    return _ISLANDS[cfg.head if graph == "head" else graph]
+
+
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file>.data` (protobuf's 2 GB)
 
 

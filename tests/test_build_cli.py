@@ -151,3 +151,26 @@ def test_compile_imports_no_torch_and_says_why_no_plans(built):
         assert "Traceback" not in proc.stdout + proc.stderr
     else:
         pytest.skip("tensorrt is installed here: tests/test_tensorrt.py covers compile")
+
+
+def test_fp16_build_records_precision_and_falls_back_to_an_fp32_vae(built, tmp_path, monkeypatch):
+    """fp16 graphs list their fp32 islands; a VAE that fails fp16 validation is re-exported in fp32."""
+    import far_export.build as build_mod
+    from far_export.validate import ValidationError
+
+    real_compare = build_mod.compare
+
+    def compare(name, io_, graph, ref, feeds, tol, label):
+        if name == "vae_decoder" and tol == build_mod.TOLERANCES["fp16"]:
+            raise ValidationError("vae_decoder graph, output 'image' (random inputs) differs from PyTorch")
+        return real_compare(name, io_, graph, ref, feeds, tol, label)
+
+    monkeypatch.setattr(build_mod, "compare", compare)
+    ckpt, _, _ = built
+    res = _invoke("build", ckpt, "--out", tmp_path / "eng16", "--precision", "fp16", "--batch", "1")
+    assert res.exit_code == 0, res.output
+    m = load_manifest(tmp_path / "eng16")
+    assert m.precision == "fp16"
+    assert m.graphs["backbone"].precision == "fp16" and "LayerNorm statistics" in m.graphs["backbone"].fp32_islands
+    assert m.graphs["vae_decoder"].precision == "fp32" and m.graphs["vae_decoder"].fp32_islands == ()
+    assert m.validation["end_to_end"]["image"]["max"] < 0.05
