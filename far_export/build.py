@@ -291,7 +291,7 @@ def _end_to_end(tmp: Path, cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs
     loop = LoopSettings(s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter, s.seed)
     runners = {name: ort_runner(sessions[name], io_) for name, io_ in specs.items()}
     rec = Recorder()
-    with stage(log, f"end to end: sample {len(labels)} images through the graphs (seed {opts.seed})"), \
+    with stage(log, f"end to end: sample {len(labels)} image{'s' * (len(labels) != 1)} through the graphs (seed {opts.seed})"), \
             _bar("graphs") as bar:
         tokens = sample_loop(cfg, shapes, specs, runners, labels, loop, record=rec, progress=bar)
         image = runners["vae_decoder"]({"tokens": tokens})["image"]
