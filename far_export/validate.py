@@ -55,8 +55,8 @@ TOLERANCES: dict[str, Tolerance] = {
 # End to end against the fp32 reference sampler: decoded image in [0, 1].
 E2E_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
-    "fp16": Tolerance(max_abs=0.25, p99_abs=0.05),
-    "bf16": Tolerance(max_abs=0.5, p99_abs=0.1),
+    "fp16": Tolerance(max_abs=0.1, p99_abs=0.02),
+    "bf16": Tolerance(max_abs=0.2, p99_abs=0.05),
 }
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
