@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import Backend, Call, open_backend
+from runtime.backends import Backend, BackendError, Call, open_backend
 from runtime.images import to_uint8
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
@@ -165,7 +165,7 @@ class Pipeline:
         for t in (*g.inputs, *g.outputs):
             if t.name == name:
                 return t
-        raise RequestError(f"{g.file} has no tensor {name!r}; rebuild with far-export build")
+        raise BackendError(f"{g.file} has no tensor {name!r}; rebuild with far-export build")
 
     def _graph_out(self, graph: str, name: str) -> tuple[int, ...]:
         return self._spec(graph, name).shape
