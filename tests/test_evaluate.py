@@ -55,7 +55,8 @@ def test_evaluate_table_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert report.floor_frechet > 0.0
     table = report.table()
     assert "| head steps | class accuracy | Frechet distance | vs real floor | s/image |" in table
-    assert "real (train vs held-out)" in table and len(table.splitlines()) == 8
+    assert "real (train vs held-out)" in table and "VAE reconstruction" in table and len(table.splitlines()) == 9
+    assert report.vae_frechet >= 0.0 and 0.0 <= report.vae_accuracy <= 1.0
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
