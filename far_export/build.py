@@ -263,7 +263,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
 
 
 BF16_NOTE = ("ONNX Runtime on CPU has no bf16 kernels for this graph: validated with its bf16 weights and casts "
-             "upcast to fp32 (same graph, activations in fp32) against PyTorch's bf16 modules")
+             "upcast to fp32 (same graph, activations in fp32)")
 
 
 def _session_for(path: Path, precision: str) -> tuple[Any, str | None]:
