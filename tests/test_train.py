@@ -166,6 +166,17 @@ def test_resume_continues_exactly(folder, tmp_path):
     assert load_file(str(straight / "model.safetensors")).keys() == load_file(str(resumed / "model.safetensors")).keys()
 
 
+def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoint):
+    out = tmp_path / "r"
+    T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
+    first = LatentCache.load(out / "latents.safetensors")
+    given = tiny_checkpoint(tmp_path / "given")
+    T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
+            out, resume=True)
+    second = LatentCache.load(out / "latents.safetensors")
+    assert first.source and second.source != first.source and not torch.equal(first.mean, second.mean)
+
+
 def test_existing_run_needs_resume(folder, tmp_path):
     T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
     with pytest.raises(T.TrainingError, match="--resume"):

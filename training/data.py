@@ -202,6 +202,7 @@ class LatentCache:
     logvar: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    source: str = ""  # what was encoded: a fingerprint of the VAE weights and the data (see build_cache)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -221,15 +222,18 @@ class LatentCache:
 
         tmp = path.with_name(path.name + ".tmp")
         save_file({"mean": self.mean.contiguous(), "logvar": self.logvar.contiguous(), "labels": self.labels,
-                   "num_classes": torch.tensor([self.num_classes])}, str(tmp))
+                   "num_classes": torch.tensor([self.num_classes])}, str(tmp), metadata={"source": self.source})
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> LatentCache:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         d = load_file(str(path))
-        return cls(d["mean"], d["logvar"], d["labels"], int(d["num_classes"][0]))
+        with safe_open(str(path), "pt") as f:
+            source = (f.metadata() or {}).get("source", "")
+        return cls(d["mean"], d["logvar"], d["labels"], int(d["num_classes"][0]), source)
 
 
 @torch.no_grad()
@@ -254,6 +258,17 @@ def encode_dataset(vae: torch.nn.Module, ds: Dataset, batch_size: int = 128, fli
         labels.append(y)
     classes = len(getattr(ds, "classes", [])) or int(torch.cat(labels).max()) + 1
     return LatentCache(torch.cat(means), torch.cat(logvars), torch.cat(labels).long(), classes)
+
+
+def fingerprint(vae: torch.nn.Module, spec: DataSpec) -> str:
+    """sha256 over the VAE's weights and the data spec: a cache built from anything else is rebuilt."""
+    import hashlib
+
+    h = hashlib.sha256(repr(spec).encode())
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def latent_scale(cache: LatentCache, seed: int = 0) -> float:

@@ -47,7 +47,15 @@ import torch.distributed as dist
 from torch import nn
 
 from training.config import PRESETS, ConfigError, FARConfig, VAEConfig
-from training.data import DataError, DataSpec, LatentCache, encode_dataset, latent_scale, load_dataset
+from training.data import (
+    DataError,
+    DataSpec,
+    LatentCache,
+    encode_dataset,
+    fingerprint,
+    latent_scale,
+    load_dataset,
+)
 from training.model import FAR, patchify
 from training.vae import AutoencoderKL
 
@@ -601,9 +609,11 @@ def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log,
 
 def build_cache(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx: Context) -> LatentCache:
     path = out / "latents.safetensors"
-    if ctx.main and not path.is_file():
-        ds = load_dataset(DataSpec(run.data.source, cfg.img_size, run.data.hflip), "train")
-        cache = encode_dataset(vae.to(ctx.device), ds, flips=run.data.hflip, device=ctx.device)
+    spec = DataSpec(run.data.source, cfg.img_size, run.data.hflip)
+    source = fingerprint(vae, spec)
+    if ctx.main and (not path.is_file() or LatentCache.load(path).source != source):
+        cache = encode_dataset(vae.to(ctx.device), load_dataset(spec, "train"), flips=run.data.hflip, device=ctx.device)
+        cache.source = source
         cache.save(path)
     ctx.barrier()
     return LatentCache.load(path)
