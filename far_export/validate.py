@@ -103,6 +103,8 @@ def ort_session(path: str | Path | bytes, threads: int = 0, name: str | None = N
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # idle ORT threads spin by default and starve the PyTorch reference that runs between graph calls
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:
