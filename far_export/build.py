@@ -215,7 +215,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                 with stage(log, f"validate {io_.file} on random inputs") as st:
                     try:
                         res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
-                                      feeds[name], TOLERANCES[precision], "random")
+                                      feeds[name], io_.tolerances[precision], "random")
                     except ValidationError:
                         if name != "vae_decoder" or precision == "fp32":
                             raise
@@ -225,7 +225,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                         export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
                         sessions[name], _ = _session_for(tmp / io_.file, "fp32")
                         res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
-                                      feeds[name], TOLERANCES["fp32"], "random")
+                                      feeds[name], io_.tolerances["fp32"], "random")
                     graphs_v[name] = {"random": res}
                     st["note"] = _worst(res)
         validation["graphs"] = graphs_v
@@ -309,7 +309,7 @@ def _end_to_end(tmp: Path, cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs
     with stage(log, "validate graphs on real inputs (recorded while sampling)") as st:
         rec.calls["vae_decoder"] = [{"tokens": tokens}]  # the reference's tokens are covered by the image check
         for name, io_ in specs.items():
-            tol = TOLERANCES[graph_precision[name]]
+            tol = io_.tolerances[graph_precision[name]]
             real[name] = compare(name, io_, runners[name], torch_runner(refs[name], io_), rec.picks(name), tol, "real")
         st["note"] = "; ".join(f"{n}: {_worst(r)}" for n, r in real.items())
     check(img, E2E_TOLERANCES[opts.precision], "end to end: the image sampled through the graphs")

@@ -23,7 +23,7 @@ import copy
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +65,35 @@ class ExportError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Tolerance:
+    """Bounds on |graph - reference| / max(1, max|reference|)."""
+
+    max_abs: float
+    p99_abs: float
+
+
+# Per graph output against the fp32 torch module: kernels and summation order (fp32), plus rounding (fp16/bf16).
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
+    "fp16": Tolerance(max_abs=5e-2, p99_abs=1e-2),
+    "bf16": Tolerance(max_abs=1e-1, p99_abs=3e-2),
+}
+# End to end against the fp32 reference sampler: decoded image in [0, 1].
+E2E_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
+    "fp16": Tolerance(max_abs=0.1, p99_abs=0.02),
+    "bf16": Tolerance(max_abs=0.2, p99_abs=0.05),
+}
+
+@dataclass(frozen=True)
 class GraphIO:
-    """One graph as data: its name and the static inputs/outputs of the contract."""
+    """One graph as data: its name, the static inputs/outputs of the contract, and the tolerance per
+    precision its outputs are validated with."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: TOLERANCES)
 
     @property
     def file(self) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_export.export import GraphIO, GraphShapes, to_torch
+from far_export.export import E2E_TOLERANCES, TOLERANCES, GraphIO, GraphShapes, Tolerance, to_torch  # noqa: F401
 from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
 from runtime.schedule import (
     causal_schedule,
@@ -38,27 +38,6 @@ from training.config import FARConfig
 class ValidationError(RuntimeError):
     """A graph (or the whole loop) differs from PyTorch by more than the precision's tolerance."""
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Bounds on |graph - reference| / max(1, max|reference|)."""
-
-    max_abs: float
-    p99_abs: float
-
-
-# Per graph output against the fp32 torch module: kernels and summation order (fp32), plus rounding (fp16/bf16).
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
-    "fp16": Tolerance(max_abs=5e-2, p99_abs=1e-2),
-    "bf16": Tolerance(max_abs=1e-1, p99_abs=3e-2),
-}
-# End to end against the fp32 reference sampler: decoded image in [0, 1].
-E2E_TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
-    "fp16": Tolerance(max_abs=0.1, p99_abs=0.02),
-    "bf16": Tolerance(max_abs=0.2, p99_abs=0.05),
-}
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
