@@ -2,11 +2,13 @@
 
 1. Per graph, on fixed random inputs and on real inputs (recorded while the graphs
    sample with the checkpoint's weights): max, mean and p99 absolute error of each
-   output against the fp32 PyTorch module (the checkpoint's meaning; for fp16/bf16
-   graphs the per-precision tolerance bounds export error plus rounding). Errors are measured relative to
-   the output's scale, max(1, max|reference|), and must stay within the precision's
-   tolerance; otherwise `ValidationError` names the graph, the output and the numbers.
-2. End to end: the full AR loop through the graphs against the PyTorch reference
+   output against the fp32 PyTorch module (what the checkpoint means; for fp16/bf16
+   graphs the tolerance bounds export error plus rounding). Errors are measured
+   relative to the output's scale, max(1, max|reference|), and must stay within the
+   graph's tolerance for the precision; otherwise `ValidationError` names the graph,
+   the output and the numbers.
+2. End to end: the full AR loop through the graphs (`sample_loop` here, and the lean
+   runtime's `runtime.pipeline`, see far_export/build.py) against the PyTorch reference
    sampler (`training.sample.sample_tokens`, fp32) for one seed: tokens and image.
 """
 
