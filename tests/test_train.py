@@ -236,6 +236,19 @@ def test_far_alone_on_a_given_vae(folder, tmp_path, tiny_checkpoint):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def test_fine_tune_starts_from_a_checkpoint(folder, tmp_path, tiny_checkpoint):
+    given = tiny_checkpoint(tmp_path / "given", num_classes=2)
+    out = tmp_path / "r"
+    init = ["train.steps=1", "train.lr=0.0", f"vae.init={json.dumps(str(given))}", f"train.init={json.dumps(str(given))}"]
+    ckpt = load_checkpoint(T.train(T.load_run_config(None, tiny_overrides(folder) + init), out))
+    ref = load_checkpoint(given).model.state_dict()
+    assert all(torch.equal(ckpt.model.state_dict()[k], ref[k]) for k in ref)  # lr 0: the init itself
+    bad = tiny_checkpoint(tmp_path / "bad", num_classes=2, width=64, num_heads=2)
+    with pytest.raises(T.TrainingError, match="train.init: .*does not match"):
+        T.train(T.load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
+                tmp_path / "r2")
+
+
 @pytest.mark.parametrize("head, backbone", [("mar", "masked"), ("shortcut", "causal")])
 def test_other_heads_and_backbones_train(folder, tmp_path, head, backbone):
     run = T.load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"model.head=\"{head}\"",

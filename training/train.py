@@ -104,6 +104,7 @@ class FARStageConfig(OptimConfig):
     steps: int = 8000
     sample_classes: int = 10  # rows of the sample grids
     sample_per_class: int = 8
+    init: str = ""  # start from this checkpoint directory's FAR weights (fine-tuning); empty: random init
 
 
 @dataclass(frozen=True)
@@ -630,6 +631,8 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
     cfg = cfg.replace(latent_scale=scale)
     torch.manual_seed(run.train.seed)
     model = FAR(cfg)
+    if run.train.init:
+        _init_from(model, Path(run.train.init))
     vae = vae.cpu().eval()
     log(stage="far", step=0, latent_scale=scale, params=sum(p.numel() for p in model.parameters()))
     if ctx.main:
@@ -669,6 +672,16 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
                   sample_grid, ema_teacher=cfg.head == "shortcut")
     run_stage(stage, ctx, log, resume)
     return ckpt_dir
+
+
+def _init_from(model: FAR, path: Path) -> None:
+    """Fine-tuning: FAR weights from a checkpoint directory whose architecture matches the config."""
+    from training.checkpoint import MODEL_FILE, CheckpointError, _load_into, _load_safetensors
+
+    try:
+        _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
+    except CheckpointError as e:
+        raise TrainingError(f"train.init: {e}") from None
 
 
 def _cpu_copy(model: FAR) -> FAR:
