@@ -154,7 +154,7 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
         except TensorRTUnavailable as e:
             raise BuildError(f"--require-engines: TensorRT plans cannot be built here: {e}") from None
 
-    from training.checkpoint import checkpoint_sha256, load_checkpoint
+    from training.checkpoint import checkpoint_sha256, load_checkpoint, replace_dir
 
     with stage(log, f"load checkpoint {checkpoint_dir}") as st:
         ckpt = load_checkpoint(checkpoint_dir)
@@ -173,7 +173,7 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     try:
         manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
         tmp.chmod(0o777 & ~_umask())
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -290,7 +290,7 @@ def _end_to_end(tmp: Path, cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs
     labels = [i % cfg.num_classes for i in range(shapes.batch)]
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
-    loop = LoopSettings(s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter, s.seed)
+    loop = s
     runners = {name: ort_runner(sessions[name], io_) for name, io_ in specs.items()}
     rec = Recorder()
     with stage(log, f"end to end: sample {len(labels)} image{'s' * (len(labels) != 1)} through the graphs (seed {opts.seed})"), \
@@ -374,14 +374,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename src over dst; an existing dst is moved aside first and removed only after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

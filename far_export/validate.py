@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import nn
 from far_export.export import E2E_TOLERANCES, TOLERANCES, GraphIO, GraphShapes, Tolerance, to_torch  # noqa: F401
 from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
 from runtime.schedule import (
+    SamplingSettings,
     causal_schedule,
     cfg_scale,
     ddpm_sampling_schedule,
@@ -152,14 +153,7 @@ def random_feeds(cfg: FARConfig, io_: GraphIO, count: int = 2, seed: int = 1234)
 # ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    head_steps: int
-    cfg: float
-    cfg_schedule: str
-    temperature: float
-    num_iter: int
-    seed: int = 0
+LoopSettings = SamplingSettings
 
 
 def sample_loop(cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO], run: dict[str, Runner],

@@ -38,6 +38,7 @@ from runtime.images import to_uint8
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
     ARStep,
+    SamplingSettings,
     causal_schedule,
     cfg_scale,
     check_head_steps,
@@ -56,16 +57,7 @@ class RequestError(ValueError):
     """A generation request the engines cannot serve: class id, batch, K, num_iter, CFG."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Resolved sampling settings of one request (defaults come from the manifest)."""
-
-    head_steps: int
-    cfg: float
-    cfg_schedule: str
-    temperature: float
-    num_iter: int
-    seed: int = 0
+Settings = SamplingSettings  # resolved from the manifest by Pipeline.settings
 
 
 @dataclass

@@ -33,6 +33,19 @@ from dataclasses import dataclass
 import numpy as np
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The resolved settings of one request, shared by the reference sampler, the build's
+    end-to-end check and the runtime (each fills the defaults from its own model description)."""
+
+    head_steps: int  # K: shortcut Euler steps or MAR denoising steps per token
+    cfg: float
+    cfg_schedule: str  # linear | constant
+    temperature: float
+    num_iter: int  # masked backbone AR steps
+    seed: int = 0
+
+
 def image_rng(seed: int, index: int) -> np.random.Generator:
     """The generator of image `index` of a request (see the randomness contract)."""
     return np.random.Generator(np.random.PCG64([int(seed), int(index)]))

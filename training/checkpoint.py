@@ -49,18 +49,18 @@ def save_checkpoint(path: str | Path, model: FAR, vae: AutoencoderKL, extra_file
         save_file(_contiguous(vae.state_dict()), str(tmp / VAE_FILE))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Rename src over dst; an existing dst is moved aside first and removed only after."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:

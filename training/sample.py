@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python training/sample.py`
@@ -21,6 +20,7 @@ if __package__ in (None, ""):  # `python training/sample.py`
 import numpy as np
 import torch
 
+from runtime import schedule
 from runtime.schedule import (
     causal_schedule,
     cfg_scale,
@@ -36,16 +36,8 @@ from training.model import FAR, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Resolved settings of one request (defaults come from the model config)."""
-
-    head_steps: int
-    cfg: float
-    cfg_schedule: str
-    temperature: float
-    num_iter: int
-    seed: int = 0
+class SamplingSettings(schedule.SamplingSettings):
+    """runtime.schedule.SamplingSettings, resolved from a model config."""
 
     @classmethod
     def resolve(cls, model_cfg: FARConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
