@@ -495,11 +495,11 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
                 t0, seen, window = time.time(), 0, []
             if o.check_sync_every and step % o.check_sync_every == 0:
                 check_sync(step)
-            if stage.sample_fn and o.sample_every and step % o.sample_every == 0 and ctx.main:
-                stage.sample_fn(ema, step)
             if o.save_every and step % o.save_every == 0 and step < o.steps:
                 save(step)
                 last_good = step
+            if stage.sample_fn and o.sample_every and step % o.sample_every == 0 and ctx.main:
+                _try_sample(stage, ema, step)
     except KeyboardInterrupt:
         bar.close()
         if ctx.main:
@@ -510,7 +510,15 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
     check_sync(step)
     save(step)
     if stage.sample_fn and ctx.main:
+        _try_sample(stage, ema, step)
+
+
+def _try_sample(stage: Stage, ema: nn.Module, step: int) -> None:
+    """Sample grids are a by-product: a failure is reported, never the end of a training run."""
+    try:
         stage.sample_fn(ema, step)
+    except Exception as e:  # noqa: BLE001 - any failure of the sampler
+        print(f"\n[{stage.name}] warning: sample grid at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------
