@@ -105,6 +105,7 @@ class FARConfig:
     bootstrap_fraction: float = 0.25  # share of each head batch trained on self-consistency
     teacher: str = "ema"  # "ema" | "online": weights that produce self-consistency targets
     diffusion_steps: int = 1000  # MAR head: training timesteps (cosine schedule)
+    diffusion_clip_x0: float = 0.0  # MAR head sampling: clamp the predicted x0 to +-this (0: off, as MAR)
     # sampling defaults (all overridable at run time)
     num_iter: int = 64  # masked AR steps (the causal backbone takes one step per token)
     head_steps: int = 4  # K: shortcut Euler steps or MAR denoising steps
@@ -152,6 +153,8 @@ class FARConfig:
             raise ConfigError(f"teacher must be 'ema' or 'online', got {self.teacher!r}")
         if min(self.width, self.enc_depth, self.num_heads, self.head_width, self.head_depth) < 1:
             raise ConfigError("width, depths, heads and head dims must be >= 1")
+        if self.diffusion_clip_x0 < 0:
+            raise ConfigError(f"diffusion_clip_x0 must be >= 0 (0: off), got {self.diffusion_clip_x0}")
         if min(self.img_size, self.patch_size, self.head_batch_mul, self.diffusion_steps) < 1 or self.dec_depth < 0:
             raise ConfigError("img_size, patch_size, head_batch_mul, diffusion_steps must be >= 1, dec_depth >= 0")
         if self.mlp_ratio <= 0 or self.buffer_size < 0:
