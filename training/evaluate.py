@@ -173,7 +173,9 @@ class Report:
     def table(self) -> str:
         lines = [
             f"checkpoint {self.checkpoint}: {self.backbone} backbone, {self.head} head; "
-            f"{self.num_images} samples per row, cfg {self.cfg}, num_iter {self.num_iter}, batch {self.batch}",
+            f"{self.num_images} samples per row, cfg {self.cfg}, "
+            + (f"num_iter {self.num_iter}" if self.backbone == "masked" else "one AR step per token")
+            + f", batch {self.batch}",
             f"classifier accuracy on the 500 held-out real digits: {self.classifier_heldout_accuracy:.1%}",
             "",
             "| head steps | class accuracy | Frechet distance | vs real floor | s/image |" + (" FID |" if self._fid else ""),
