@@ -38,6 +38,8 @@ MODELS = {  # name -> checkpoint directory
     "FAR (causal, shortcut head)": ROOT / "checkpoints/far-mnist-causal",
 }
 ENGINES = ROOT / "engines/bench"
+THREADS = 1  # intra-op threads of both PyTorch and ONNX Runtime (--threads)
+RESULTS = ROOT / "benchmarks/results"
 
 
 # ----------------------------------------------------------------------------
@@ -65,6 +67,12 @@ def alternate(sides: dict[str, Callable[[], object]], reps: int, warmup: int = 1
         for k, fn in sides.items():
             times[k].append(_timed(fn))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def open_pipe(directory: Path) -> Pipeline:
+    """The runtime on ONNX Runtime CPU with THREADS threads that do not spin between calls (PyTorch
+    runs in the same process, alternating)."""
+    return Pipeline.load(directory, backend="ort", threads=THREADS, spin=False)
 
 
 def engine_dir(ckpt: Path, precision: str, batch: int) -> Path:
@@ -98,8 +106,9 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> str:
 
 
 def quality_of(ckpt: Path) -> dict[str, dict]:
-    """Evaluation rows saved by training/evaluate.py beside the checkpoint (eval.json), keyed by head steps."""
-    f = ckpt / "eval.json"
+    """Rows of `python training/evaluate.py --checkpoint CKPT --json benchmarks/results/eval-NAME.json`,
+    keyed by head steps (empty when that file is missing)."""
+    f = RESULTS / f"eval-{ckpt.name}.json"
     if not f.is_file():
         return {}
     rows = json.loads(f.read_text()).get("rows", [])
@@ -123,7 +132,7 @@ def far_vs_mar(quick: bool, batches: list[int], reps: int) -> tuple[str, list[di
             if not ckpt.is_dir():
                 print(f"  skip {label}: {ckpt} missing")
                 continue
-            pipe = Pipeline.load(engine_dir(ckpt, "fp32", batch), backend="ort")
+            pipe = open_pipe(engine_dir(ckpt, "fp32", batch))
             ref = load_checkpoint(ckpt)
             classes = [i % pipe.model.num_classes for i in range(batch)]
             s = SamplingSettings.resolve(ref.cfg, seed=0, head_steps=k)
@@ -225,7 +234,7 @@ def kv_cache(quick: bool, reps: int) -> tuple[str, list[dict]]:
 
 def precision(batch: int, reps: int) -> tuple[str, dict]:
     ckpt = MODELS["FAR (masked, shortcut head)"]
-    pipes = {p: Pipeline.load(engine_dir(ckpt, p, batch), backend="ort") for p in ("fp32", "fp16")}
+    pipes = {p: open_pipe(engine_dir(ckpt, p, batch)) for p in ("fp32", "fp16")}
     classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
     imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
     diff = np.abs(imgs["fp32"] - imgs["fp16"])
@@ -250,13 +259,16 @@ def precision(batch: int, reps: int) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 1024, reps: int = 10) -> float:
-    """This machine's fp32 matrix-multiply rate (FLOP/s), PyTorch on all cores."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t = median_time(lambda: a @ b, reps)
-    return 2 * n**3 / t
+def matmul_peak(reps: int = 10) -> float:
+    """This machine's fp32 matrix-multiply rate (FLOP/s): the best of PyTorch (MKL/oneDNN) matmuls of a
+    few sizes on THREADS threads."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        best = max(best, 2 * n**3 / min(_timed(lambda a=a, b=b: a @ b) for _ in range(reps)))
+    return best
 
 
 def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
@@ -270,7 +282,7 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
         steps = len(masked_schedule(m.model.seq_len, m.model.num_iter))
         k = m.model.head_steps
         per_image = (f["backbone"] * steps + f["head"] * k * steps + f["vae_decoder"]) / batch
-        pipe = Pipeline.load(d, backend="ort")
+        pipe = open_pipe(d)
         classes = [i % m.model.num_classes for i in range(batch)]
         t = alternate({"run": lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0)}, reps)["run"] / batch
         pipe.close()
@@ -280,7 +292,7 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
         rows.append([batch, per_image / 1e6, f["backbone"] * steps / batch / 1e6, f["head"] * k * steps / batch / 1e6,
                      f["vae_decoder"] / batch / 1e6, t * 1e3, per_image / t / 1e9, f"{100 * frac:.1f}%"])
     text = table(
-        f"Against the limit: FAR (K={k}), ONNX Runtime fp32; machine matmul peak {peak / 1e9:.0f} GFLOP/s",
+        f"Against the limit: FAR (K={k}), ONNX Runtime fp32; measured matmul peak {peak / 1e9:.0f} GFLOP/s on {THREADS} thread(s)",
         ["batch", "MFLOP / image", "backbone", "head", "VAE", "ms / image", "GFLOP/s achieved", "of peak"], rows)
     return text, results
 
@@ -374,7 +386,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all results as JSON")
     ap.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for PyTorch and ONNX Runtime alike (default 1: stable on a shared machine)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    torch.set_num_threads(args.threads)
     missing = [str(p) for p in MODELS.values() if not p.is_dir()]
     if missing:
         print(f"note: missing checkpoints are skipped: {', '.join(missing)}")
@@ -382,7 +399,8 @@ def main() -> None:
     batches = [1, 16] if args.quick else [1, 16, 64]
     info = machine()
     md = [f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
-          f"onnxruntime {info['onnxruntime']}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}`.\n"]
+          f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and ONNX Runtime. "
+          f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}`.\n"]
     results: dict[str, object] = {"machine": info, "quick": args.quick}
     t0 = time.perf_counter()
     print("== 1+2. FAR vs MAR, runtime vs PyTorch", flush=True)

@@ -330,7 +330,7 @@ def _runtime_check(tmp: Path, labels: list[int], loop: LoopSettings, ref_tokens:
         from runtime.pipeline import Pipeline
     except ImportError as e:
         return {"skipped": f"runtime.pipeline is not importable ({e})"}
-    pipe = Pipeline.load(tmp, backend="ort")
+    pipe = Pipeline.load(tmp, backend="ort", spin=False)
     try:
         s = pipe.settings(head_steps=loop.head_steps, cfg=loop.cfg, cfg_schedule=loop.cfg_schedule,
                           temperature=loop.temperature, num_iter=loop.num_iter, seed=loop.seed)

@@ -178,7 +178,7 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, directory: Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -197,6 +197,8 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:  # idle worker threads otherwise busy-wait and starve other work in this process
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._opts = opts
         self.directory, self.manifest = directory, manifest
         self._graphs: dict[str, OrtGraph] = {}
@@ -230,11 +232,12 @@ class OrtBackend(Backend):
 
 
 def open_backend(kind: str, directory: str | Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, cuda_graph: bool = False) -> Backend:
-    """'ort' (providers: cpu / cuda / tensorrt) or 'trt' (the manifest's TensorRT plans)."""
+                 threads: int | None = None, cuda_graph: bool = False, spin: bool = True) -> Backend:
+    """'ort' (providers: cpu / cuda / tensorrt) or 'trt' (the manifest's TensorRT plans). `spin=False` stops
+    ONNX Runtime's idle threads from busy-waiting: for processes that do other CPU work between calls."""
     directory = Path(directory)
     if kind == "ort":
-        return OrtBackend(directory, manifest, providers, threads)
+        return OrtBackend(directory, manifest, providers, threads, spin)
     if kind == "trt":
         from runtime.trt import TrtBackend
 

@@ -140,12 +140,14 @@ class Pipeline:
     # -- loading ----------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort", providers: Sequence[str] | str | None = None,
-             threads: int | None = None, cuda_graph: bool = False, verify: bool = True) -> Pipeline:
+             threads: int | None = None, cuda_graph: bool = False, verify: bool = True,
+             spin: bool = True) -> Pipeline:
         """Open an engine directory: its manifest (schema; with `verify`, the sha256 of every graph),
         then the backend."""
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
-        be = open_backend(backend, directory, manifest, providers=providers, threads=threads, cuda_graph=cuda_graph)
+        be = open_backend(backend, directory, manifest, providers=providers, threads=threads, cuda_graph=cuda_graph,
+                          spin=spin)
         return cls(directory, manifest, be)
 
     @property
