@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from runtime.manifest import write_atomic
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:
@@ -58,14 +59,9 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def write_outputs(images: np.ndarray, labels: list[int], rows: int, out: str | None, out_dir: str | None) -> list[Path]:

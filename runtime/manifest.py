@@ -173,11 +173,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write to a temporary sibling, then rename over `path`: readers never see half a file.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
