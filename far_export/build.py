@@ -172,7 +172,6 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
-        tmp.chmod(0o777 & ~_umask())
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,9 +367,3 @@ def _engines(tmp: Path, out: Path, manifest: Manifest, opts: BuildOptions, log: 
         log(f"TensorRT plans were not built: {e} (ONNX graphs validated with ONNX Runtime; "
             f"build them on the device with far-export compile)")
         return manifest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -57,7 +57,11 @@ def save_checkpoint(path: str | Path, model: FAR, vae: AutoencoderKL, extra_file
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename src over dst; an existing dst is moved aside first and removed only after."""
+    """Rename src (a mkdtemp directory) over dst with the usual permissions (0777 less the umask);
+    an existing dst is moved aside first and removed only after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    src.chmod(0o777 & ~umask)
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
