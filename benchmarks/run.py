@@ -100,7 +100,7 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> str:
 
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n"
     print("\n" + text, flush=True)
     return text
 
@@ -260,14 +260,27 @@ def precision(batch: int, reps: int) -> tuple[str, dict]:
 
 
 def matmul_peak(reps: int = 10) -> float:
-    """This machine's fp32 matrix-multiply rate (FLOP/s): the best of PyTorch (MKL/oneDNN) matmuls of a
-    few sizes on THREADS threads."""
+    """This machine's fp32 matrix-multiply rate (FLOP/s) on THREADS threads: the best of PyTorch's
+    (MKL/oneDNN) and ONNX Runtime's (MLAS) square matmuls of a few sizes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
     best = 0.0
     for n in (512, 1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(3):
-            a @ b
-        best = max(best, 2 * n**3 / min(_timed(lambda a=a, b=b: a @ b) for _ in range(reps)))
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+            [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in ("a", "b")],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feeds = {"a": a.numpy(), "b": b.numpy()}
+        for fn in (lambda a=a, b=b: a @ b, lambda sess=sess, feeds=feeds: sess.run(None, feeds)):
+            for _ in range(3):
+                fn()
+            best = max(best, 2 * n**3 / min(_timed(fn) for _ in range(reps)))
     return best
 
 
@@ -302,17 +315,33 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
 # ----------------------------------------------------------------------------
 
 
+_PEAK_RSS = """
+import atexit, sys
+out = sys.argv[1]
+def _report():
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM"))
+    with open(out, "w") as f:
+        f.write(hwm)
+atexit.register(_report)
+sys.argv = ["far-export", *sys.argv[2:]]
+from far_export.cli import main
+main()
+"""
+
+
 def sample_memory() -> tuple[str, dict]:
+    """Peak resident memory of `far-export sample` in its own process (the kernel's VmHWM at exit; the
+    rusage of a child forked from this large process would count the parent's pages)."""
     d = engine_dir(MODELS["FAR (masked, shortcut head)"], "fp32", 8)
-    exe = Path(sys.executable).with_name("far-export")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(exe), "sample", str(d), "--classes", "0-9", "--per-class", "4", "--out", f"{tmp}/grid.png"]
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(p.pid, 0)
-    peak_mb = usage.ru_maxrss / 1024
-    res = {"command": " ".join(cmd[1:4]) + " --classes 0-9 --per-class 4", "peak_rss_mb": peak_mb, "exit": status}
-    return table("Peak memory of a `far-export sample` process (40 images, ONNX Runtime CPU)",
-                 ["command", "peak RSS (MB)"], [["`far-export sample ENGINE --classes 0-9 --per-class 4`", peak_mb]]), res
+        args = ["sample", str(d), "--classes", "0-9", "--per-class", "4", "--out", f"{tmp}/grid.png"]
+        subprocess.run([sys.executable, "-c", _PEAK_RSS, f"{tmp}/hwm", *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak_mb = int(Path(f"{tmp}/hwm").read_text()) / 1024
+    res = {"command": "far-export sample ENGINE --classes 0-9 --per-class 4", "peak_rss_mb": peak_mb}
+    return table("Peak memory of a `far-export sample` process (40 images, batch-8 engines, ONNX Runtime CPU)",
+                 ["command", "peak RSS (MB)"], [[f"`{res['command']}`", peak_mb]]), res
 
 
 # ----------------------------------------------------------------------------
@@ -347,14 +376,18 @@ def plots(results: list[dict], out: Path) -> list[Path]:
     quality = [(m, q) for m, ck in (("FAR", MODELS["FAR (masked, shortcut head)"]), ("MAR", MODELS["MAR (masked, diffusion head)"]))
                for q in [quality_of(ck)] if q]
     if quality:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for model, q in quality:
             rows = sorted(q.values(), key=lambda r: r["head_steps"])
-            ax.plot([r["head_steps"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=f"{model} head")
-        ax.set(xscale="log", xlabel="head steps per token", ylabel="class accuracy of samples (%)",
-               title="Quality vs head steps (training/evaluate.py)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+            steps = [r["head_steps"] for r in rows]
+            axes[0].plot(steps, [100 * r["accuracy"] for r in rows], marker="o", label=f"{model} head")
+            axes[1].plot(steps, [r["frechet"] for r in rows], marker="o", label=f"{model} head")
+        axes[0].set(ylabel="class accuracy of samples (%)", title="Class accuracy vs head steps")
+        axes[1].set(ylabel="Frechet distance to held-out digits (lower is better)", title="Frechet distance vs head steps")
+        for ax in axes:
+            ax.set(xscale="log", xlabel="head steps per token")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         written.append(out / "quality_vs_steps.png")
         fig.savefig(written[-1], dpi=120)
