@@ -135,7 +135,7 @@ def model_info(cfg: FARConfig, shapes: GraphShapes) -> ModelInfo:
         latent_scale=cfg.latent_scale, num_classes=cfg.num_classes, num_iter=shapes.num_iter,
         max_query=shapes.max_query, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
         head_dim=cfg.head_dim, shortcut_levels=cfg.shortcut_levels, diffusion_steps=cfg.diffusion_steps,
-        head_steps=cfg.head_steps, cfg=cfg.cfg if shapes.guided else 1.0, cfg_schedule=cfg.cfg_schedule,
+        head_steps=cfg.resolved_head_steps, cfg=cfg.cfg if shapes.guided else 1.0, cfg_schedule=cfg.cfg_schedule,
         temperature=cfg.temperature,
     )
 

@@ -136,3 +136,12 @@ def test_json_ints_for_float_fields() -> None:
     d.update(cfg=3, temperature=1)
     cfg = FARConfig.from_dict(d)
     assert cfg.cfg == 3.0 and isinstance(cfg.cfg, float) and isinstance(cfg.temperature, float)
+
+
+def test_head_steps_zero_means_the_heads_default() -> None:
+    """K defaults per head: 4 shortcut Euler steps, MAR's 100 denoising steps; an explicit K wins."""
+    assert preset("far-b").resolved_head_steps == 4
+    assert preset("far-b", head="mar").resolved_head_steps == 100
+    assert preset("far-b", head="mar", head_steps=50).resolved_head_steps == 50
+    with pytest.raises(ConfigError, match="head_steps >= 0"):
+        preset("far-b", head_steps=-1)

@@ -108,7 +108,7 @@ class FARConfig:
     diffusion_clip_x0: float = 0.0  # MAR head sampling: clamp the predicted x0 to +-this (0: off, as MAR)
     # sampling defaults (all overridable at run time)
     num_iter: int = 64  # masked AR steps (the causal backbone takes one step per token)
-    head_steps: int = 4  # K: shortcut Euler steps or MAR denoising steps
+    head_steps: int = 0  # K: shortcut Euler steps or MAR denoising steps; 0 = the head's default (4 / 100)
     cfg: float = 1.0
     cfg_schedule: str = "linear"
     temperature: float = 1.0
@@ -135,6 +135,12 @@ class FARConfig:
     @property
     def depth(self) -> int:
         return self.enc_depth + self.dec_depth
+
+    @property
+    def resolved_head_steps(self) -> int:
+        """The default K at sampling time: head_steps, or the head's own default when it is 0
+        (4 Euler steps for the shortcut head, MAR's 100 denoising steps for the diffusion head)."""
+        return self.head_steps or (4 if self.head == "shortcut" else 100)
 
     @property
     def num_ar_steps(self) -> int:
@@ -171,10 +177,10 @@ class FARConfig:
             raise ConfigError("num_classes must be >= 1")
         if not 1 <= self.num_iter <= self.seq_len:
             raise ConfigError(f"num_iter must be in [1, seq_len={self.seq_len}], got {self.num_iter}")
-        if self.shortcut_levels < 1 or not 1 <= self.head_steps:
-            raise ConfigError("shortcut_levels and head_steps must be >= 1")
+        if self.shortcut_levels < 1 or self.head_steps < 0:
+            raise ConfigError("shortcut_levels must be >= 1 and head_steps >= 0 (0: the head's default)")
         try:
-            check_head_steps(self.head, self.head_steps, self.shortcut_levels, self.diffusion_steps)
+            check_head_steps(self.head, self.resolved_head_steps, self.shortcut_levels, self.diffusion_steps)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if not 0 <= self.attn_dropout < 1 or not 0 <= self.proj_dropout < 1:

@@ -43,7 +43,7 @@ class SamplingSettings(schedule.SamplingSettings):
     def resolve(cls, model_cfg: FARConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
         cfg = model_cfg  # positional-only, so that `cfg=` (the guidance scale) can be an override
         values = {
-            "head_steps": cfg.head_steps, "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule,
+            "head_steps": cfg.resolved_head_steps, "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule,
             "temperature": cfg.temperature, "num_iter": cfg.num_iter,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
