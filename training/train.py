@@ -227,7 +227,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 
 def dump_toml(d: dict[str, Any]) -> str:
-    """The resolved config as TOML (scalars, lists and one level of nested tables)."""
+    """The resolved config as TOML (scalars, lists and nested tables)."""
 
     def val(v: Any) -> str:
         if isinstance(v, bool):
@@ -240,23 +240,17 @@ def dump_toml(d: dict[str, Any]) -> str:
             return "[" + ", ".join(val(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} as TOML")
 
-    lines, tables = [], []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {val(v)}")
-    for name, table in tables:
-        lines.append(f"\n[{name}]")
-        sub = []
-        for k, v in table.items():
+    lines: list[str] = []
+
+    def table(name: str, t: dict[str, Any]) -> None:  # its scalars first, then its sub-tables
+        if name:
+            lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {val(v)}" for k, v in t.items() if not isinstance(v, dict))
+        for k, v in t.items():
             if isinstance(v, dict):
-                sub.append((k, v))
-            else:
-                lines.append(f"{k} = {val(v)}")
-        for k, v in sub:
-            lines.append(f"\n[{name}.{k}]")
-            lines.extend(f"{kk} = {val(vv)}" for kk, vv in v.items())
+                table(f"{name}.{k}" if name else k, v)
+
+    table("", d)
     return "\n".join(lines) + "\n"
 
 
