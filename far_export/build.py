@@ -20,8 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from far_export import __version__
 from far_export.export import (
     PRECISIONS,
@@ -36,20 +34,19 @@ from far_export.export import (
 from far_export.validate import (
     E2E_TOLERANCES,
     TOLERANCES,
-    LoopSettings,
-    Recorder,
+    SessionBackend,
     ValidationError,
+    as_run_on_cpu,
     check,
     compare,
     error_stats,
     ort_runner,
     ort_session,
     random_feeds,
-    sample_loop,
-    settings_dict,
     torch_runner,
     upcast_bf16,
 )
+from runtime.backends import RecordingBackend
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -202,11 +199,12 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
         validation["reference"] = "PyTorch fp32 modules (per graph); fp32 reference sampler (end to end)"
         validation["tolerance"] = {"graph": vars(TOLERANCES[precision]), "end_to_end": vars(E2E_TOLERANCES[precision]),
                                    "relative_to": "max(1, max|reference|)"}
-        sessions = {}
+        sessions, upcast = {}, set()  # upcast: bf16 graphs that ORT on CPU runs upcast to fp32
         for name, io_ in specs.items():
             sessions[name], how = _session_for(tmp / io_.file, precision)
             if how:
                 validation.setdefault("notes", {})[name] = how
+                upcast.add(name)
         graphs_v: dict[str, Any] = {}
         validation["graphs"] = graphs_v
         if opts.validate:
@@ -223,32 +221,30 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                         modules[name] = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision, "fp32")[name]
                         export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
                         sessions[name], _ = _session_for(tmp / io_.file, "fp32")
+                        upcast.discard(name)
+                        validation.get("notes", {}).pop(name, None)
                         res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
                                       feeds[name], io_.tolerances["fp32"], "random")
                     graphs_v[name] = {"random": res}
                     st["note"] = _worst(res)
-        validation["graphs"] = graphs_v
 
-    def make_manifest(validation: dict[str, Any]) -> Manifest:
-        graphs = {
-            name: GraphSpec(
-                file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
-                precision=graph_precision[name],
-                fp32_islands=fp32_islands(name, cfg) if graph_precision[name] != "fp32" else (),
-            )
-            for name, io_ in specs.items()
-        }
-        return Manifest(
-            schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
-            precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
-            graphs=graphs, validation=validation,
+    graphs = {
+        name: GraphSpec(
+            file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
+            precision=graph_precision[name],
+            fp32_islands=fp32_islands(name, cfg) if graph_precision[name] != "fp32" else (),
         )
-
-    manifest = make_manifest(validation)
-    manifest.save(tmp)  # provisional: the runtime's pipeline reads it in the end-to-end check
+        for name, io_ in specs.items()
+    }
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
+        precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
+        graphs=graphs, validation=validation,
+    )
     if opts.end_to_end:
-        graphs_v_real, e2e = _end_to_end(tmp, cfg, ckpt, shapes, specs, sessions, refs, opts, graph_precision, log)
+        graphs_v_real, e2e = _end_to_end(tmp, manifest, cfg, ckpt, shapes, specs, sessions, upcast, refs, opts,
+                                         graph_precision, log)
         for name, res in graphs_v_real.items():
             validation["graphs"].setdefault(name, {})["real"] = res
         validation["end_to_end"] = e2e
@@ -279,67 +275,44 @@ def _worst(res: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{k} max {v['max']:.2g} p99 {v['p99']:.2g}" for k, v in res.items())
 
 
-def _end_to_end(tmp: Path, cfg: FARConfig, ckpt: Any, shapes: GraphShapes, specs: dict[str, GraphIO], sessions: dict[str, Any],
-                refs: dict[str, Any], opts: BuildOptions, graph_precision: dict[str, str],
-                log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    import torch
-
+def _end_to_end(tmp: Path, manifest: Manifest, cfg: FARConfig, ckpt: Any, shapes: GraphShapes,
+                specs: dict[str, GraphIO], sessions: dict[str, Any], upcast: set[str], refs: dict[str, Any],
+                opts: BuildOptions, graph_precision: dict[str, str], log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The runtime's own loop over the build's sessions against the reference sampler, then every graph
+    on the inputs that loop fed it (first, middle and last call of each graph)."""
+    from runtime.pipeline import Pipeline
     from training.sample import SamplingSettings, decode_tokens, sample_tokens
 
     labels = [i % cfg.num_classes for i in range(shapes.batch)]
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
-    loop = s
-    runners = {name: ort_runner(sessions[name], io_) for name, io_ in specs.items()}
-    rec = Recorder()
-    with stage(log, f"end to end: sample {len(labels)} image{'s' * (len(labels) != 1)} through the graphs (seed {opts.seed})"), \
-            _bar("graphs") as bar:
-        tokens = sample_loop(cfg, shapes, specs, runners, labels, loop, record=rec, progress=bar)
-        image = runners["vae_decoder"]({"tokens": tokens})["image"]
+    steps = shapes.num_iter if cfg.backbone == "masked" else cfg.seq_len
+    total = {"backbone": steps, "head": steps * s.head_steps, "vae_decoder": 1}
+    backend = RecordingBackend(SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
+                               keep=lambda graph, i: i in (0, total[graph] // 2, total[graph] - 1))
+    pipe = Pipeline(tmp, backend.inner.manifest, backend)
+    n = len(labels)
+    with stage(log, f"end to end: sample {n} image{'s' * (n != 1)} with runtime.pipeline over the graphs "
+                    f"(seed {opts.seed})"), _bar("graphs") as bar:
+        tokens = pipe.sample_tokens(labels, s, progress=bar)
+        image = pipe.decode(tokens)
     with stage(log, "end to end: PyTorch reference sampler") as st, _bar("reference") as bar:
-        torch.manual_seed(0)
         ref_tokens = sample_tokens(ckpt.model, labels, s, progress=bar)
         ref_image = decode_tokens(cfg, ckpt.vae, ref_tokens)
         tok = error_stats(tokens, ref_tokens)
         img = error_stats(image, ref_image)
         st["note"] = f"tokens max {tok['max']:.2g}, image max {img['max']:.2g} mean {img['mean']:.2g}"
-    e2e = {"labels": labels, "settings": settings_dict(loop), "tokens": tok, "image": img}
+    e2e = {"labels": labels, "settings": dataclasses.asdict(s), "tokens": tok, "image": img}
     real: dict[str, Any] = {}
     with stage(log, "validate graphs on real inputs (recorded while sampling)") as st:
-        rec.calls["vae_decoder"] = [{"tokens": tokens}]  # the reference's tokens are covered by the image check
         for name, io_ in specs.items():
             tol = io_.tolerances[graph_precision[name]]
-            real[name] = compare(name, io_, runners[name], torch_runner(refs[name], io_), rec.picks(name), tol, "real")
+            real[name] = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
+                                 backend.calls[name], tol, "real")
         st["note"] = "; ".join(f"{n}: {_worst(r)}" for n, r in real.items())
-    check(img, E2E_TOLERANCES[opts.precision], "end to end: the image sampled through the graphs")
-    with stage(log, "end to end: the runtime (runtime.pipeline, ONNX Runtime) against the reference") as st:
-        e2e["runtime"] = _runtime_check(tmp, labels, loop, ref_tokens, ref_image, opts.precision)
-        r = e2e["runtime"]
-        st["note"] = r.get("skipped") or f"tokens max {r['tokens']['max']:.2g}, image max {r['image']['max']:.2g}"
+    check(img, E2E_TOLERANCES[opts.precision], "end to end: the image sampled by runtime.pipeline over the graphs")
     e2e["passed"] = True
     return real, e2e
-
-
-def _runtime_check(tmp: Path, labels: list[int], loop: LoopSettings, ref_tokens: np.ndarray, ref_image: np.ndarray,
-                   precision: str) -> dict[str, Any]:
-    """The lean runtime's own loop over this directory must sample the reference's image too."""
-    if precision == "bf16":
-        return {"skipped": "ONNX Runtime on CPU cannot run bf16 graphs"}
-    try:
-        from runtime.pipeline import Pipeline
-    except ImportError as e:
-        return {"skipped": f"runtime.pipeline is not importable ({e})"}
-    pipe = Pipeline.load(tmp, backend="ort", spin=False)
-    try:
-        s = pipe.settings(head_steps=loop.head_steps, cfg=loop.cfg, cfg_schedule=loop.cfg_schedule,
-                          temperature=loop.temperature, num_iter=loop.num_iter, seed=loop.seed)
-        tokens = pipe.sample_tokens(labels, s)
-        image = pipe.decode(tokens)
-    finally:
-        pipe.close()
-    res = {"tokens": error_stats(tokens, ref_tokens), "image": error_stats(image, ref_image)}
-    check(res["image"], E2E_TOLERANCES[precision], "end to end: the image sampled by runtime.pipeline")
-    return res
 
 
 @contextmanager

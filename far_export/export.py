@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_export.feeds import example_inputs, to_bf16_values  # noqa: F401 (re-exported)
 from runtime.manifest import TensorSpec
 from runtime.schedule import max_tokens_per_step
 from training.config import FARConfig
@@ -272,12 +271,3 @@ def _check_io(path: Path, io_: GraphIO) -> None:
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32", 9: "bool"}
-
-
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def graph_file_bytes(path: Path) -> int:
-    data = Path(str(path) + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

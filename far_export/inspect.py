@@ -53,12 +53,8 @@ def lines(m: Manifest, directory: Path) -> list[str]:
                     out.append(f"    {name}.{o} ({kind} inputs): {_stats(st)}")
         e2e = v.get("end_to_end")
         if e2e:
-            out.append(f"    end to end (seed {e2e['settings']['seed']}, labels {e2e['labels']}): "
+            out.append(f"    end to end, runtime.pipeline vs reference sampler (seed {e2e['settings']['seed']}, labels {e2e['labels']}): "
                        f"tokens {_stats(e2e['tokens'])}; image {_stats(e2e['image'])}")
-            rt = e2e.get("runtime")
-            if rt:
-                out.append(f"    runtime.pipeline vs reference: {rt['skipped']}" if "skipped" in rt else
-                           f"    runtime.pipeline vs reference: tokens {_stats(rt['tokens'])}; image {_stats(rt['image'])}")
         for name, note in v.get("notes", {}).items():
             out.append(f"    note ({name}): {note}")
     else:

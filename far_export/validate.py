@@ -7,15 +7,17 @@
    relative to the output's scale, max(1, max|reference|), and must stay within the
    graph's tolerance for the precision; otherwise `ValidationError` names the graph,
    the output and the numbers.
-2. End to end: the full AR loop through the graphs (`sample_loop` here, and the lean
-   runtime's `runtime.pipeline`, see far_export/build.py) against the PyTorch reference
-   sampler (`training.sample.sample_tokens`, fp32) for one seed: tokens and image.
+2. End to end: the lean runtime's own loop (`runtime.pipeline.Pipeline`) over the build's
+   ONNX Runtime sessions (`session_backend`) against the PyTorch reference sampler
+   (`training.sample.sample_tokens`, fp32) for one seed: tokens and image. The inputs the
+   loop feeds each graph are recorded on the way (`runtime.backends.RecordingBackend`) and
+   serve as the "real inputs" of step 1 (see far_export/build.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,8 @@ from torch import nn
 
 from far_export.export import E2E_TOLERANCES, TOLERANCES, GraphIO, GraphShapes, Tolerance, to_torch  # noqa: F401
 from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
-from runtime.schedule import (
-    SamplingSettings,
-    causal_schedule,
-    cfg_scale,
-    ddpm_sampling_schedule,
-    image_rng,
-    masked_positions,
-    masked_schedule,
-    shortcut_times,
-)
+from runtime.backends import Backend, OrtGraph
+from runtime.manifest import Manifest, TensorSpec
 from training.config import FARConfig
 
 
@@ -149,100 +143,42 @@ def random_feeds(cfg: FARConfig, io_: GraphIO, count: int = 2, seed: int = 1234)
 
 
 # ----------------------------------------------------------------------------
-# The sampling loop over graph runners (numpy; the randomness contract of runtime/schedule.py)
+# The build's sessions as a runtime backend
 # ----------------------------------------------------------------------------
 
 
-LoopSettings = SamplingSettings
+class SessionBackend(Backend):
+    """The build's own ONNX Runtime sessions as a runtime backend, so that the end-to-end check runs
+    the runtime's loop (`runtime.pipeline.Pipeline`) over exactly the sessions validated per graph."""
+
+    name = "ort"
+
+    def __init__(self, directory: Path, manifest: Manifest, sessions: dict[str, Any]):
+        import onnxruntime as ort
+
+        self._ort, self.directory, self.manifest, self._sessions = ort, directory, manifest, sessions
+        self._graphs: dict[str, OrtGraph] = {}
+
+    def graph(self, name: str) -> OrtGraph:
+        if name not in self._graphs:
+            spec = self.manifest.graphs[name]
+            self._graphs[name] = OrtGraph(self._ort, self._sessions[name], spec, self.directory / spec.file)
+        return self._graphs[name]
+
+    def describe(self) -> str:
+        return f"onnxruntime {self._ort.__version__} (the build's sessions)"
 
 
-def sample_loop(cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO], run: dict[str, Runner],
-                labels: list[int], s: LoopSettings,
-                record: Callable[[str, dict[str, np.ndarray]], None] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Tokens (B, L, C) float32 through the backbone and head runners; `record(graph, feeds)` sees every call."""
-    B, L, C, Q = shapes.batch, cfg.seq_len, cfg.token_dim, shapes.max_query
-    if len(labels) != B:
-        raise ValueError(f"the graphs take {B} labels per call, got {len(labels)}")
-    rngs = [image_rng(s.seed, i) for i in range(B)]
-    labels_a = np.asarray(labels, dtype=np.int64)
-    cfg_in = shapes.guided and any(t.name == "cfg" for t in specs["head"].inputs)
+def as_run_on_cpu(manifest: Manifest, upcast: set[str]) -> Manifest:
+    """The manifest as the CPU validation runs it: the graphs in `upcast` (bf16 graphs upcast to fp32,
+    see far_export/feeds.py) take and return float32 where the graph itself has bfloat16."""
 
-    def call(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if record:
-            record(graph, feeds)
-        return run[graph](feeds)
+    def f32(t: TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, t.shape, "float32") if t.dtype == "bfloat16" else t
 
-    def head(z: np.ndarray, n: int, cfg_iter: float) -> np.ndarray:  # -> (B, n, C)
-        x = np.zeros((B, Q, C), np.float32)
-        scale = s.temperature if cfg.head == "shortcut" else 1.0
-        for b, r in enumerate(rngs):
-            x[b, :n] = scale * r.standard_normal((n, C))
-        x = x.reshape(B * Q, C)
-        extra = {"cfg": np.array([cfg_iter], np.float32)} if cfg_in else {}
-        if cfg.head == "shortcut":
-            d = np.array([1.0 / s.head_steps], np.float32)
-            for t in shortcut_times(s.head_steps):
-                x = call("head", {"x": x, "t": np.array([t], np.float32), "d": d, "z": z, **extra})["x_next"]
-        else:
-            times, coef = ddpm_sampling_schedule(cfg.diffusion_steps, s.head_steps)
-            for j, t in enumerate(times):
-                noise = np.zeros((B, Q, C), np.float32)
-                if j < len(times) - 1:
-                    for b, r in enumerate(rngs):
-                        noise[b, :n] = s.temperature * r.standard_normal((n, C))
-                x = call("head", {"x": x, "t": np.array([t], np.float32), "z": z, **extra,
-                                  "coef": coef[j].astype(np.float32), "noise": noise.reshape(B * Q, C)})["x_next"]
-        return x.reshape(B, Q, C)[:, :n]
-
-    tokens = np.zeros((B, L, C), np.float32)
-    if cfg.backbone == "masked":
-        orders = [r.permutation(L) for r in rngs]
-        mask = np.ones((B, L), np.float32)
-        schedule = masked_schedule(L, s.num_iter)
-        for i, step in enumerate(schedule):
-            n = step.num_pred
-            if n > Q:
-                raise ValueError(f"num_iter {s.num_iter} predicts {n} tokens in a step; the graphs hold {Q}")
-            pos = np.stack([masked_positions(o, step) for o in orders])  # (B, n)
-            query = np.concatenate([pos, np.repeat(pos[:, :1], Q - n, axis=1)], axis=1)  # padded (B, Q)
-            z = call("backbone", {"tokens": tokens.copy(), "mask": mask.copy(), "labels": labels_a, "query": query})["z"]
-            x = head(z, n, cfg_scale(s.cfg, s.cfg_schedule, L, step))
-            rows = np.arange(B)[:, None]
-            tokens[rows, pos] = x
-            mask[rows, pos] = 0.0
-            if progress:
-                progress(i + 1, len(schedule))
-    else:
-        cache_spec = next(t for t in specs["backbone"].inputs if t.name == "cache")
-        cache = np.zeros(cache_spec.shape, np.float32 if cache_spec.dtype == "bfloat16" else cache_spec.dtype)
-        prev = np.zeros((B, C), np.float32)
-        schedule = causal_schedule(L)
-        for i, step in enumerate(schedule):
-            out = call("backbone", {"prev_token": prev, "pos": np.array([i], np.int64), "labels": labels_a,
-                                    "cache": cache})
-            cache = out["cache_out"].astype(cache.dtype)
-            prev = head(out["z"], 1, cfg_scale(s.cfg, s.cfg_schedule, L, step))[:, 0]
-            tokens[:, i] = prev
-            if progress:
-                progress(i + 1, len(schedule))
-    return tokens
-
-
-class Recorder:
-    """Keeps a few real graph inputs seen during sampling: the first, a middle and the last call per graph."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
-
-    def __call__(self, graph: str, feeds: dict[str, np.ndarray]) -> None:
-        self.calls.setdefault(graph, []).append({k: np.array(v, copy=True) for k, v in feeds.items()})
-
-    def picks(self, graph: str) -> list[dict[str, np.ndarray]]:
-        calls = self.calls.get(graph, [])
-        idx = sorted({0, len(calls) // 2, len(calls) - 1}) if calls else []
-        return [calls[i] for i in idx]
-
-
-def settings_dict(s: LoopSettings) -> dict[str, Any]:
-    return asdict(s)
+    graphs = {
+        name: dataclasses.replace(g, inputs=tuple(map(f32, g.inputs)), outputs=tuple(map(f32, g.outputs)))
+        if name in upcast else g
+        for name, g in manifest.graphs.items()
+    }
+    return manifest.replace(graphs=graphs)

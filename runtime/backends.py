@@ -18,7 +18,7 @@ numpy only at import time; onnxruntime is imported when an ORT backend is opened
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,62 @@ class OrtBackend(Backend):
 
     def describe(self) -> str:
         return f"onnxruntime {self._ort.__version__} [{', '.join(self.providers)}]"
+
+
+# ----------------------------------------------------------------------------
+# Recording: the inputs a loop really feeds each graph
+# ----------------------------------------------------------------------------
+
+
+Keep = Callable[[str, int], bool]  # (graph name, index of the call to that graph) -> keep a copy of its inputs
+
+
+class RecordingBackend(Backend):
+    """Wraps a backend and keeps copies of the inputs of the calls `keep` selects, taken when each call
+    runs. The build validates every graph on the inputs the runtime's own loop fed it this way."""
+
+    def __init__(self, inner: Backend, keep: Keep = lambda graph, index: True):
+        self.inner, self.name, self.keep = inner, inner.name, keep
+        self.binds: dict[str, int] = {}  # calls bound per graph
+        self.counts: dict[str, int] = {}  # calls run per graph
+        self.calls: dict[str, list[dict[str, np.ndarray]]] = {}  # the kept inputs per graph, in call order
+
+    def graph(self, name: str) -> Graph:
+        return _RecordingGraph(self, name, self.inner.graph(name))
+
+    def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        return self.inner.empty(shape, dtype)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def record(self, graph: str, inputs: Mapping[str, np.ndarray]) -> None:
+        index = self.counts.get(graph, 0)
+        self.counts[graph] = index + 1
+        if self.keep(graph, index):
+            self.calls.setdefault(graph, []).append({k: np.array(v, copy=True) for k, v in inputs.items()})
+
+
+class _RecordingGraph(Graph):
+    def __init__(self, backend: RecordingBackend, name: str, inner: Graph):
+        self._backend, self._name, self._inner, self.spec = backend, name, inner, inner.spec
+
+    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
+        binds = self._backend.binds
+        binds[self._name] = binds.get(self._name, 0) + 1
+        return _RecordingCall(self._backend, self._name, dict(inputs), self._inner.bind(inputs, outputs))
+
+
+class _RecordingCall(Call):
+    def __init__(self, backend: RecordingBackend, graph: str, inputs: dict[str, np.ndarray], inner: Call):
+        self._backend, self._graph, self._inputs, self._inner = backend, graph, inputs, inner
+
+    def run(self) -> None:
+        self._backend.record(self._graph, self._inputs)
+        self._inner.run()
 
 
 # ----------------------------------------------------------------------------

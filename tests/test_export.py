@@ -1,4 +1,4 @@
-"""far_export.export / far_export.validate: the graph contract, static export, validation errors, the numpy loop."""
+"""far_export.export / far_export.validate: the graph contract, static export, validation errors, the runtime loop."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from far_export.build import model_info
 from far_export.export import (
     ExportError,
     GraphShapes,
@@ -17,16 +18,17 @@ from far_export.export import (
 )
 from far_export.validate import (
     TOLERANCES,
-    LoopSettings,
     ValidationError,
     compare,
     ort_runner,
     ort_session,
     random_feeds,
-    sample_loop,
     torch_runner,
     upcast_bf16,
 )
+from runtime.backends import Backend, Call, Graph
+from runtime.manifest import GraphSpec, Manifest
+from runtime.pipeline import Pipeline
 from runtime.schedule import max_tokens_per_step
 from training.sample import SamplingSettings, sample_tokens
 
@@ -105,20 +107,50 @@ def test_validation_error_names_graph_output_and_difference():
         compare("head", io_, off_by_a_bit, ref, random_feeds(model.cfg, io_), TOLERANCES["fp32"], "random")
 
 
+class _TorchBackend(Backend):
+    """The torch step modules behind the graphs, as a runtime backend (no export involved)."""
+
+    name = "torch"
+
+    def __init__(self, manifest, runners):
+        self.manifest, self.runners = manifest, runners
+
+    def graph(self, name):
+        return _TorchGraph(self.manifest.graphs[name], self.runners[name])
+
+
+class _TorchGraph(Graph):
+    def __init__(self, spec, runner):
+        self.spec, self.runner = spec, runner
+
+    def bind(self, inputs, outputs):
+        self.check_buffers(inputs, outputs)
+        runner = self.runner
+
+        class _Run(Call):
+            def run(self):
+                for name, value in runner(inputs).items():
+                    outputs[name][...] = value
+
+        return _Run()
+
+
 @pytest.mark.parametrize("backbone,head", [("masked", "shortcut"), ("causal", "mar")])
-def test_numpy_loop_over_torch_graph_modules_equals_reference_sampler(backbone, head):
-    """The validation loop (padded queries, per-image draws) is the reference sampler's loop."""
+def test_runtime_loop_over_torch_graph_modules_equals_reference_sampler(backbone, head):
+    """The runtime's loop (padded queries, per-image draws, scatter, KV-cache ping-pong) over the torch step
+    modules is the reference sampler's loop: checked apart from export."""
     model, vae = tiny_model(backbone, head)
     cfg = model.cfg
     shapes = GraphShapes.for_config(cfg, batch=3, guided=True)
     specs = graph_specs(cfg, shapes)
     mods = graph_modules(model, vae, True)
-    runners = {n: torch_runner(mods[n], io_) for n, io_ in specs.items()}
+    graphs = {n: GraphSpec(io_.file, "-", io_.inputs, io_.outputs, "fp32") for n, io_ in specs.items()}
+    manifest = Manifest(1, "test", "-", "-", "fp32", shapes.batch, True, model_info(cfg, shapes), graphs)
+    pipe = Pipeline(None, manifest, _TorchBackend(manifest, {n: torch_runner(mods[n], io_) for n, io_ in specs.items()}))
     s = SamplingSettings.resolve(cfg, seed=5)
-    loop = LoopSettings(s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter, s.seed)
-    got = sample_loop(cfg, shapes, specs, runners, [0, 1, 3], loop)
+    got = pipe.sample_tokens([0, 1, 3], s)
     ref = sample_tokens(model, [0, 1, 3], s)
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
 def test_bf16_graph_runs_upcast_on_cpu(tmp_path):

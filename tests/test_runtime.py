@@ -76,14 +76,23 @@ def test_progress_counts_ar_steps(pipe):
     assert [d for d, _ in seen] == list(range(1, 2 * steps + 1))
 
 
-def test_plans_prepared_once_and_timed(pipe):
+def test_calls_bound_once_per_plan_and_timed(engines):
+    """A setting's calls are bound on its first use; generating again binds nothing and runs one backbone
+    call per AR step and K head calls per backbone call."""
+    from runtime.backends import RecordingBackend, open_backend
+
+    manifest = load_manifest(engines)
+    backend = RecordingBackend(open_backend("ort", engines, manifest), keep=lambda graph, i: False)
+    pipe = Pipeline(engines, manifest, backend)
     pipe.generate([0], seed=0, head_steps=4)
-    plans = dict(pipe._plans)
+    binds = dict(backend.binds)
     pipe.generate([1], seed=1, head_steps=4)
-    assert pipe._plans == plans  # the same bound calls and buffers, nothing re-made
+    assert backend.binds == binds
+    steps = pipe.model.num_iter
+    assert backend.counts == {"backbone": 2 * steps, "head": 2 * 4 * steps, "vae_decoder": 2}
     t = pipe.timings
     assert t.images == 1 and t.batches == 1
-    assert t.backbone_calls == pipe.model.num_iter and t.head_calls == 4 * pipe.model.num_iter
+    assert t.backbone_calls == steps and t.head_calls == 4 * steps
     assert 0 < t.backbone + t.head + t.vae + t.loop + t.prepare <= t.wall
 
 

@@ -101,9 +101,18 @@ def test_cfg_schedules() -> None:
         cfg_scale(2.0, "cosine", 4, cs[0])
 
 
-def test_shortcut_times() -> None:
-    np.testing.assert_array_equal(shortcut_times(1), [0.0])
-    np.testing.assert_array_equal(shortcut_times(4), [0.0, 0.25, 0.5, 0.75])
+def test_shortcut_times_take_k_equal_steps_from_noise_to_data() -> None:
+    """K Euler steps of size d = 1/K start at t = 0 (noise), end at t = 1 (data), and so carry a straight
+    flow x_t = (1 - t) x0 + t x1 (constant velocity x1 - x0) exactly from x0 to x1."""
+    x0, x1 = np.array([3.0, -1.0]), np.array([0.5, 2.0])
+    for k in (1, 2, 4, 128):
+        t = shortcut_times(k)
+        assert len(t) == k and t[0] == 0.0
+        np.testing.assert_allclose(np.diff(np.append(t, 1.0)), 1.0 / k, rtol=0, atol=1e-15)
+        x = x0.copy()
+        for _ in t:
+            x += (x1 - x0) / k
+        np.testing.assert_allclose(x, x1, rtol=0, atol=1e-12)
 
 
 def test_image_rng_contract() -> None:
@@ -113,7 +122,10 @@ def test_image_rng_contract() -> None:
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(image_rng(7, 3).standard_normal(4), image_rng(7, 4).standard_normal(4))
     assert not np.allclose(image_rng(7, 3).standard_normal(4), image_rng(8, 3).standard_normal(4))
-    # pinned numbers: a change of the generator or its seeding shows up here
-    np.testing.assert_allclose(image_rng(0, 0).permutation(5), image_rng(0, 0).permutation(5))
-    assert image_rng(0, 0).permutation(8).tolist() == np.random.Generator(
-        np.random.PCG64([0, 0])).permutation(8).tolist()
+    # pinned numbers: a change of the generator, its seeding or numpy's draw algorithms shows up here
+    rng = image_rng(0, 0)
+    assert rng.permutation(8).tolist() == [2, 4, 3, 6, 5, 0, 1, 7]
+    np.testing.assert_allclose(rng.standard_normal(3), [-0.535669373161111, 0.36159505490948474, 1.3040000451301372],
+                               rtol=1e-12)
+    np.testing.assert_allclose(image_rng(7, 3).standard_normal(3),
+                               [-1.667279001670178, 0.06387511169027424, 1.4946322078314938], rtol=1e-12)

@@ -24,8 +24,6 @@ class FAR(nn.Module):
     def __init__(self, cfg: FARConfig):
         super().__init__()
         cfg.validate()
-        if cfg.backbone == "masked" and cfg.buffer_size < 1:
-            raise ValueError("the masked backbone needs buffer_size >= 1 (the class token lives in the buffer)")
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.head = build_head(cfg)
