@@ -178,7 +178,7 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, directory: Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, spin: bool = True):
+                 threads: int | None = None, spin: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -197,7 +197,7 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        if not spin:  # idle worker threads otherwise busy-wait and starve other work in this process
+        if not spin:  # idle worker threads otherwise busy-wait, starving other work on a loaded machine
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._opts = opts
         self.directory, self.manifest = directory, manifest
@@ -288,9 +288,12 @@ class _RecordingCall(Call):
 
 
 def open_backend(kind: str, directory: str | Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, cuda_graph: bool = False, spin: bool = True) -> Backend:
-    """'ort' (providers: cpu / cuda / tensorrt) or 'trt' (the manifest's TensorRT plans). `spin=False` stops
-    ONNX Runtime's idle threads from busy-waiting: for processes that do other CPU work between calls."""
+                 threads: int | None = None, cuda_graph: bool = False, spin: bool = False) -> Backend:
+    """'ort' (providers: cpu / cuda / tensorrt) or 'trt' (the manifest's TensorRT plans).
+
+    ONNX Runtime's defaults: one intra-op thread per physical core (`threads` overrides), and idle threads
+    that sleep instead of busy-waiting (`spin=True` lets them spin: a few percent faster on an idle
+    machine, several times slower on a loaded one, where spinning threads fight for the cores)."""
     directory = Path(directory)
     if kind == "ort":
         return OrtBackend(directory, manifest, providers, threads, spin)

@@ -141,7 +141,7 @@ class Pipeline:
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort", providers: Sequence[str] | str | None = None,
              threads: int | None = None, cuda_graph: bool = False, verify: bool = True,
-             spin: bool = True) -> Pipeline:
+             spin: bool = False) -> Pipeline:
         """Open an engine directory: its manifest (schema; with `verify`, the sha256 of every graph),
         then the backend."""
         directory = Path(directory)
