@@ -72,6 +72,7 @@ class BenchResult:
         lines = [
             f"{self.engine_dir}: {self.model['backbone']} backbone, {self.model['head']} head, {self.backend}",
             f"settings: batch {self.batch}, " + ", ".join(f"{k} {v}" for k, v in self.settings.items()),
+            *self.padding_warning(),
             f"per batch ({self.runs} runs after warm-up):   mean     median   share of wall",
         ]
         med = self.stages_median_ms
@@ -89,6 +90,15 @@ class BenchResult:
             mem += f", device memory in use {self.device_mem_mb:.0f} MB"
         lines.append(mem)
         return "\n".join(lines)
+
+    def padding_warning(self) -> list[str]:
+        """The engines compute their static batch whatever the request: a smaller batch is padded."""
+        engine = self.model["engine_batch"]
+        if self.batch >= engine:
+            return []
+        return [f"WARNING: batch {self.batch} on engines built for batch {engine}: every call computes {engine} images "
+                f"({engine - self.batch} padding), so these times are those of batch {engine}; to measure batch "
+                f"{self.batch}, build with --batch {self.batch}"]
 
 
 def _peak_rss_mb() -> float:

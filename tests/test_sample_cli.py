@@ -117,6 +117,8 @@ def test_bench_reports_stages_and_json(built, tmp_path):
     assert d["latency_ms"]["p50"] <= d["latency_ms"]["p95"]
     assert d["calls_per_batch"] == {"backbone": 4, "head": 8}  # tiny: num_iter 4, K 2
     assert d["peak_rss_mb"] > 0
+    # the engines were built for batch 2: batch 1 is padded, and bench says so
+    assert "WARNING: batch 1 on engines built for batch 2" in r.output and "build with --batch 1" in r.output
 
 
 def test_bench_bad_batch(built):
