@@ -260,3 +260,20 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
         mar_name = k[len("backbone."):] if k.startswith("backbone.") else "diffloss." + k[len("head."):]
         fresh = k in ("head.net.d_embed.weight", "head.net.final_layer.linear.weight", "head.net.final_layer.linear.bias")
         assert (mar_name in ref and torch.equal(v, ref[mar_name])) != fresh, k
+
+
+@pytest.mark.parametrize("head", ["mar", "shortcut"])
+def test_weight_decay_as_mar(head):
+    """MAR's add_weight_decay exempts every diffloss parameter: so does ours for the MAR head. The shortcut
+    head keeps decay on its matrices (the recipe the shipped far-mnist was trained with)."""
+    from training.train import param_groups
+
+    model = FAR(preset("tiny", head=head))
+    no_decay, decay = param_groups(model, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    head_matrices = {n for n, p in model.named_parameters() if n.startswith("head.") and p.ndim > 1}
+    backbone_matrices = {n for n, p in model.named_parameters() if n.startswith("backbone.") and p.ndim > 1}
+    assert backbone_matrices <= decayed and head_matrices
+    assert (decayed & head_matrices) == (set() if head == "mar" else head_matrices)
+    assert len(no_decay["params"]) + len(decay["params"]) == len(names)
