@@ -102,6 +102,34 @@ def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: b
     _run(go)
 
 
+# -- import-mar (training.mar_import) ---------------------------------------------------------------------
+
+
+@cli.command("import-mar")
+@click.argument("mar_checkpoint", type=click.Path())
+@click.option("--vae", "vae_path", required=True, type=click.Path(), help="MAR's KL-16 VAE, kl16.ckpt.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Checkpoint directory to write.")
+@click.option("--online", is_flag=True, help="Import the online weights ('model') instead of the EMA ('model_ema').")
+@click.option("--num-heads", type=click.IntRange(min=1), default=None,
+              help="Attention heads, for dims other than MAR-B/L/H (the weights do not tell).")
+@click.option("--cfg", type=float, default=None, help="Default CFG scale. Default: MAR's README (B 2.9, L 3.0, H 3.2).")
+@click.option("--cfg-schedule", type=click.Choice(["linear", "constant"]), default=None, help="Default: linear (MAR's README).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: 1.0 (MAR's README).")
+@click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Default AR steps. Default: 256 (MAR's README).")
+@click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Default denoising steps. Default: 100 (MAR's README).")
+def import_mar(mar_checkpoint: str, vae_path: str, out_dir: str, online: bool, **kw: Any) -> None:
+    """Turn MAR's checkpoint-last.pth (or a release file) + kl16.ckpt into a checkpoint directory."""
+
+    def go() -> None:
+        from training.mar_import import MARImportOptions
+        from training.mar_import import import_mar as run_import
+
+        opts = MARImportOptions(weights="online" if online else "ema", **kw)
+        click.echo(run_import(mar_checkpoint, vae_path, out_dir, opts).summary())
+
+    _run(go)
+
+
 # -- sample / bench (runtime.pipeline, runtime.bench: numpy + one backend, no torch) ----------------------
 
 

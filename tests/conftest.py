@@ -58,6 +58,18 @@ def make_tiny_checkpoint(
     return save_checkpoint(path, model, vae)
 
 
+def to_mar_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our FAR state dict -> MAR's flat names (backbone at top level, head under diffloss.net)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            out[k[len("backbone."):]] = v.clone()
+        else:
+            assert k.startswith("head.net.")
+            out["diffloss." + k[len("head."):]] = v.clone()
+    return out
+
+
 @pytest.fixture
 def one_thread() -> Any:
     """Tiny models run faster on one torch thread, and stay robust on a busy 2-core machine."""

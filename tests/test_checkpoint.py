@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_model
+from conftest import randomize_, tiny_model, to_mar_names
 from safetensors import safe_open
 
 import training.checkpoint as ck
@@ -175,21 +175,9 @@ def test_checkpoint_errors(tmp_path: Path, tiny_checkpoint) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _to_mar_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our FAR state dict -> MAR's flat names (backbone at top level, head under diffloss.net)."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("backbone."):
-            out[k[len("backbone."):]] = v.clone()
-        else:
-            assert k.startswith("head.net.")
-            out["diffloss." + k[len("head."):]] = v.clone()
-    return out
-
-
 def test_mar_names_are_mars() -> None:
     model, _ = tiny_model("masked", "mar")
-    names = set(_to_mar_names(model.state_dict()))
+    names = set(to_mar_names(model.state_dict()))
     for k in ("class_emb.weight", "fake_latent", "z_proj.weight", "z_proj_ln.weight", "encoder_pos_embed_learned",
               "encoder_blocks.0.attn.qkv.weight", "encoder_blocks.0.mlp.fc2.bias", "encoder_norm.weight",
               "decoder_embed.weight", "mask_token", "decoder_pos_embed_learned", "decoder_blocks.0.norm2.bias",
@@ -206,8 +194,8 @@ def test_load_mar_checkpoint_and_kl16(tmp_path: Path) -> None:
     ema, vae = tiny_model("masked", "mar", seed=4)
     online, _ = tiny_model("masked", "mar", seed=5)
     torch.save({
-        "model": _to_mar_names(online.state_dict()),
-        "model_ema": _to_mar_names(ema.state_dict()),
+        "model": to_mar_names(online.state_dict()),
+        "model_ema": to_mar_names(ema.state_dict()),
         "epoch": 399,
         "args": argparse.Namespace(model="mar_base", diffloss_d=6, cfg=2.9),  # MAR's main_mar.py saves its args
     }, tmp_path / "checkpoint-last.pth")
@@ -239,7 +227,7 @@ class Evil:
 def test_mar_loaders_refuse_pickled_objects(tmp_path: Path) -> None:
     """Protects weights_only=True: a .pth holding a non-tensor object is refused, never executed."""
     model, vae = tiny_model("masked", "mar")
-    torch.save({"model_ema": _to_mar_names(model.state_dict()), "hook": Evil()}, tmp_path / "evil.pth")
+    torch.save({"model_ema": to_mar_names(model.state_dict()), "hook": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="could not be loaded safely") as e:
         load_mar_model(tmp_path / "evil.pth", model.cfg)
     assert "\n" not in str(e.value)
@@ -255,7 +243,7 @@ def test_mar_loader_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="could not be loaded safely"):
         load_mar_model(tmp_path / "junk.pth", model.cfg)
-    torch.save({"model": _to_mar_names(model.state_dict())}, tmp_path / "no_ema.pth")
+    torch.save({"model": to_mar_names(model.state_dict())}, tmp_path / "no_ema.pth")
     with pytest.raises(CheckpointError, match="has no 'model_ema' entry"):
         load_mar_model(tmp_path / "no_ema.pth", model.cfg)
     torch.save([1, 2], tmp_path / "list.pth")
@@ -270,7 +258,7 @@ def test_mar_loader_errors(tmp_path: Path) -> None:
 def test_mar_loader_entry_errors(tmp_path: Path) -> None:
     """MAR saves model_ema=None when trained without EMA; a weird entry gives one line, not a traceback."""
     model, vae = tiny_model("masked", "mar")
-    torch.save({"model": _to_mar_names(model.state_dict()), "model_ema": None}, tmp_path / "noema.pth")
+    torch.save({"model": to_mar_names(model.state_dict()), "model_ema": None}, tmp_path / "noema.pth")
     with pytest.raises(CheckpointError, match=r"\['model_ema'\] holds no state dict \(got NoneType\)"):
         load_mar_model(tmp_path / "noema.pth", model.cfg)
     torch.save({"model": {"encoder.conv_in.weight": 3}}, tmp_path / "bad.ckpt")

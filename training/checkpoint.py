@@ -129,7 +129,7 @@ def checkpoint_sha256(path: str | Path) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _torch_load(path: str | Path) -> dict:
+def read_mar_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
@@ -178,24 +178,32 @@ def mar_to_far_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def mar_model_state_dict(obj: dict, path: str | Path, key: str = "model_ema") -> dict[str, torch.Tensor]:
+    """The `key` entry ("model_ema" or "model") of a loaded MAR checkpoint, in MAR's flat names."""
+    if key not in obj:
+        raise CheckpointError(f"{path} has no '{key}' entry (found: {', '.join(map(str, sorted(obj, key=str)))})")
+    return _tensors(obj[key], f"{path} ['{key}']")
+
+
 def load_mar_model(path: str | Path, cfg: FARConfig, key: str = "model_ema") -> FAR:
     """MAR's `checkpoint-last.pth` ({"model", "model_ema", ...}) into a FAR with a MAR head."""
-    obj = _torch_load(path)
-    if key not in obj:
-        raise CheckpointError(f"{path} has no '{key}' entry (found: {', '.join(sorted(obj))})")
     if cfg.head != "mar" or cfg.backbone != "masked":
         raise CheckpointError("MAR checkpoints need a config with backbone='masked' and head='mar'")
+    sd = mar_model_state_dict(read_mar_file(path), path, key)
     model = FAR(cfg)
-    _load_into(model, mar_to_far_state_dict(_tensors(obj[key], f"{path} ['{key}']")), str(path))
+    _load_into(model, mar_to_far_state_dict(sd), str(path))
     return model
 
 
-def load_mar_vae(path: str | Path, vae: AutoencoderKL) -> AutoencoderKL:
-    """MAR's `kl16.ckpt` ({"model": state dict}; LDM's {"state_dict": ...} too); loss/discriminator
-    keys are ignored."""
-    obj = _torch_load(path)
+def mar_vae_state_dict(obj: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The VAE weights of a loaded `kl16.ckpt` ({"model": state dict}; LDM's {"state_dict": ...} too),
+    without LDM's loss/discriminator tensors."""
     entry = "model" if "model" in obj else "state_dict" if "state_dict" in obj else None
     sd = _tensors(obj[entry] if entry else obj, f"{path}" + (f" ['{entry}']" if entry else ""))
-    own = vae.state_dict()
-    _load_into(vae, {k: v for k, v in sd.items() if k in own or not k.startswith("loss.")}, str(path))
+    return {k: v for k, v in sd.items() if not k.startswith("loss.")}
+
+
+def load_mar_vae(path: str | Path, vae: AutoencoderKL) -> AutoencoderKL:
+    """MAR's `kl16.ckpt` into `vae`; loss/discriminator keys are ignored."""
+    _load_into(vae, mar_vae_state_dict(read_mar_file(path), path), str(path))
     return vae

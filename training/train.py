@@ -301,12 +301,18 @@ def setup_context(device: str) -> Context:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """MAR's add_weight_decay: no decay on biases and 1-d parameters (norms), decay elsewhere."""
+    """MAR's add_weight_decay (util/misc.py): no decay on biases, 1-d parameters (norms) and MAR's
+    diffusion head (MAR exempts every `diffloss` parameter); decay elsewhere.
+
+    The shortcut head keeps decay on its matrices: the shipped far-mnist was trained and measured so,
+    and MAR's exemption is a choice for its own head, not a property of AdaLN MLPs."""
+    mar_head = isinstance(model, FAR) and model.cfg.head == "mar"
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        exempt = p.ndim <= 1 or name.endswith(".bias") or (mar_head and name.startswith("head."))
+        (no_decay if exempt else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -634,7 +640,9 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
     torch.manual_seed(run.train.seed)
     model = FAR(cfg)
     if run.train.init:
-        _init_from(model, Path(run.train.init))
+        report = _init_from(model, Path(run.train.init))
+        if ctx.main:
+            print(f"[far] train.init: {report}", file=sys.stderr)
     vae = vae.cpu().eval()
     log(stage="far", step=0, latent_scale=scale, params=sum(p.numel() for p in model.parameters()))
     if ctx.main:
@@ -676,14 +684,32 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
     return ckpt_dir
 
 
-def _init_from(model: FAR, path: Path) -> None:
-    """Fine-tuning: FAR weights from a checkpoint directory whose architecture matches the config."""
-    from training.checkpoint import MODEL_FILE, CheckpointError, _load_into, _load_safetensors
+def _init_from(model: FAR, path: Path) -> str:
+    """Fine-tuning: FAR weights from a checkpoint directory; returns a one-line report.
+
+    The backbone must match the config exactly. The head too when the directory's head is the same
+    kind; from another head (e.g. a MAR import, `far-export import-mar`, into a shortcut FAR) the
+    tensors whose names and shapes match are loaded (the AdaLN MLP: time/cond embeddings, input
+    projection, residual blocks) and the rest stays freshly initialised (the shortcut's d_embed, the
+    final linear layer: MAR's predicts 2C channels, noise and variance)."""
+    from training.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, _load_into, _load_safetensors
 
     try:
-        _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
-    except CheckpointError as e:
+        sd = _load_safetensors(path / MODEL_FILE)
+        src_head = FARConfig.load(path / CONFIG_FILE).head if (path / CONFIG_FILE).is_file() else model.cfg.head
+        if src_head == model.cfg.head:
+            _load_into(model, sd, str(path / MODEL_FILE))
+            return f"loaded all {len(sd)} tensors of {path}"
+        back = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        _load_into(model.backbone, back, f"{path / MODEL_FILE} (backbone)")
+    except (CheckpointError, ConfigError) as e:
         raise TrainingError(f"train.init: {e}") from None
+    own = model.head.state_dict()
+    head = {k: sd[f"head.{k}"] for k, v in own.items() if f"head.{k}" in sd and sd[f"head.{k}"].shape == v.shape}
+    model.head.load_state_dict(head, strict=False)
+    fresh = sorted(set(own) - set(head))
+    return (f"backbone ({len(back)} tensors) from {path}; {src_head} head -> {model.cfg.head} head: "
+            f"{len(head)} tensors loaded, {len(fresh)} fresh ({', '.join(fresh)})")
 
 
 def _cpu_copy(model: FAR) -> FAR:
