@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from far_export.feeds import example_inputs, to_bf16_values  # noqa: F401 (re-exported)
+from runtime.errors import FarError
 from runtime.manifest import TensorSpec
 from runtime.schedule import max_tokens_per_step
 from training.config import FARConfig
@@ -60,7 +61,7 @@ def fp32_islands(graph: str, cfg: FARConfig) -> tuple[str, ...]:
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file>.data` (protobuf's 2 GB)
 
 
-class ExportError(RuntimeError):
+class ExportError(FarError, RuntimeError):
     """A graph could not be exported (unsupported op, bad options)."""
 
 
