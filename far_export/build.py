@@ -195,6 +195,7 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     opts = (options or BuildOptions()).check()
     out = Path(out_dir)
     check_output_path(out, Path(checkpoint_dir))
+    sweep_stale(out)
     if opts.require_engines:  # fail before a long export, not after it
         from far_export.tensorrt import TensorRTUnavailable, detect_device
 
@@ -218,7 +219,6 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     specs = graph_specs(cfg, shapes, opts.precision)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
     with cleanup_on_signals():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
         try:

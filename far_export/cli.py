@@ -53,6 +53,9 @@ def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
     """Export a checkpoint to static ONNX graphs, validate them, build TensorRT plans, write the manifest."""
 
     def go() -> None:
+        from training.config import load_checkpoint_config
+
+        load_checkpoint_config(checkpoint_dir)  # a bad config.json fails at once, before torch is imported
         from far_export.build import BuildOptions
         from far_export.build import build as run_build
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,16 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     return path
 
 
+def probe_write(d: Path, flag: str, path: Path, error: type[FarError]) -> None:
+    """Create and remove a file in an existing directory `d`: a write that would fail at the end fails now."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".far-probe-", dir=d)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise error(f"{flag} {path}: cannot write in {d} ({e.strerror}); choose another place") from None
+
+
 def check_output_dir(path: str | Path, flag: str, error: type[FarError] = RequestError) -> Path:
     """The same for a directory that receives new files."""
     path = Path(path)
@@ -156,7 +167,7 @@ def check_output_dir(path: str | Path, flag: str, error: type[FarError] = Reques
         raise error(f"{flag} {path} is a file, not a directory: give a directory")
     kind = artifact_dir(path)
     if kind:
-        raise error(f"{flag} {path} is an {kind} directory: write samples elsewhere")
+        raise error(f"{flag} {path} is {'an' if kind == 'engine' else 'a'} {kind} directory: write elsewhere")
     writable_ancestor(path.resolve(), flag, path, error)
     return path
 
@@ -169,4 +180,5 @@ def writable_ancestor(d: Path, flag: str, path: Path, error: type[FarError]) -> 
                 raise error(f"{flag} {path}: {p} is a file, not a directory")
             if not os.access(p, os.W_OK | os.X_OK):
                 raise error(f"{flag} {path}: {p} is not writable; choose another place")
+            probe_write(p, flag, path, error)
             return

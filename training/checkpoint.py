@@ -20,8 +20,8 @@ from safetensors import SafetensorError as SafetensorsError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime.errors import FarError, directory, first_line, regular_file
-from training.config import ConfigError, FARConfig
+from runtime.errors import FarError, first_line, regular_file
+from training.config import FARConfig, load_checkpoint_config
 from training.model import FAR
 from training.vae import AutoencoderKL
 
@@ -131,12 +131,8 @@ def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory; the config inside fully describes the model."""
-    path = directory(path, "checkpoint directory", CheckpointError, "give a directory with config.json, "
-                     "model.safetensors and vae.safetensors")
-    try:
-        cfg = FARConfig.load(path / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}" if str(path / CONFIG_FILE) not in str(e) else str(e)) from None
+    cfg = load_checkpoint_config(path, CheckpointError)
+    path = Path(path)
     _check_shapes(cfg, path)
     model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
     _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import FarError, first_line, read_regular
+from runtime.errors import FarError, directory, first_line, read_regular
 from runtime.schedule import check_head_steps
 
 CONFIG_VERSION = 1
@@ -252,6 +252,17 @@ class FARConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(raw)
+
+
+def load_checkpoint_config(checkpoint_dir: str | Path, error: type[FarError] = ConfigError) -> FARConfig:
+    """The config.json of a checkpoint directory, checked (torch-free: the CLIs call it before importing torch)."""
+    path = directory(checkpoint_dir, "checkpoint directory", error,
+                     "give a directory with config.json, model.safetensors and vae.safetensors")
+    try:
+        return FARConfig.load(path / "config.json")
+    except ConfigError as e:
+        where = str(path / "config.json")
+        raise error(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def _fields(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
