@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from far_export import __version__
+from runtime.errors import MAX_CFG
 from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
 
@@ -172,7 +173,7 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
 @click.argument("engine_dir", type=click.Path())
 @click.option("--batch", type=BATCH, default=None, help="Images per call. Default: the engine batch.")
 @click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's.")
-@click.option("--cfg", type=FiniteFloat(), default=None, help="CFG scale. Default: the model's.")
+@click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="CFG scale. Default: the model's.")
 @click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
 @click.option("--runs", default=10, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs (one batch each).")

@@ -46,13 +46,29 @@ MAX_GRID_IMAGES = 4096  # a grid picture is held in memory whole
 # ----------------------------------------------------------------------------
 
 
-def finite(name: str, value: Any, error: type[FarError] = RequestError) -> float:
-    """`value` as a finite float, or a one-line error naming `name` (NaN and +-inf guide nothing)."""
+MAX_CFG = 1000.0  # |guidance scale|: float32 buffers hold it, and no real sampler goes near it
+MAX_TEMPERATURE = 100.0
+
+
+def finite(name: str, value: Any, error: type[FarError] = RequestError, bound: float = 1e30) -> float:
+    """`value` as a finite float with |value| <= bound, or a one-line error naming `name` (NaN and +-inf
+    guide nothing; values that overflow float32 become inf inside the graphs)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise error(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise error(f"{name} must be a finite number, got {value}: give a value like 1.0 or 2.5")
+    if abs(value) > bound:
+        raise error(f"{name} {value} is out of range: use a value within +-{bound:g}")
     return float(value)
+
+
+def sampling_numbers(cfg: Any, temperature: Any, error: type[FarError] = RequestError) -> tuple[float, float]:
+    """The guidance scale and temperature of a request or a config: finite, in range, temperature > 0."""
+    c = finite("cfg (guidance scale)", cfg, error, MAX_CFG)
+    t = finite("temperature", temperature, error, MAX_TEMPERATURE)
+    if not t > 0:
+        raise error(f"temperature must be > 0, got {t}")
+    return c, t
 
 
 # ----------------------------------------------------------------------------

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import MAX_BATCH, FarError, first_line, inside, read_regular, regular_file
+from runtime.errors import (
+    MAX_BATCH,
+    FarError,
+    first_line,
+    inside,
+    read_regular,
+    regular_file,
+    sampling_numbers,
+)
 from runtime.errors import directory as check_directory
 from runtime.schedule import check_head_steps
 
@@ -244,6 +252,7 @@ def _model(d: dict[str, Any]) -> ModelInfo:
     for ok, what in checks:
         if not ok:
             raise ManifestError(f"manifest model: {what}; {REBUILD}")
+    sampling_numbers(m.cfg, m.temperature, ManifestError)
     try:
         check_head_steps(m.head, m.head_steps, m.shortcut_levels, m.diffusion_steps)
     except ValueError as e:
@@ -347,7 +356,7 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     raw_bytes = read_regular(path, ManifestError, "not an engine directory (build one with far-export build)")
     try:
         raw = json.loads(raw_bytes.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
         raise ManifestError(f"{path} is not valid JSON ({first_line(e)}); {REBUILD}") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{path} must hold a JSON object, got {type(raw).__name__}; {REBUILD}")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import Backend, BackendError, Call, open_backend
-from runtime.errors import MAX_IMAGES, RequestError, finite
+from runtime.errors import MAX_IMAGES, RequestError, sampling_numbers
 from runtime.images import to_uint8
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
@@ -167,11 +167,13 @@ class Pipeline:
                  temperature: float | None = None, num_iter: int | None = None, seed: int = 0) -> Settings:
         """Fill defaults from the manifest and check the request against what the engines were built for."""
         m = self.model
+        cfg, temperature = sampling_numbers(m.cfg if cfg is None else cfg,
+                                            m.temperature if temperature is None else temperature)
         s = Settings(
             head_steps=m.head_steps if head_steps is None else int(head_steps),
-            cfg=finite("cfg (guidance scale)", m.cfg if cfg is None else cfg),
+            cfg=cfg,
             cfg_schedule=cfg_schedule or m.cfg_schedule,
-            temperature=finite("temperature", m.temperature if temperature is None else temperature),
+            temperature=temperature,
             num_iter=m.num_iter if num_iter is None else int(num_iter),
             seed=int(seed),
         )
@@ -183,8 +185,6 @@ class Pipeline:
             raise RequestError(str(e)) from None
         if s.cfg_schedule not in ("linear", "constant"):
             raise RequestError(f"unknown cfg schedule {s.cfg_schedule!r}: use 'linear' or 'constant'")
-        if not s.temperature > 0:
-            raise RequestError(f"temperature must be > 0, got {s.temperature}")
         if s.cfg != 1.0 and not self.guided:
             raise RequestError(f"these engines were built without CFG guidance: use cfg 1.0 (got {s.cfg}) "
                                "or rebuild with guidance")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import FarError, directory, first_line, read_regular
+from runtime.errors import FarError, directory, first_line, read_regular, sampling_numbers
 from runtime.schedule import check_head_steps
 
 CONFIG_VERSION = 1
@@ -162,6 +162,7 @@ class FARConfig:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name} must be a finite number, got {v}: set it in config.json (e.g. "
                                   f"{f.default})")
+        sampling_numbers(self.cfg, self.temperature, ConfigError)
         big = {k: getattr(self, k) for k in ("img_size", "width", "head_width", "num_classes", "buffer_size",
                                               "diffusion_steps", "enc_depth", "dec_depth", "head_depth", "num_iter")}
         for k, v in big.items():
@@ -247,7 +248,7 @@ class FARConfig:
         data = read_regular(path, ConfigError, "a checkpoint directory holds config.json")  # never blocks on a FIFO
         try:
             raw = json.loads(data.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
             raise ConfigError(f"{path} is not valid JSON ({first_line(e)}): restore it from the run") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")

@@ -291,7 +291,7 @@ def _head_steps(ctx: object, param: object, value: str | None) -> list[int] | No
 def _cli():
     import click
 
-    from runtime.errors import check_output_file
+    from runtime.errors import MAX_CFG, check_output_file
     from runtime.manifest import write_atomic
     from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
@@ -301,7 +301,7 @@ def _cli():
                   help="Comma list of K (default: 1,2,4,...,128 for the shortcut head, 25,50,100 for MAR's).")
     @click.option("--per-class", type=click.IntRange(2, 10_000), default=50, show_default=True,
                   help="Samples per class and row.")
-    @click.option("--cfg", type=FiniteFloat(), default=None, help="Guidance scale (default: the checkpoint's).")
+    @click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Guidance scale (default: the checkpoint's).")
     @click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked AR steps (default: the checkpoint's).")
     @click.option("--batch", type=BATCH, default=100, show_default=True, help="Images per sampling batch.")
     @click.option("--seed", type=SEED, default=0, show_default=True)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from runtime import schedule
-from runtime.errors import RequestError, finite
+from runtime.errors import RequestError, sampling_numbers
 from runtime.schedule import (
     causal_schedule,
     cfg_scale,
@@ -48,10 +48,7 @@ class SamplingSettings(schedule.SamplingSettings):
             "temperature": cfg.temperature, "num_iter": cfg.num_iter,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for k in ("cfg", "temperature"):
-            values[k] = finite(k, values[k])  # NaN or inf would sample black images
-        if not values["temperature"] > 0:
-            raise RequestError(f"temperature must be > 0, got {values['temperature']}")
+        values["cfg"], values["temperature"] = sampling_numbers(values["cfg"], values["temperature"])  # no NaN/inf
         s = cls(seed=seed, **values)
         check_head_steps(cfg.head, s.head_steps, cfg.shortcut_levels, cfg.diffusion_steps)
         if cfg.backbone == "masked" and not 1 <= s.num_iter <= cfg.seq_len:
