@@ -72,7 +72,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--temperature", type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE), default=None, help="Sampling temperature. Default: the model's."),
         click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's (engines fix it at build time)."),
         click.option("--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."),
-        click.option("--batch", type=BATCH, default=None, help="Images per forward pass. Default: all (reference) / the engine batch (runtime)."),
+        click.option("--batch", type=BATCH, default=None, help="Images per forward pass. Default: 64 (reference) / the engine batch (runtime)."),
         click.option("--out", type=click.Path(), default=None,
                      help="Write a grid picture, one row per class, in the format its extension names (.png, .jpg, .webp, ...)."),
         click.option("--out-dir", type=click.Path(), default=None, help="Write one PNG per image: <index>_class<k>.png."),
