@@ -153,6 +153,8 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     """Refuse, before any work, an output file that would replace a directory or a special file, land in an
     engine or checkpoint directory, or sit under a path that cannot be created or written."""
     path = Path(path)
+    if len(path.name.encode()) > 200:  # the temporary sibling adds a few characters; most file systems stop at 255
+        raise error(f"{flag} {path.name[:20]}...: the file name is too long; use a shorter one")
     if path.is_dir():
         raise error(f"{flag} {path} is a directory: give a file name")
     if path.exists() and not path.is_file():
