@@ -143,7 +143,7 @@ def cleanup_on_signals() -> Iterator[None]:
 
     def stop(signum: int, frame: Any) -> None:
         raise BuildInterrupted(f"build interrupted by {signal.Signals(signum).name}: its temporary files were "
-                               f"removed and the output left as it was; run it again")
+                               f"removed and no half-written output was left; run it again")
 
     wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
     old = {sig: signal.signal(sig, stop) for sig in wanted}
@@ -152,6 +152,20 @@ def cleanup_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Delay SIGINT, SIGTERM and SIGHUP until the block is done (where the platform can)."""
+    wanted = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def sweep_stale(out: Path) -> None:
@@ -223,7 +237,8 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
         try:
             manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
-            replace_dir(tmp, out)
+            with signals_held():  # between its two renames the old output is aside: no signal may stop it there
+                replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
