@@ -365,6 +365,10 @@ def test_build_weights_file_kinds(ws):
     (ckpt / "vae.safetensors").mkdir()
     expect_error([*FAR, "build", ckpt, "--out", "o", "--no-engines"], "vae.safetensors is a directory, not a file",
                  ws["tmp"], [ws["tmp"]])
+    shutil.rmtree(ckpt)
+    ckpt = _copy_ckpt(ws, width=8192, head_width=8192)  # ~10 GB of weights if built: checked on the meta device
+    expect_error([*FAR, "build", ckpt, "--out", "o", "--no-engines"], "model.safetensors does not match its config",
+                 ws["tmp"], [ws["tmp"]])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
