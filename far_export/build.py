@@ -8,10 +8,15 @@ directory as it was. Each stage prints one line with its time.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import math
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +52,7 @@ from far_export.validate import (
     upcast_bf16,
 )
 from runtime.backends import RecordingBackend
+from runtime.errors import MAX_BATCH, FarError, writable_ancestor
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -59,7 +65,7 @@ from runtime.manifest import (
 from training.config import FARConfig
 
 
-class BuildError(RuntimeError):
+class BuildError(FarError, RuntimeError):
     """Bad build options or output path, or a build stage that failed."""
 
 
@@ -80,14 +86,16 @@ class BuildOptions:
     def check(self) -> BuildOptions:
         if self.precision not in PRECISIONS:
             raise BuildError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
-        if self.batch < 1:
-            raise BuildError(f"--batch must be >= 1, got {self.batch}")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise BuildError(f"--batch must be in [1, {MAX_BATCH}], got {self.batch}")
+        if not 0 <= self.seed < 2**63:
+            raise BuildError(f"--seed must be a non-negative integer below 2^63, got {self.seed}")
         if self.num_iter is not None and self.num_iter < 1:
             raise BuildError(f"--num-iter must be >= 1, got {self.num_iter}")
         if not 0 <= self.opt_level <= 5:
             raise BuildError(f"--opt-level must be in 0..5, got {self.opt_level}")
-        if self.workspace_gb <= 0:
-            raise BuildError(f"--workspace-gb must be > 0, got {self.workspace_gb}")
+        if not (math.isfinite(self.workspace_gb) and 0 < self.workspace_gb <= 1024):
+            raise BuildError(f"--workspace-gb must be a number in (0, 1024], got {self.workspace_gb}")
         return self
 
 
@@ -115,14 +123,69 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
         o, c = out.resolve(), Path(checkpoint_dir).resolve()
         if o == c or o in c.parents:
             raise BuildError(f"--out {out} would replace the checkpoint directory {checkpoint_dir}")
-    parent = out.parent if str(out.parent) else Path(".")
-    for p in (parent, *parent.parents):  # the first existing ancestor must be writable
-        if p.exists():
-            if not p.is_dir():
-                raise BuildError(f"--out {out}: {p} is a file, not a directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise BuildError(f"--out {out}: {p} is not writable")
-            break
+    writable_ancestor(out.resolve().parent, "--out", out, BuildError)
+
+
+class BuildInterrupted(BuildError):
+    """SIGTERM / SIGHUP during a build: the temporary directory is removed, the output left as it was."""
+
+
+@contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP (what timeout, CI and systemd send) into an exception while the build writes its
+    temporary directory, so that the usual cleanup runs; SIGINT already raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise BuildInterrupted(f"build interrupted by {signal.Signals(signum).name}: its temporary files were "
+                               f"removed and no half-written output was left; run it again")
+
+    wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
+    old = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Delay SIGINT, SIGTERM and SIGHUP until the block is done (where the platform can)."""
+    wanted = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove the temporary directories that killed builds of `out` left (SIGKILL, power loss): those named
+    `.NAME.build-PID-*` or `.NAME.old-PID` whose process is gone."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(build-(\d+)-.+|old-(\d+))", tmp.name)
+        if not m or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        pid = int(m.group(2) or m.group(3))
+        if pid_alive(pid) or (m.group(3) and not out.exists()):  # an .old- copy is the only one left: keep it
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid we can judge: leave it
+    return True
 
 
 def model_info(cfg: FARConfig, shapes: GraphShapes) -> ModelInfo:
@@ -143,6 +206,7 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     opts = (options or BuildOptions()).check()
     out = Path(out_dir)
     check_output_path(out, Path(checkpoint_dir))
+    sweep_stale(out)
     if opts.require_engines:  # fail before a long export, not after it
         from far_export.tensorrt import TensorRTUnavailable, detect_device
 
@@ -166,13 +230,15 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     specs = graph_specs(cfg, shapes, opts.precision)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    try:
-        manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with cleanup_on_signals():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
+        try:
+            manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
+            with signals_held():  # between its two renames the old output is aside: no signal may stop it there
+                replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log(f"wrote {out} ({opts.precision}, batch {shapes.batch}, cfg guidance {'on' if guided else 'off'})")
     return manifest
 

@@ -14,18 +14,14 @@ from typing import Any
 import click
 
 from far_export import __version__
+from runtime.errors import MAX_CFG
+from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
 
 def _run(fn: Callable[[], Any]) -> Any:
-    """Call fn; known errors become one-line click errors (exit 1)."""
-    try:
+    """Call fn; bad input (FarError, OSError naming a file) becomes a one-line click error (exit 1)."""
+    with one_line_errors():
         return fn()
-    except click.ClickException:
-        raise
-    except KeyboardInterrupt:
-        raise click.ClickException("interrupted; nothing was left half-written") from None
-    except (RuntimeError, ValueError, OSError) as e:  # our typed errors derive from these
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,21 +37,26 @@ def cli() -> None:
 @click.argument("checkpoint_dir", type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Engine directory to write, e.g. engines/far-mnist.")
 @click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 | bf16: what runs inside the graphs.")
-@click.option("--batch", default=8, show_default=True, type=int, help="Images per graph call (static).")
+@click.option("--batch", default=8, show_default=True, type=BATCH, help="Images per graph call (static).")
 @click.option("--cfg/--no-cfg", "cfg_guidance", default=None,
               help="Double the batch inside the graphs for classifier-free guidance. Default: on when the checkpoint's default CFG scale is not 1.")
-@click.option("--num-iter", type=int, default=None, help="Masked backbone: AR steps the per-step query size is fixed for. Default: the checkpoint's.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the end-to-end check.")
+@click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps the per-step query size is fixed for. Default: the checkpoint's.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the end-to-end check.")
 @click.option("--no-validate", is_flag=True, help="Skip the per-graph checks against PyTorch.")
 @click.option("--no-end-to-end", is_flag=True, help="Skip the end-to-end check against the reference sampler.")
 @click.option("--engines/--no-engines", default=True, show_default=True, help="Build TensorRT plans where tensorrt and a GPU exist.")
 @click.option("--require-engines", is_flag=True, help="Fail when TensorRT plans cannot be built here.")
-@click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace limit.")
-@click.option("--opt-level", default=3, show_default=True, type=int, help="TensorRT builder optimisation level (0..5).")
+@click.option("--workspace-gb", default=4.0, show_default=True, type=FiniteFloat(min=0, min_open=True, max=1024),
+              help="TensorRT builder workspace limit.")
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT builder optimisation level (0..5).")
 def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
     """Export a checkpoint to static ONNX graphs, validate them, build TensorRT plans, write the manifest."""
 
     def go() -> None:
+        from training.config import load_checkpoint_config
+
+        load_checkpoint_config(checkpoint_dir)  # a bad config.json fails at once, before torch is imported
         from far_export.build import BuildOptions
         from far_export.build import build as run_build
 
@@ -86,8 +87,10 @@ def inspect(engine_dir: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option("--workspace-gb", default=4.0, show_default=True, type=float, help="TensorRT builder workspace limit.")
-@click.option("--opt-level", default=3, show_default=True, type=int, help="TensorRT builder optimisation level (0..5).")
+@click.option("--workspace-gb", default=4.0, show_default=True, type=FiniteFloat(min=0, min_open=True, max=1024),
+              help="TensorRT builder workspace limit.")
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT builder optimisation level (0..5).")
 @click.option("--no-validate", is_flag=True, help="Skip comparing each plan with ONNX Runtime.")
 def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: bool) -> None:
     """Build TensorRT plans from the ONNX graphs already in ENGINE_DIR (imports no torch)."""
@@ -147,7 +150,7 @@ def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--providers", default="cpu", show_default=True,
                      help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
                           "that ONNX Runtime cannot use is an error, not a slow fallback."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."),
+        click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
         click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each bound call as a CUDA graph."),
     ]
     for opt in reversed(opts):
@@ -168,7 +171,7 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
     def go() -> None:
         from tqdm import tqdm
 
-        from runtime.images import parse_classes, request_labels, write_outputs
+        from runtime.images import ImageWriter, parse_classes, request_labels
         from runtime.pipeline import Pipeline
 
         pipe = Pipeline.load(engine_dir, backend=backend, providers=providers, threads=threads, cuda_graph=cuda_graph)
@@ -177,32 +180,33 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
         pipe.settings(head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
                       temperature=req.temperature, num_iter=req.num_iter, seed=req.seed)  # bad values fail here
         pipe.check_batch(req.batch)
+        writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
         with tqdm(desc="sampling", unit="step", leave=False) as bar:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            images = pipe.generate(labels, head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
-                                   temperature=req.temperature, num_iter=req.num_iter, seed=req.seed,
-                                   batch=req.batch, progress=progress)
-        paths = write_outputs(images, labels, len(classes), req.out, req.out_dir)
-        t = pipe.timings
-        click.echo(f"wrote {len(images)} images: {paths[0]}" + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else "")
-                   + f" in {t.wall:.2f}s ({pipe.backend.describe()})")
+            for images in pipe.generate_batches(labels, head_steps=req.head_steps, cfg=req.cfg,
+                                                cfg_schedule=req.cfg_schedule, temperature=req.temperature,
+                                                num_iter=req.num_iter, seed=req.seed, batch=req.batch,
+                                                progress=progress):
+                writer.add(images)  # written as it goes: memory stays flat however many images
+        wrote = writer.close()
+        click.echo(f"{wrote} in {pipe.timings.wall:.2f}s ({pipe.backend.describe()})")
 
     _run(go)
 
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per call. Default: the engine batch.")
+@click.option("--batch", type=BATCH, default=None, help="Images per call. Default: the engine batch.")
 @click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's.")
-@click.option("--cfg", type=float, default=None, help="CFG scale. Default: the model's.")
+@click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="CFG scale. Default: the model's.")
 @click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
-@click.option("--runs", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs (one batch each).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs (one batch each).")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result as JSON.")
 @_backend_options
 def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     """Time generation: per-stage time (backbone, head, VAE, loop Python), images/s, p50/p95, peak memory."""
@@ -210,7 +214,10 @@ def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     def go() -> None:
         from runtime.bench import BenchOptions, write_json
         from runtime.bench import bench as run_bench
+        from runtime.errors import check_output_file
 
+        if json_path:
+            check_output_file(json_path, "--json")  # before the runs, not after
         result = run_bench(engine_dir, BenchOptions(**kw))
         click.echo(result.summary())
         if json_path:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.errors import FarError
 from runtime.manifest import TensorSpec
 from runtime.schedule import max_tokens_per_step
 from training.config import FARConfig
@@ -59,7 +60,7 @@ def fp32_islands(graph: str, cfg: FARConfig) -> tuple[str, ...]:
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file>.data` (protobuf's 2 GB)
 
 
-class ExportError(RuntimeError):
+class ExportError(FarError, RuntimeError):
     """A graph could not be exported (unsupported op, bad options)."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.manifest import Manifest, TensorSpec, load_manifest
+from runtime.manifest import Manifest, ManifestError, TensorSpec, load_manifest
 
 
 def _tensors(specs: tuple[TensorSpec, ...]) -> str:
@@ -44,21 +44,11 @@ def lines(m: Manifest, directory: Path) -> list[str]:
             f"      in:  {_tensors(g.inputs)}",
             f"      out: {_tensors(g.outputs)}",
         ]
-    v = m.validation
-    if v:
-        out.append(f"  validation ({v.get('backend', '?')}; {'passed' if v.get('passed') else 'NOT passed'}):")
-        for name, res in v.get("graphs", {}).items():
-            for kind, per_out in res.items():
-                for o, st in per_out.items():
-                    out.append(f"    {name}.{o} ({kind} inputs): {_stats(st)}")
-        e2e = v.get("end_to_end")
-        if e2e:
-            out.append(f"    end to end, runtime.pipeline vs reference sampler (seed {e2e['settings']['seed']}, labels {e2e['labels']}): "
-                       f"tokens {_stats(e2e['tokens'])}; image {_stats(e2e['image'])}")
-        for name, note in v.get("notes", {}).items():
-            out.append(f"    note ({name}): {note}")
-    else:
-        out.append("  validation: none recorded")
+    try:
+        out += _validation(m.validation)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:  # hand-edited or foreign data
+        raise ManifestError(f"manifest field validation is malformed ({type(e).__name__}: {e}); "
+                            f"rebuild with far-export build") from None
     if m.engines:
         out.append("  TensorRT engines:")
         for name, e in m.engines.items():
@@ -66,4 +56,23 @@ def lines(m: Manifest, directory: Path) -> list[str]:
                        f"key {e.build_key[:12]}")
     else:
         out.append("  TensorRT engines: none (build them on the device: far-export compile DIR)")
+    return out
+
+
+def _validation(v: dict) -> list[str]:
+    """The validation record's lines (the manifest keeps it as free-form data: checked here as it is read)."""
+    out: list[str] = []
+    if not v:
+        return ["  validation: none recorded"]
+    out.append(f"  validation ({v.get('backend', '?')}; {'passed' if v.get('passed') else 'NOT passed'}):")
+    for name, res in v.get("graphs", {}).items():
+        for kind, per_out in res.items():
+            for o, st in per_out.items():
+                out.append(f"    {name}.{o} ({kind} inputs): {_stats(st)}")
+    e2e = v.get("end_to_end")
+    if e2e:
+        out.append(f"    end to end, runtime.pipeline vs reference sampler (seed {e2e['settings']['seed']}, "
+                   f"labels {e2e['labels']}): tokens {_stats(e2e['tokens'])}; image {_stats(e2e['image'])}")
+    for name, note in v.get("notes", {}).items():
+        out.append(f"    note ({name}): {note}")
     return out

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import FarError
 from runtime.manifest import (
     EngineSpec,
     GraphSpec,
@@ -33,11 +35,11 @@ from runtime.manifest import (
 TIMING_CACHE = "timing.cache"
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(FarError, RuntimeError):
     """tensorrt or a CUDA GPU is missing: plans cannot be built here."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(FarError, RuntimeError):
     """TensorRT failed to parse a graph or to build or validate a plan."""
 
 
@@ -48,8 +50,8 @@ class EngineSettings:
     timing_cache: bool = True
 
     def check(self) -> EngineSettings:
-        if self.workspace_gb <= 0:
-            raise EngineBuildError(f"workspace must be > 0 GB, got {self.workspace_gb}")
+        if not (math.isfinite(self.workspace_gb) and 0 < self.workspace_gb <= 1024):
+            raise EngineBuildError(f"--workspace-gb must be a number in (0, 1024], got {self.workspace_gb}")
         if not 0 <= self.opt_level <= 5:
             raise EngineBuildError(f"builder optimisation level must be in 0..5, got {self.opt_level}")
         return self

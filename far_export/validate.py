@@ -28,11 +28,12 @@ from torch import nn
 from far_export.export import E2E_TOLERANCES, TOLERANCES, GraphIO, GraphShapes, Tolerance, to_torch  # noqa: F401
 from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
 from runtime.backends import Backend, OrtGraph
+from runtime.errors import FarError
 from runtime.manifest import Manifest, TensorSpec
 from training.config import FARConfig
 
 
-class ValidationError(RuntimeError):
+class ValidationError(FarError, RuntimeError):
     """A graph (or the whole loop) differs from PyTorch by more than the precision's tolerance."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import FarError
 from runtime.manifest import GraphSpec, Manifest, TensorSpec
 
 BACKENDS = ("ort", "trt")
@@ -46,7 +47,7 @@ def host_dtype(dtype: str | np.dtype) -> np.dtype:
 ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
-class BackendError(RuntimeError):
+class BackendError(FarError, RuntimeError):
     """A backend that cannot be opened or a graph that does not match its manifest."""
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.errors import RequestError
 from runtime.manifest import write_atomic
-from runtime.pipeline import Pipeline, RequestError, Timings
+from runtime.pipeline import Pipeline, Timings
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class BenchOptions:
     seed: int = 0
 
     def check(self) -> BenchOptions:
-        if self.warmup < 0 or self.runs < 1:
-            raise RequestError(f"need warmup >= 0 and runs >= 1, got {self.warmup} and {self.runs}")
+        if not (0 <= self.warmup <= 10_000 and 1 <= self.runs <= 100_000):
+            raise RequestError(f"need 0 <= warmup <= 10000 and 1 <= runs <= 100000, got {self.warmup} and {self.runs}")
         return self
 
 

@@ -11,18 +11,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import (
+    MAX_BATCH,
+    FarError,
+    first_line,
+    inside,
+    read_regular,
+    regular_file,
+    sampling_numbers,
+)
+from runtime.errors import directory as check_directory
+from runtime.schedule import check_head_steps
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPHS = ("backbone", "head", "vae_decoder")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(FarError, RuntimeError):
     """A missing, invalid, newer-schema or inconsistent engine directory."""
 
 
@@ -106,37 +119,46 @@ class Manifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        try:
-            version = d["schema_version"]
-            if not isinstance(version, int):
-                raise ManifestError(f"schema_version must be an int, got {version!r}")
-            if version > SCHEMA_VERSION:
-                raise ManifestError(
-                    f"manifest schema {version} is newer than this runtime's ({SCHEMA_VERSION}): upgrade far-export"
-                )
-            graphs = {k: _graph(v) for k, v in d["graphs"].items()}
-            missing = [g for g in GRAPHS if g not in graphs]
-            if missing:
-                raise ManifestError(f"manifest lists no {missing[0]!r} graph; rebuild with far-export build")
-            return cls(
-                schema_version=version,
-                producer=d["producer"],
-                created=d["created"],
-                checkpoint_sha256=d["checkpoint_sha256"],
-                precision=d["precision"],
-                batch=int(d["batch"]),
-                cfg_guidance=bool(d["cfg_guidance"]),
-                model=ModelInfo(**d["model"]),
-                graphs=graphs,
-                validation=d.get("validation", {}),
-                engines={k: EngineSpec(**v) for k, v in d.get("engines", {}).items()},
-                timing_cache=d.get("timing_cache"),
+    def from_dict(cls, d: Any) -> Manifest:
+        """Check every field as data (types, ranges, allowed names, plain file names) and build the manifest;
+        ManifestError with the field's name otherwise."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"a manifest must be a JSON object, got {type(d).__name__}; {REBUILD}")
+        version = _field(d, "schema_version", int)
+        if version > SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema {version} is newer than this runtime's ({SCHEMA_VERSION}): upgrade far-export"
             )
-        except ManifestError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"invalid manifest ({type(e).__name__}: {e}); rebuild with far-export build") from None
+        if version < 1:
+            raise ManifestError(f"manifest schema_version must be >= 1, got {version}; {REBUILD}")
+        graphs_raw = _field(d, "graphs", dict)
+        unknown = sorted(set(graphs_raw) - set(GRAPHS))
+        if unknown:
+            raise ManifestError(f"manifest graphs: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}")
+        missing = [g for g in GRAPHS if g not in graphs_raw]
+        if missing:
+            raise ManifestError(f"manifest lists no {missing[0]!r} graph; {REBUILD}")
+        engines_raw = _field(d, "engines", dict, {})
+        unknown = sorted(set(engines_raw) - set(GRAPHS))
+        if unknown:
+            raise ManifestError(f"manifest engines: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}")
+        timing_cache = d.get("timing_cache")
+        m = cls(
+            schema_version=version,
+            producer=_field(d, "producer", str),
+            created=_field(d, "created", str),
+            checkpoint_sha256=_field(d, "checkpoint_sha256", str),
+            precision=_choice(d, "precision", PRECISIONS),
+            batch=_int(d, "batch", 1, MAX_BATCH),
+            cfg_guidance=_field(d, "cfg_guidance", bool),
+            model=_model(_field(d, "model", dict)),
+            graphs={k: _graph(_field(graphs_raw, k, dict, where="graphs."), f"graphs.{k}") for k in GRAPHS},
+            validation=_field(d, "validation", dict, {}),
+            engines={k: _engine(_field(engines_raw, k, dict, where="engines."), f"engines.{k}") for k in engines_raw},
+            timing_cache=None if timing_cache is None else _file_name(timing_cache, "timing_cache"),
+        )
+        _check_sizes(m)
+        return m
 
     def save(self, directory: str | Path) -> Path:
         return write_atomic(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -145,19 +167,155 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
 
-def _tensor(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=d["name"], shape=tuple(int(s) for s in d["shape"]), dtype=str(d["dtype"]))
+REBUILD = "rebuild with far-export build"
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+MAX_DIM = 1 << 20  # any one static dimension
+MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: any one buffer the runtime would allocate
+_MISSING = object()
 
 
-def _graph(d: dict[str, Any]) -> GraphSpec:
+def _field(d: dict[str, Any], key: str, kind: type, default: Any = _MISSING, where: str = "") -> Any:
+    """d[key], which must be of type `kind` (bool is not an int, an int is a float)."""
+    if key not in d:
+        if default is not _MISSING:
+            return default
+        raise ManifestError(f"manifest field {where}{key} is missing; {REBUILD}")
+    v = d[key]
+    ok = (type(v) in (int, float) if kind is float else isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
+    if not ok:
+        raise ManifestError(f"manifest field {where}{key} must be {_KINDS.get(kind, kind.__name__)}, got {v!r}; {REBUILD}")
+    if kind is float and not math.isfinite(v):
+        raise ManifestError(f"manifest field {where}{key} must be a finite number, got {v}; {REBUILD}")
+    return float(v) if kind is float else v
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+          list: "a list"}
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int, where: str = "") -> int:
+    v = _field(d, key, int, where=where)
+    if not lo <= v <= hi:
+        raise ManifestError(f"manifest field {where}{key} must be in [{lo}, {hi}], got {v}; {REBUILD}")
+    return v
+
+
+def _choice(d: dict[str, Any], key: str, choices: tuple[str, ...], where: str = "") -> str:
+    v = _field(d, key, str, where=where)
+    if v not in choices:
+        raise ManifestError(f"manifest field {where}{key} must be one of {', '.join(choices)}, got {v!r}; {REBUILD}")
+    return v
+
+
+def _file_name(v: Any, where: str) -> str:
+    """A plain file name inside the engine directory: no directories, no '..', not absolute, not hidden."""
+    if not isinstance(v, str) or not v or v != Path(v).name or v.startswith(".") or "\\" in v or "\x00" in v:
+        raise ManifestError(f"manifest field {where} must be a plain file name inside the engine directory, "
+                            f"got {v!r}; {REBUILD}")
+    return v
+
+
+MODEL_CHOICES = {"backbone": ("masked", "causal"), "head": ("shortcut", "mar"), "cfg_schedule": ("linear", "constant")}
+MODEL_LIMITS = {"img_size": 16384, "grid": 1024, "seq_len": 1 << 20, "token_dim": 1 << 16, "latent_channels": 1 << 16,
+                "patch_size": 1024, "num_classes": 1 << 24, "num_iter": 1 << 20, "max_query": 1 << 20,
+                "width": 1 << 16, "depth": 1024, "num_heads": 1024, "head_dim": 1 << 16, "shortcut_levels": 16,
+                "diffusion_steps": 100_000, "head_steps": 100_000}
+
+
+def _model(d: dict[str, Any]) -> ModelInfo:
+    where = "model."
+    known = {f.name for f in dataclasses.fields(ModelInfo)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ManifestError(f"manifest field model.{unknown[0]} is unknown; {REBUILD}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ModelInfo):
+        if f.name in MODEL_CHOICES:
+            values[f.name] = _choice(d, f.name, MODEL_CHOICES[f.name], where)
+        elif f.type == "int":
+            values[f.name] = _int(d, f.name, 1, MODEL_LIMITS[f.name], where)
+        else:
+            values[f.name] = _field(d, f.name, float, where=where)
+    m = ModelInfo(**values)
+    checks = [
+        (m.seq_len == m.grid**2, f"seq_len {m.seq_len} is not grid^2 = {m.grid**2}"),
+        (m.token_dim == m.latent_channels * m.patch_size**2,
+         f"token_dim {m.token_dim} is not latent_channels x patch_size^2 = {m.latent_channels * m.patch_size**2}"),
+        (m.num_iter <= m.seq_len, f"num_iter {m.num_iter} is more than seq_len {m.seq_len}"),
+        (m.max_query <= m.seq_len, f"max_query {m.max_query} is more than seq_len {m.seq_len}"),
+        (m.img_size % m.grid == 0, f"img_size {m.img_size} is not a multiple of grid {m.grid}"),
+        (m.width == m.num_heads * m.head_dim, f"width {m.width} is not num_heads x head_dim"),
+        (m.temperature > 0, f"temperature must be > 0, got {m.temperature}"),
+        (m.latent_scale > 0, f"latent_scale must be > 0, got {m.latent_scale}"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise ManifestError(f"manifest model: {what}; {REBUILD}")
+    sampling_numbers(m.cfg, m.temperature, ManifestError)
+    try:
+        check_head_steps(m.head, m.head_steps, m.shortcut_levels, m.diffusion_steps)
+    except ValueError as e:
+        raise ManifestError(f"manifest model.head_steps: {e}; {REBUILD}") from None
+    return m
+
+
+def _tensor(d: Any, where: str) -> TensorSpec:
+    if not isinstance(d, dict):
+        raise ManifestError(f"manifest field {where} must be an object, got {d!r}; {REBUILD}")
+    shape = _field(d, "shape", list, where=where + ".")
+    if any(type(s) is not int or not 1 <= s <= MAX_DIM for s in shape):
+        raise ManifestError(f"manifest field {where}.shape must list dimensions in [1, {MAX_DIM}], got {shape}; {REBUILD}")
+    return TensorSpec(name=_field(d, "name", str, where=where + "."), shape=tuple(shape),
+                      dtype=_choice(d, "dtype", DTYPES, where + "."))
+
+
+def _tensors(d: dict[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
+    items = _field(d, key, list, where=where + ".")
+    return tuple(_tensor(t, f"{where}.{key}[{i}]") for i, t in enumerate(items))
+
+
+def _graph(d: dict[str, Any], where: str) -> GraphSpec:
+    islands = _field(d, "fp32_islands", list, [], where + ".")
+    if not all(isinstance(x, str) for x in islands):
+        raise ManifestError(f"manifest field {where}.fp32_islands must list strings; {REBUILD}")
     return GraphSpec(
-        file=d["file"],
-        sha256=d["sha256"],
-        inputs=tuple(_tensor(t) for t in d["inputs"]),
-        outputs=tuple(_tensor(t) for t in d["outputs"]),
-        precision=d["precision"],
-        fp32_islands=tuple(d.get("fp32_islands", ())),
+        file=_file_name(d.get("file"), where + ".file"),
+        sha256=_field(d, "sha256", str, where=where + "."),
+        inputs=_tensors(d, "inputs", where),
+        outputs=_tensors(d, "outputs", where),
+        precision=_choice(d, "precision", PRECISIONS, where + "."),
+        fp32_islands=tuple(islands),
     )
+
+
+def _engine(d: dict[str, Any], where: str) -> EngineSpec:
+    w = where + "."
+    return EngineSpec(
+        file=_file_name(d.get("file"), w + "file"), sha256=_field(d, "sha256", str, where=w),
+        tensorrt_version=_field(d, "tensorrt_version", str, where=w), gpu_name=_field(d, "gpu_name", str, where=w),
+        compute_capability=_field(d, "compute_capability", str, where=w),
+        onnx_sha256=_field(d, "onnx_sha256", str, where=w), build_key=_field(d, "build_key", str, where=w),
+        settings=_field(d, "settings", dict, {}, where=w),
+    )
+
+
+def _check_sizes(m: Manifest) -> None:
+    """No buffer the runtime allocates from the manifest may be absurd (a crafted `batch: 1e12`)."""
+    mi = m.model
+    rows = 2 * m.batch if m.cfg_guidance else m.batch
+    sizes = {
+        "tokens": m.batch * mi.seq_len * mi.token_dim * 4,
+        "image": m.batch * 3 * mi.img_size**2 * 4,
+        "head rows": rows * mi.max_query * mi.token_dim * 4,
+    }
+    for g in m.graphs.values():
+        for t in (*g.inputs, *g.outputs):
+            sizes[f"{g.file}:{t.name}"] = math.prod(t.shape) * 4
+    for what, n in sizes.items():
+        if n > MAX_TENSOR_BYTES:
+            raise ManifestError(f"manifest: the {what} buffer would take {n / 2**30:.0f} GiB (limit "
+                                f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB): batch or shapes are not sane; {REBUILD}")
 
 
 # ----------------------------------------------------------------------------
@@ -191,25 +349,30 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read and check an engine directory's manifest; with `verify`, check every graph's sha256."""
-    directory = Path(directory)
+    """Read and check an engine directory's manifest; every graph file must be a regular file inside the
+    directory (symlinks resolved); with `verify`, its sha256 must match."""
+    directory = check_directory(directory, "engine directory", ManifestError, "build it with far-export build")
     path = directory / MANIFEST
-    if not directory.is_dir():
-        raise ManifestError(f"engine directory {directory} does not exist; build it with far-export build")
-    if not path.is_file():
-        raise ManifestError(f"{path} is missing: not an engine directory (build one with far-export build)")
+    raw_bytes = read_regular(path, ManifestError, "not an engine directory (build one with far-export build)")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON ({e}); rebuild with far-export build") from None
+        raw = json.loads(raw_bytes.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raise ManifestError(f"{path} is not valid JSON ({first_line(e)}); {REBUILD}") from None
     if not isinstance(raw, dict):
-        raise ManifestError(f"{path} must hold a JSON object")
+        raise ManifestError(f"{path} must hold a JSON object, got {type(raw).__name__}; {REBUILD}")
     manifest = Manifest.from_dict(raw)
-    if verify:
-        for name, g in manifest.graphs.items():
-            f = directory / g.file
-            if not f.is_file():
-                raise ManifestError(f"graph file {f} ({name}) is missing; rebuild with far-export build")
-            if sha256_file(f) != g.sha256:
-                raise ManifestError(f"graph file {f} ({name}) does not match its sha256 in the manifest: corrupt or replaced")
+    for name, g in manifest.graphs.items():
+        f = graph_path(directory, g.file, name)
+        if verify and sha256_file(f) != g.sha256:
+            raise ManifestError(f"graph file {f} ({name}) does not match its sha256 in the manifest: corrupt or replaced")
     return manifest
+
+
+def graph_path(directory: Path, file: str, what: str) -> Path:
+    """A file the manifest names: a regular file that stays inside the directory once symlinks are resolved."""
+    f = directory / file
+    if not inside(f, directory):
+        raise ManifestError(f"graph file {f} ({what}) points outside the engine directory; {REBUILD}")
+    if not f.exists():
+        raise ManifestError(f"graph file {f} ({what}) is missing; {REBUILD}")
+    return regular_file(f, ManifestError, REBUILD)

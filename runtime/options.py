@@ -7,11 +7,44 @@ same picture from the PyTorch reference and from the runtime.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import click
+
+from runtime.errors import MAX_BATCH, MAX_CFG, MAX_TEMPERATURE, FarError, first_line
+
+
+class FiniteFloat(click.ParamType):
+    """A float flag that refuses NaN and +-inf (they would turn every image black), with optional bounds."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, min_open: bool = False, max: float | None = None):
+        self.min, self.min_open, self.max = min, min_open, max
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number: give a value like 1.0 or 2.5", param, ctx)
+        lo = self.min
+        if lo is not None and (x <= lo if self.min_open else x < lo):
+            self.fail(f"{value} must be {'>' if self.min_open else '>='} {lo}", param, ctx)
+        if self.max is not None and x > self.max:
+            self.fail(f"{value} must be <= {self.max}", param, ctx)
+        return x
+
+
+SEED = click.IntRange(min=0, max=2**63 - 1)  # PCG64([seed, i]) takes non-negative seeds
+BATCH = click.IntRange(min=1, max=MAX_BATCH)
+THREADS = click.IntRange(min=1, max=1024)
 
 
 @dataclass(frozen=True)
@@ -34,14 +67,15 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--classes", default="0-9", show_default=True, help="Class ids: '0-9', '1,3,7', '0-2,5'."),
         click.option("--per-class", default=1, show_default=True, type=click.IntRange(min=1), help="Images per class (one grid row per class)."),
         click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). Default: the model's."),
-        click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale. Default: the model's."),
+        click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Classifier-free guidance scale. Default: the model's."),
         click.option("--cfg-schedule", type=click.Choice(["linear", "constant"]), default=None, help="CFG schedule over AR steps. Default: the model's."),
-        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Sampling temperature. Default: the model's."),
+        click.option("--temperature", type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE), default=None, help="Sampling temperature. Default: the model's."),
         click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's (engines fix it at build time)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Image i draws from PCG64([seed, i])."),
-        click.option("--batch", type=click.IntRange(min=1), default=None, help="Images per forward pass. Default: all (reference) / the engine batch (runtime)."),
-        click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write a grid PNG, one row per class."),
-        click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Write one PNG per image: <index>_class<k>.png."),
+        click.option("--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."),
+        click.option("--batch", type=BATCH, default=None, help="Images per forward pass. Default: 64 (reference) / the engine batch (runtime)."),
+        click.option("--out", type=click.Path(), default=None,
+                     help="Write a grid picture, one row per class, in the format its extension names (.png, .jpg, .webp, ...)."),
+        click.option("--out-dir", type=click.Path(), default=None, help="Write one PNG per image: <index>_class<k>.png."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -53,3 +87,35 @@ def request_from_kwargs(kwargs: dict[str, Any]) -> SampleRequest:
     if not req.out and not req.out_dir:
         raise click.UsageError("give --out grid.png and/or --out-dir DIR")
     return req
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input (a FarError, or an OSError about a named file) becomes one `Error: ...` line and exit 1;
+    anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; nothing was left half-written") from None
+    except FarError as e:
+        raise click.ClickException(first_line(e)) from None
+    except MemoryError:
+        raise click.ClickException("out of memory: use a smaller --batch or fewer images") from None
+    except OSError as e:
+        if e.filename is None and e.errno != errno.ENOSPC:
+            raise
+        raise click.ClickException(os_error_line(e)) from None
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError about a file as one line with what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{where}: free some space and run again (nothing was replaced)"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: fix the permissions or choose another path"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}: choose a writable path"
+    return f"{e.strerror or type(e).__name__}{where}: check the path"

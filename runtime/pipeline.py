@@ -26,7 +26,7 @@ numpy only: never imports torch, training or far_export.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import Backend, BackendError, Call, open_backend
+from runtime.errors import MAX_IMAGES, RequestError, sampling_numbers
 from runtime.images import to_uint8
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
@@ -51,10 +52,7 @@ from runtime.schedule import (
 )
 
 Progress = Callable[[int, int], None]
-
-
-class RequestError(ValueError):
-    """A generation request the engines cannot serve: class id, batch, K, num_iter, CFG."""
+MAX_PLAN_BYTES = 8 * 2**30  # per-batch random draws held for one (num_iter, K) plan
 
 
 Settings = SamplingSettings  # resolved from the manifest by Pipeline.settings
@@ -169,22 +167,24 @@ class Pipeline:
                  temperature: float | None = None, num_iter: int | None = None, seed: int = 0) -> Settings:
         """Fill defaults from the manifest and check the request against what the engines were built for."""
         m = self.model
+        cfg, temperature = sampling_numbers(m.cfg if cfg is None else cfg,
+                                            m.temperature if temperature is None else temperature)
         s = Settings(
             head_steps=m.head_steps if head_steps is None else int(head_steps),
-            cfg=m.cfg if cfg is None else float(cfg),
+            cfg=cfg,
             cfg_schedule=cfg_schedule or m.cfg_schedule,
-            temperature=m.temperature if temperature is None else float(temperature),
+            temperature=temperature,
             num_iter=m.num_iter if num_iter is None else int(num_iter),
             seed=int(seed),
         )
+        if not 0 <= s.seed < 2**63:
+            raise RequestError(f"seed must be in [0, 2^63), got {s.seed}")
         try:
             check_head_steps(m.head, s.head_steps, m.shortcut_levels, m.diffusion_steps)
         except ValueError as e:
             raise RequestError(str(e)) from None
         if s.cfg_schedule not in ("linear", "constant"):
             raise RequestError(f"unknown cfg schedule {s.cfg_schedule!r}: use 'linear' or 'constant'")
-        if not s.temperature > 0:
-            raise RequestError(f"temperature must be > 0, got {s.temperature}")
         if s.cfg != 1.0 and not self.guided:
             raise RequestError(f"these engines were built without CFG guidance: use cfg 1.0 (got {s.cfg}) "
                                "or rebuild with guidance")
@@ -198,6 +198,9 @@ class Pipeline:
         return s
 
     def check_labels(self, classes: Sequence[int]) -> list[int]:
+        if len(classes) > MAX_IMAGES:
+            raise RequestError(f"{len(classes)} images in one request is more than {MAX_IMAGES}: split it into "
+                               f"several requests")
         labels = [int(c) for c in classes]
         if not labels:
             raise RequestError("no class given: nothing to generate")
@@ -225,6 +228,15 @@ class Pipeline:
 
         `batch` images go through the engines at a time (default and maximum: the engine
         batch; the last chunk is padded). `progress(done, total)` counts AR steps."""
+        return np.concatenate(list(self.generate_batches(classes, head_steps, cfg, cfg_schedule, temperature,
+                                                         num_iter, seed, batch, progress)))
+
+    def generate_batches(self, classes: Sequence[int], head_steps: int | None = None, cfg: float | None = None,
+                         cfg_schedule: str | None = None, temperature: float | None = None,
+                         num_iter: int | None = None, seed: int = 0, batch: int | None = None,
+                         progress: Progress | None = None) -> Iterator[np.ndarray]:
+        """`generate`, one chunk of `batch` images (n, H, W, 3) uint8 at a time, so that a large request is
+        written as it goes with flat memory. Everything is checked before the first image."""
         labels = self.check_labels(classes)
         s = self.settings(head_steps, cfg, cfg_schedule, temperature, num_iter, seed)
         batch = self.check_batch(batch)
@@ -232,7 +244,7 @@ class Pipeline:
         start = time.perf_counter()
         plan = self._plan(s)
         chunks = range(0, len(labels), batch)
-        total, out = len(chunks) * len(plan.schedule), []
+        total = len(chunks) * len(plan.schedule)
         for c, first in enumerate(chunks):
             chunk = labels[first : first + batch]
             base = c * len(plan.schedule)
@@ -241,10 +253,9 @@ class Pipeline:
             t0 = time.perf_counter()
             self._vae_call.run()
             t.vae += time.perf_counter() - t0
-            out.append(to_uint8(self.image[: len(chunk)]))
-        t.wall = time.perf_counter() - start
-        t.images = len(labels)
-        return np.concatenate(out)
+            t.images += len(chunk)
+            t.wall = time.perf_counter() - start
+            yield to_uint8(self.image[: len(chunk)])
 
     def sample_tokens(self, labels: Sequence[int], settings: Settings, first_index: int = 0,
                       progress: Progress | None = None) -> np.ndarray:
@@ -285,6 +296,10 @@ class Pipeline:
         masked = m.backbone == "masked"
         schedule = masked_schedule(L, s.num_iter) if masked else causal_schedule(L)
         S = len(schedule)
+        need = S * N * C * 4 * (K + 1 if m.head == "mar" else 1)  # x0 and the MAR head's noise, per batch
+        if need > MAX_PLAN_BYTES:
+            raise RequestError(f"{S} AR steps x {K} head steps need {need / 2**30:.1f} GiB of noise buffers "
+                               f"(limit {MAX_PLAN_BYTES / 2**30:.0f} GiB): use fewer head steps or a smaller batch")
 
         # head: K calls, x ping-pongs xa -> xb -> xa ...
         head_in: dict[str, np.ndarray] = {"z": self._z}

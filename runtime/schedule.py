@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import RequestError
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -102,7 +104,7 @@ def cfg_scale(cfg: float, schedule: str, seq_len: int, step: ARStep) -> float:
         return float(cfg)
     if schedule == "linear":
         return float(1.0 + (cfg - 1.0) * (seq_len - step.unknown_after) / seq_len)
-    raise ValueError(f"unknown cfg schedule {schedule!r}: use 'linear' or 'constant'")
+    raise RequestError(f"unknown cfg schedule {schedule!r}: use 'linear' or 'constant'")
 
 
 # ----------------------------------------------------------------------------
@@ -115,9 +117,9 @@ def check_head_steps(head: str, steps: int, shortcut_levels: int, diffusion_step
     if head == "shortcut":
         max_k = 2 ** (shortcut_levels - 1)
         if steps < 1 or steps > max_k or steps & (steps - 1):
-            raise ValueError(f"head steps must be a power of two from 1 to {max_k}, got {steps}")
+            raise RequestError(f"head steps must be a power of two from 1 to {max_k}, got {steps}")
     elif not 1 <= steps <= diffusion_steps:
-        raise ValueError(f"MAR head steps must be in [1, {diffusion_steps}], got {steps}")
+        raise RequestError(f"MAR head steps must be in [1, {diffusion_steps}], got {steps}")
 
 
 def shortcut_times(steps: int) -> np.ndarray:

@@ -81,7 +81,7 @@ def test_bad_input_gives_one_line_errors(built, tmp_path):
     out = tmp_path / "eng"
     _one_line_error(_invoke("build", tmp_path / "nope", "--out", out), "does not exist")
     _one_line_error(_invoke("build", ckpt, "--out", out, "--precision", "fp8"), "unknown precision 'fp8'")
-    _one_line_error(_invoke("build", ckpt, "--out", out, "--batch", "0"), "--batch must be >= 1")
+    _one_line_error(_invoke("build", ckpt, "--out", out, "--batch", "0"), "Invalid value for '--batch'")
     (tmp_path / "afile").write_text("x")
     _one_line_error(_invoke("build", ckpt, "--out", tmp_path / "afile"), "is a file")
     _one_line_error(_invoke("build", ckpt, "--out", tmp_path / "afile" / "sub"), "is a file")

@@ -159,7 +159,7 @@ def test_checkpoint_errors(tmp_path: Path, tiny_checkpoint) -> None:
 
     p = tiny_checkpoint(tmp_path / "g")
     (p / "config.json").unlink()
-    _one_line_error(p, "config.json not found")
+    _one_line_error(p, "config.json is missing")
 
     p = tiny_checkpoint(tmp_path / "h")
     _edit_config(p, width=64)  # valid config, weights of another width

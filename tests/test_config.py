@@ -89,7 +89,7 @@ def test_causal_backbone_needs_no_decoder_or_buffer() -> None:
 
 
 def test_load_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not found") as e:
+    with pytest.raises(ConfigError, match="is missing") as e:
         FARConfig.load(tmp_path / "nope.json")
     _one_line(e)
     (tmp_path / "bad.json").write_text("{not json")

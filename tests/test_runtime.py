@@ -178,7 +178,7 @@ def test_newer_schema(copy):
 
 def test_manifest_missing_fields(copy):
     _edit_manifest(copy, lambda d: d["model"].pop("seq_len"))
-    with pytest.raises(ManifestError, match="invalid manifest") as e:
+    with pytest.raises(ManifestError, match="manifest field model.seq_len is missing") as e:
         Pipeline.load(copy)
     _one_line(e)
 

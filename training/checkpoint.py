@@ -17,16 +17,18 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError as SafetensorsError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from training.config import ConfigError, FARConfig
+from runtime.errors import FarError, first_line, regular_file
+from training.config import FARConfig, load_checkpoint_config
 from training.model import FAR
 from training.vae import AutoencoderKL
 
 CONFIG_FILE, MODEL_FILE, VAE_FILE = "config.json", "model.safetensors", "vae.safetensors"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FarError, RuntimeError):
     """A missing, corrupt or mismatched checkpoint file."""
 
 
@@ -76,37 +78,62 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}")
+    regular_file(path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}")
     try:
         return load_file(str(path))
+    except PermissionError:
+        raise CheckpointError(f"{path} cannot be read (permission denied): fix its permissions (chmod u+r)") from None
     except (SafetensorsError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-export or re-download it") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e)}); re-export or "
+                              f"re-download it") from None
 
 
-def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the weights."""
+    regular_file(path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e)}); re-export or "
+                              f"re-download it") from None
+
+
+def _check_shapes(cfg: FARConfig, path: Path) -> None:
+    """The config must describe the stored weights before any memory is allocated for it: a config.json with
+    huge dims would otherwise exhaust memory building the model (the model is built on the meta device here)."""
+    with torch.device("meta"):
+        own = {"model": FAR(cfg).state_dict(), "vae": AutoencoderKL(cfg.vae).state_dict()}
+    for what, file in (("model", MODEL_FILE), ("vae", VAE_FILE)):
+        stored = _stored_shapes(path / file)
+        expected = {k: tuple(v.shape) for k, v in own[what].items()}
+        if stored != expected:
+            _mismatch(str(path / file), expected, stored)
+
+
+def _mismatch(what: str, own: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(own) - set(stored))
+    unexpected = sorted(set(stored) - set(own))
+    wrong = sorted(k for k in set(own) & set(stored) if own[k] != stored[k])
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise CheckpointError(f"{what} does not match its config: {', '.join(parts)}")
+
+
+def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    _mismatch(what, {k: tuple(v.shape) for k, v in module.state_dict().items()},
+              {k: tuple(v.shape) for k, v in sd.items()})
     module.load_state_dict(sd)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint directory; the config inside fully describes the model."""
+    cfg = load_checkpoint_config(path, CheckpointError)
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    try:
-        cfg = FARConfig.load(path / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+    _check_shapes(cfg, path)
     model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
     _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
     _load_into(vae, _load_safetensors(path / VAE_FILE), str(path / VAE_FILE))
@@ -118,7 +145,7 @@ def checkpoint_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     for name in (CONFIG_FILE, MODEL_FILE, VAE_FILE):
         h.update(name.encode())
-        with open(Path(path) / name, "rb") as f:
+        with open(regular_file(Path(path) / name, CheckpointError), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()

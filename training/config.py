@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import FarError, directory, first_line, read_regular, sampling_numbers
 from runtime.schedule import check_head_steps
 
 CONFIG_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(FarError, ValueError):
     """An invalid model configuration (unknown key, impossible dims)."""
 
 
@@ -45,6 +47,10 @@ class VAEConfig:
     def validate(self) -> None:
         if min(self.embed_dim, self.ch, self.num_res_blocks, self.num_groups, self.resolution) < 1:
             raise ConfigError("vae: embed_dim, ch, num_res_blocks, num_groups and resolution must be >= 1")
+        if max(self.embed_dim, self.ch * max(self.ch_mult or (1,)), self.resolution) > 16384 or self.num_res_blocks > 64 \
+                or len(self.ch_mult) > 12:
+            raise ConfigError("vae: dims larger than any VAE this code builds (channels, resolution <= 16384, "
+                              "num_res_blocks <= 64, at most 12 levels): fix config.json")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ConfigError("vae: ch_mult must be a non-empty tuple of positive ints")
         for mult in self.ch_mult:
@@ -75,6 +81,8 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 # ----------------------------------------------------------------------------
 
 BACKBONES = ("masked", "causal")
+MAX_SIZE = {"img_size": 4096, "width": 16384, "head_width": 16384, "num_classes": 1 << 20, "buffer_size": 4096,
+            "diffusion_steps": 100_000, "enc_depth": 256, "dec_depth": 256, "head_depth": 256, "num_iter": 1 << 16}
 HEADS = ("shortcut", "mar")
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -149,6 +157,19 @@ class FARConfig:
     # -- checks and serialisation ---------------------------------------------
     def validate(self) -> FARConfig:
         self.vae.validate()
+        for f in dataclasses.fields(self):  # NaN or inf would pass the range checks below and sample black images
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v}: set it in config.json (e.g. "
+                                  f"{f.default})")
+        sampling_numbers(self.cfg, self.temperature, ConfigError)
+        big = {k: getattr(self, k) for k in ("img_size", "width", "head_width", "num_classes", "buffer_size",
+                                              "diffusion_steps", "enc_depth", "dec_depth", "head_depth", "num_iter")}
+        for k, v in big.items():
+            if v > MAX_SIZE[k]:
+                raise ConfigError(f"{k} {v} is larger than any model this code builds (limit {MAX_SIZE[k]}): fix it")
+        if self.shortcut_levels > 16:
+            raise ConfigError(f"shortcut_levels must be <= 16 (K up to 2^15), got {self.shortcut_levels}")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.head not in HEADS:
@@ -224,15 +245,25 @@ class FARConfig:
     @classmethod
     def load(cls, path: str | Path) -> FARConfig:
         path = Path(path)
+        data = read_regular(path, ConfigError, "a checkpoint directory holds config.json")  # never blocks on a FIFO
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+            raw = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+            raise ConfigError(f"{path} is not valid JSON ({first_line(e)}): restore it from the run") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(raw)
+
+
+def load_checkpoint_config(checkpoint_dir: str | Path, error: type[FarError] = ConfigError) -> FARConfig:
+    """The config.json of a checkpoint directory, checked (torch-free: the CLIs call it before importing torch)."""
+    path = directory(checkpoint_dir, "checkpoint directory", error,
+                     "give a directory with config.json, model.safetensors and vae.safetensors")
+    try:
+        return FARConfig.load(path / "config.json")
+    except ConfigError as e:
+        where = str(path / "config.json")
+        raise error(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def _fields(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.errors import FarError
 from training.data import DataError, mnist_split
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
 
-class EvalError(RuntimeError):
+class EvalError(FarError, RuntimeError):
     """Evaluation cannot run (no held-out data, bad checkpoint, bad settings)."""
 
 
@@ -241,6 +242,8 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
                         f"{mc.num_classes} classes at {mc.img_size} px")
     if per_class < 2:
         raise EvalError("per_class must be >= 2 (the Frechet distance needs a covariance)")
+    steps = head_steps or default_head_steps(mc.head, mc.shortcut_levels)
+    settings = [SamplingSettings.resolve(mc, seed=seed, head_steps=k, cfg=cfg, num_iter=num_iter) for k in steps]
     train = mnist_split("train", mc.img_size)
     held = mnist_split("heldout", mc.img_size)
     train_x, held_x = (train.images + 1) / 2, (held.images + 1) / 2
@@ -251,12 +254,10 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
     with torch.no_grad():  # what the VAE alone loses: reconstructions (posterior means) of the held-out digits
         rec = torch.cat([ckpt.vae(held.images[i : i + 100], sample=False)[0] for i in range(0, len(held), 100)])
     rec_pred, rec_feat = classify(clf, ((rec.float() + 1) / 2).clamp(0, 1))
-    steps = head_steps or default_head_steps(mc.head, mc.shortcut_levels)
     labels = [c for c in range(10) for _ in range(per_class)]
     rows = []
     real_u8 = to_uint8(held_x.numpy()) if fid else None
-    for k in steps:
-        s = SamplingSettings.resolve(mc, seed=seed, head_steps=k, cfg=cfg, num_iter=num_iter)
+    for k, s in zip(steps, settings):
         t = time.perf_counter()
         images = generate(ckpt.model, ckpt.vae, labels, s, batch=batch)  # (N, H, W, 3) uint8
         sec = (time.perf_counter() - t) / len(labels)
@@ -273,37 +274,57 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
                   float((rec_pred == held.labels.numpy()).mean()), rows)
 
 
+def _head_steps(ctx: object, param: object, value: str | None) -> list[int] | None:
+    import click
+
+    if not value:
+        return None
+    try:
+        steps = [int(k) for k in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma list of integers like 1,2,4") from None
+    if any(not 1 <= k <= 100_000 for k in steps):
+        raise click.BadParameter(f"{value!r}: each K must be in [1, 100000]")
+    return steps
+
+
 def _cli():
     import click
 
+    from runtime.errors import MAX_CFG, check_output_file
+    from runtime.manifest import write_atomic
+    from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
+
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory.")
-    @click.option("--head-steps", default=None,
+    @click.option("--head-steps", default=None, callback=_head_steps,
                   help="Comma list of K (default: 1,2,4,...,128 for the shortcut head, 25,50,100 for MAR's).")
-    @click.option("--per-class", type=int, default=50, show_default=True, help="Samples per class and row.")
-    @click.option("--cfg", type=float, default=None, help="Guidance scale (default: the checkpoint's).")
-    @click.option("--num-iter", type=int, default=None, help="Masked AR steps (default: the checkpoint's).")
-    @click.option("--batch", type=int, default=100, show_default=True, help="Images per sampling batch.")
-    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--per-class", type=click.IntRange(2, 10_000), default=50, show_default=True,
+                  help="Samples per class and row.")
+    @click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Guidance scale (default: the checkpoint's).")
+    @click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked AR steps (default: the checkpoint's).")
+    @click.option("--batch", type=BATCH, default=100, show_default=True, help="Images per sampling batch.")
+    @click.option("--seed", type=SEED, default=0, show_default=True)
     @click.option("--cache-dir", default="runs/cache", show_default=True, help="Where the classifier is cached.")
-    @click.option("--threads", type=int, default=None, help="torch CPU threads.")
+    @click.option("--threads", type=THREADS, default=None, help="torch CPU threads.")
     @click.option("--json", "json_out", default=None, help="Also write the report as JSON here.")
     @click.option("--no-fid", is_flag=True, help="Skip torch-fidelity even where installed.")
     def main(checkpoint, head_steps, per_class, cfg, num_iter, batch, seed, cache_dir, threads, json_out, no_fid):
         """Class accuracy and classifier-feature Frechet distance of class-conditional samples."""
-        from training.checkpoint import CheckpointError
-        from training.config import ConfigError
-
         if threads:
             torch.set_num_threads(threads)
-        try:
-            steps = [int(k) for k in head_steps.split(",")] if head_steps else None
-            report = evaluate(checkpoint, steps, per_class, seed, batch, cfg, num_iter, cache_dir, fid=not no_fid)
-        except (CheckpointError, ConfigError, DataError, EvalError, ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(report.table())
-        if json_out:
-            Path(json_out).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        with one_line_errors():
+            if json_out:
+                check_output_file(json_out, "--json")  # before the evaluation, not after it
+            try:
+                report = evaluate(checkpoint, head_steps, per_class, seed, batch, cfg, num_iter, cache_dir,
+                                  fid=not no_fid)
+            except DataError as e:
+                raise click.ClickException(str(e).splitlines()[0]) from None
+            click.echo(report.table())
+            if json_out:
+                Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(Path(json_out), json.dumps(asdict(report), indent=2) + "\n")
 
     return main
 

@@ -11,7 +11,7 @@ and the same PNG for the same seed and settings.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python training/sample.py`
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from runtime import schedule
+from runtime.errors import RequestError, sampling_numbers
 from runtime.schedule import (
     causal_schedule,
     cfg_scale,
@@ -47,10 +48,11 @@ class SamplingSettings(schedule.SamplingSettings):
             "temperature": cfg.temperature, "num_iter": cfg.num_iter,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values["cfg"], values["temperature"] = sampling_numbers(values["cfg"], values["temperature"])  # no NaN/inf
         s = cls(seed=seed, **values)
         check_head_steps(cfg.head, s.head_steps, cfg.shortcut_levels, cfg.diffusion_steps)
         if cfg.backbone == "masked" and not 1 <= s.num_iter <= cfg.seq_len:
-            raise ValueError(f"num_iter must be in [1, {cfg.seq_len}], got {s.num_iter}")
+            raise RequestError(f"num_iter must be in [1, {cfg.seq_len}], got {s.num_iter}")
         return s
 
 
@@ -147,17 +149,23 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it)."""
+    return np.concatenate(list(generate_batches(model, vae, labels, s, batch, progress)))
+
+
+def generate_batches(
+    model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """`generate`, one batch (n, H, W, 3) uint8 at a time: a large request is written as it goes."""
     from runtime.images import to_uint8
 
     batch = batch or len(labels)
-    out = []
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
         tokens = sample_tokens(model, chunk, s, first_index=start)
-        out.append(to_uint8(decode_tokens(model.cfg, vae, tokens)))
+        yield to_uint8(decode_tokens(model.cfg, vae, tokens))
         if progress:
             progress(start + len(chunk), len(labels))
-    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------
@@ -168,8 +176,8 @@ def generate(
 def _cli():
     import click
 
-    from runtime.images import parse_classes, request_labels, write_outputs
-    from runtime.options import request_from_kwargs, sampling_options
+    from runtime.images import ImageWriter, parse_classes, request_labels
+    from runtime.options import one_line_errors, request_from_kwargs, sampling_options
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory (config.json + safetensors).")
@@ -178,12 +186,11 @@ def _cli():
         """Sample images with the PyTorch reference loop."""
         from tqdm import tqdm
 
-        from training.checkpoint import CheckpointError, load_checkpoint
-        from training.config import ConfigError
+        from training.checkpoint import load_checkpoint
 
         req = request_from_kwargs(kwargs)
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        try:
+        with one_line_errors():
             ckpt = load_checkpoint(checkpoint)
             classes = parse_classes(req.classes, ckpt.cfg.num_classes)
             labels = request_labels(classes, req.per_class)
@@ -191,13 +198,12 @@ def _cli():
                 ckpt.cfg, seed=req.seed, head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
                 temperature=req.temperature, num_iter=req.num_iter,
             )
+            writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
             with tqdm(total=len(labels), unit="img", desc="sampling") as bar:
-                images = generate(ckpt.model, ckpt.vae, labels, s, req.batch,
-                                  progress=lambda done, total: bar.update(done - bar.n))
-            paths = write_outputs(images, labels, len(classes), req.out, req.out_dir)
-        except (CheckpointError, ConfigError, ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"wrote {len(images)} images: {paths[0]}" + (f" (+{len(paths) - 1} files)" if len(paths) > 1 else ""))
+                for images in generate_batches(ckpt.model, ckpt.vae, labels, s, req.batch or 64,
+                                               progress=lambda done, total: bar.update(done - bar.n)):
+                    writer.add(images)
+            click.echo(writer.close())
 
     return main
 
