@@ -3,7 +3,7 @@
 Written by `far_export` (build, compile), read by the runtime. The manifest is the
 only thing the runtime reads to know the model. numpy/stdlib only.
 
-Graph names: "backbone", "head", "vae_decoder".
+Graph names: "backbone", "head", "update", "vae_decoder".
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the "update" graph (the scatter of each AR step)
 MANIFEST = "manifest.json"
-GRAPHS = ("backbone", "head", "vae_decoder")
+GRAPHS = ("backbone", "head", "update", "vae_decoder")
 
 
 class ManifestError(RuntimeError):
@@ -114,6 +114,11 @@ class Manifest:
             if version > SCHEMA_VERSION:
                 raise ManifestError(
                     f"manifest schema {version} is newer than this runtime's ({SCHEMA_VERSION}): upgrade far-export"
+                )
+            if version < SCHEMA_VERSION:
+                raise ManifestError(
+                    f"manifest schema {version} is older than this runtime's ({SCHEMA_VERSION}): rebuild the engine "
+                    "directory with far-export build"
                 )
             graphs = {k: _graph(v) for k, v in d["graphs"].items()}
             missing = [g for g in GRAPHS if g not in graphs]
