@@ -247,7 +247,7 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                 opts: BuildOptions, log: Log) -> Manifest:
     cfg: FARConfig = ckpt.cfg
     precision = opts.precision
-    graph_precision = {name: precision for name in specs}
+    graph_precision = {name: "fp32" if name == "update" else precision for name in specs}
     modules = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision)  # what the graphs compute
     # the reference: the fp32 model (what the checkpoint means); per-precision tolerances bound the difference
     refs = modules if precision == "fp32" else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32")
@@ -353,7 +353,7 @@ def _end_to_end(tmp: Path, manifest: Manifest, cfg: FARConfig, ckpt: Any, shapes
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
     steps = shapes.num_iter if cfg.backbone == "masked" else cfg.seq_len
-    total = {"backbone": steps, "head": steps * s.head_steps, "vae_decoder": 1}
+    total = {"backbone": steps, "head": steps * s.head_steps, "update": steps, "vae_decoder": 1}
     backend = RecordingBackend(SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
                                keep=lambda graph, i: i in (0, total[graph] // 2, total[graph] - 1))
     pipe = Pipeline(tmp, backend.inner.manifest, backend)

@@ -34,14 +34,14 @@ from runtime.errors import FarError
 from runtime.manifest import TensorSpec
 from runtime.schedule import max_tokens_per_step
 from training.config import FARConfig
-from training.model import FAR, VAEDecoderStep, backbone_step, head_step
+from training.model import FAR, TokenUpdateStep, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
 
 OPSET = 18
 PRECISIONS = ("fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "vae_decoder": "vae_decoder.onnx"}
+GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "update": "update.onnx", "vae_decoder": "vae_decoder.onnx"}
 # What stays fp32 inside a reduced-precision graph (training/layers.py, the models' explicit casts).
 _ISLANDS = {
     "backbone": ("LayerNorm statistics", "attention logits + mask bias + softmax", "graph inputs/outputs"),
@@ -49,6 +49,7 @@ _ISLANDS = {
     "mar": ("LayerNorm statistics", "timestep sinusoid", "DDPM posterior (mean, variance, noise)",
             "graph inputs/outputs"),
     "vae_decoder": ("GroupNorm statistics", "attention logits + softmax", "graph inputs/outputs"),
+    "update": (),  # always fp32: it only moves values
 }
 
 
@@ -160,8 +161,15 @@ def graph_specs(cfg: FARConfig, shapes: GraphShapes, precision: str = "fp32") ->
     else:
         head_in = (_t("x", (N, C)), _t("t", (1,)), _t("z", (g * N, D)), *cfg_in, _t("coef", (6,)), _t("noise", (N, C)))
     head = GraphIO("head", head_in, (_t("x_next", (N, C)),))
+    Q = shapes.max_query
+    update = GraphIO(
+        "update",
+        (_t("tokens", (B, L, C)), _t("mask", (B, L)), _t("x", (N, C)), _t("query", (B, Q), "int64"),
+         _t("n", (1,), "int64")),
+        (_t("tokens_out", (B, L, C)), _t("mask_out", (B, L))),
+    )
     vae = GraphIO("vae_decoder", (_t("tokens", (B, L, C)),), (_t("image", (B, 3, cfg.img_size, cfg.img_size)),))
-    return {"backbone": backbone, "head": head, "vae_decoder": vae}
+    return {"backbone": backbone, "head": head, "update": update, "vae_decoder": vae}
 
 
 # ----------------------------------------------------------------------------
@@ -195,7 +203,8 @@ def graph_modules(
     head = head_step(m, guided)
     if model.cfg.head == "mar":
         head = _DiffusionHeadAlwaysCfg(head, guided)
-    mods = {"backbone": backbone_step(m, guided), "head": head, "vae_decoder": VAEDecoderStep(model.cfg, v)}
+    mods = {"backbone": backbone_step(m, guided), "head": head, "update": TokenUpdateStep(),
+            "vae_decoder": VAEDecoderStep(model.cfg, v)}
     return {k: mod.eval() for k, mod in mods.items()}
 
 

@@ -40,6 +40,9 @@ def example_inputs(cfg: ModelLike, io_: GraphLike, rng: np.random.Generator) -> 
             a = rng.integers(0, cfg.num_classes, shape)
         elif n == "query":
             a = np.stack([np.sort(rng.permutation(L)[: shape[1]]) for _ in range(shape[0])])
+        elif n == "n":  # tokens predicted at a step: 1..Q
+            q = next(t.shape[1] for t in io_.inputs if t.name == "query")
+            a = rng.integers(1, q + 1, shape)
         elif n == "pos":
             a = rng.integers(0, L, shape)
         elif n == "mask":

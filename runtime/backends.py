@@ -86,6 +86,7 @@ class Backend(ABC):
     """Opens the graphs of one engine directory."""
 
     name: str
+    fuses_sequences = False  # `sequence` makes one launch of many calls: run it whole, not call by call
 
     @abstractmethod
     def graph(self, name: str) -> Graph: ...
@@ -94,11 +95,31 @@ class Backend(ABC):
         """A zeroed host buffer that this backend can bind (TensorRT: pinned memory)."""
         return np.zeros(tuple(shape), dtype=host_dtype(dtype))
 
+    def upload(self, arrays: Sequence[np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Make the graphs see what the host wrote into these buffers (from `empty`). A no-op where the graphs
+        read host memory; a device backend enqueues host -> device copies."""
+
+    def download(self, arrays: Sequence[np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Wait for every call enqueued so far and bring these buffers' contents back to the host."""
+
+    def sequence(self, calls: Sequence[Call]) -> Call:
+        """One call that runs `calls` in order (a device backend may capture it once as a CUDA graph)."""
+        return CallSequence(calls)
+
     def describe(self) -> str:
         return self.name
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources (a no-op for ONNX Runtime on CPU)."""
+
+
+class CallSequence(Call):
+    def __init__(self, calls: Sequence[Call]):
+        self.calls = list(calls)
+
+    def run(self) -> None:
+        for call in self.calls:
+            call.run()
 
 
 # ----------------------------------------------------------------------------
@@ -237,19 +258,30 @@ Keep = Callable[[str, int], bool]  # (graph name, index of the call to that grap
 
 class RecordingBackend(Backend):
     """Wraps a backend and keeps copies of the inputs of the calls `keep` selects, taken when each call
-    runs. The build validates every graph on the inputs the runtime's own loop fed it this way."""
+    runs, and the order of runs, uploads and downloads. The build validates every graph on the inputs the
+    runtime's own loop fed it this way; the tests prove with it that no data crosses to the host between
+    the AR steps of a batch."""
 
     def __init__(self, inner: Backend, keep: Keep = lambda graph, index: True):
         self.inner, self.name, self.keep = inner, inner.name, keep
         self.binds: dict[str, int] = {}  # calls bound per graph
         self.counts: dict[str, int] = {}  # calls run per graph
         self.calls: dict[str, list[dict[str, np.ndarray]]] = {}  # the kept inputs per graph, in call order
+        self.events: list[str] = []  # "run <graph>", "upload", "download", in order
 
     def graph(self, name: str) -> Graph:
         return _RecordingGraph(self, name, self.inner.graph(name))
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.inner.empty(shape, dtype)
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> None:
+        self.events.append("upload")
+        self.inner.upload(arrays)
+
+    def download(self, arrays: Sequence[np.ndarray]) -> None:
+        self.events.append("download")
+        self.inner.download(arrays)
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -258,6 +290,7 @@ class RecordingBackend(Backend):
         self.inner.close()
 
     def record(self, graph: str, inputs: Mapping[str, np.ndarray]) -> None:
+        self.events.append(f"run {graph}")
         index = self.counts.get(graph, 0)
         self.counts[graph] = index + 1
         if self.keep(graph, index):

@@ -77,7 +77,7 @@ class BenchResult:
             f"per batch ({self.runs} runs after warm-up):   mean     median   share of wall",
         ]
         med = self.stages_median_ms
-        for k in ("backbone", "head", "vae", "loop", "prepare", "wall"):
+        for k in ("backbone", "head", "update", "vae", "loop", "prepare", "wall"):
             share = f"  {100 * sh[k]:5.1f}%" if k in sh else ""
             lines.append(f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms {med[k]:9.3f} ms{share}")
         lines.append(f"loop Python share of wall: {100 * sh['loop']:.2f}% (mean), {100 * self.loop_share_median:.2f}% (median run)")
@@ -135,7 +135,7 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
     for i in range(opts.runs):
         pipe.generate(labels, seed=opts.seed + opts.warmup + i, **kwargs)
         timings.append(pipe.timings)
-    stages = ("backbone", "head", "vae", "loop", "prepare", "wall")
+    stages = ("backbone", "head", "update", "vae", "loop", "prepare", "wall")
     per = {k: np.array([getattr(t, k) for t in timings]) * 1e3 for k in stages}
     mean = {k: float(v.mean()) for k, v in per.items()}
     median = {k: float(np.median(v)) for k, v in per.items()}

@@ -3,7 +3,7 @@
 Written by `far_export` (build, compile), read by the runtime. The manifest is the
 only thing the runtime reads to know the model. numpy/stdlib only.
 
-Graph names: "backbone", "head", "vae_decoder".
+Graph names: "backbone", "head", "update", "vae_decoder".
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from runtime.errors import (
 from runtime.errors import directory as check_directory
 from runtime.schedule import check_head_steps
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the "update" graph (the scatter of each AR step)
 MANIFEST = "manifest.json"
-GRAPHS = ("backbone", "head", "vae_decoder")
+GRAPHS = ("backbone", "head", "update", "vae_decoder")
 
 
 class ManifestError(FarError, RuntimeError):
@@ -131,6 +131,8 @@ class Manifest:
             )
         if version < 1:
             raise ManifestError(f"manifest schema_version must be >= 1, got {version}; {REBUILD}")
+        if version < SCHEMA_VERSION:
+            raise ManifestError(f"manifest schema {version} is older than this runtime's ({SCHEMA_VERSION}); {REBUILD}")
         graphs_raw = _field(d, "graphs", dict)
         unknown = sorted(set(graphs_raw) - set(GRAPHS))
         if unknown:

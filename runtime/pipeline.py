@@ -7,18 +7,22 @@ One loop serves both backbones and both heads:
 
 - masked backbone: MAR's cosine schedule, a random reveal order per image, the step's
   positions padded to the engines' static Q (padded rows repeat the step's first
-  position; their outputs are never read);
+  position; they are never written back);
 - causal backbone: raster order, one token per step, the KV cache ping-ponged
   between two buffers;
 - head: K Euler steps of size 1/K (shortcut) or K respaced DDPM steps (MAR head),
-  CFG with MAR's linear schedule, temperature.
+  CFG with MAR's linear schedule, temperature;
+- update: a small graph writes the step's new tokens at their positions and clears
+  their mask bits (tokens and mask ping-pong between two buffers).
 
 Randomness follows `runtime/schedule.py`'s contract, so the result equals
-`training/sample.py` for the same seed and settings. All of an image's draws are
-made before its AR loop starts (same stream, same order), and everything that does
-not change between steps (labels, query and scatter indices, noise, step times,
-coefficients, buffers and bound calls) is prepared before the loop: a step is a
-few bound graph calls, two in-place copies and one scatter, with no allocation.
+`training/sample.py` for the same seed and settings. All of a batch's draws, query
+positions and per-step CFG scales are written into tables before its loop starts and
+uploaded once; a step is then one backbone call, K head calls and one update call,
+each bound once to fixed buffers (views into those tables). Between steps nothing
+else runs: no numpy, no allocation, no copy to or from the host, so on a GPU the state
+stays on the device for the whole batch and the loop can be one CUDA graph. Only the
+image (or, for `sample_tokens`, the tokens) comes back.
 
 numpy only: never imports torch, training or far_export.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +65,14 @@ Settings = SamplingSettings  # resolved from the manifest by Pipeline.settings
 @dataclass
 class Timings:
     """Where the time of `generate` went, in seconds. `loop` is the AR loop's own Python time:
-    the loop's wall time minus its backbone and head calls. `prepare` is the per-batch
-    work before each loop (random draws, query and scatter indices)."""
+    the loop's wall time minus its backbone, head and update calls. `prepare` is the per-batch
+    work before each loop (random draws, query positions, uploading the tables). On a backend
+    that runs the whole loop as one call (TensorRT with CUDA graphs) the loop's time is all
+    in `loop`, and on an asynchronous backend the per-call times are enqueue times."""
 
     backbone: float = 0.0
     head: float = 0.0
+    update: float = 0.0
     vae: float = 0.0
     loop: float = 0.0
     prepare: float = 0.0
@@ -80,25 +87,26 @@ class Timings:
 
 
 # ----------------------------------------------------------------------------
-# Plans: the buffers and bound calls of one (num_iter, K) setting
+# Plans: the tables and bound calls of one (num_iter, K) setting
 # ----------------------------------------------------------------------------
 
 
 @dataclass
 class _Plan:
+    """Everything one (num_iter, K) setting runs: per AR step its calls (one backbone call, K head calls,
+    one update call), bound once to fixed buffers, and the per-batch tables those calls read. Filling the
+    tables is the host's whole share of a batch; the steps themselves only run calls."""
+
     schedule: list[ARStep]
-    backbone_calls: list[Call]  # one per AR step
-    head_calls: list[Call]  # K, ping-ponging between two x buffers
-    x_in: np.ndarray  # (N, C) the head's first input
-    x_out: np.ndarray  # (N, C) the head's last output
-    noise: np.ndarray | None  # (K, N, C) MAR head noise bound to the K calls
-    x0: np.ndarray  # (S, N, C) per-step initial head input (noise), filled per batch
-    step_noise: np.ndarray | None  # (S, K, N, C) MAR head noise, filled per batch
-    query: np.ndarray | None  # (S, B, Q) masked query positions, filled per batch
-    src: list[np.ndarray]  # per step: head rows holding predicted tokens (B*n,)
-    dst: list[np.ndarray]  # per step: flat token rows b*L + pos they go to (B*n,)
-    scratch: list[np.ndarray]  # per step: (B*n, C) gather buffer
-    cfg_values: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (S,) per-step CFG scale
+    steps: list[list[Call]]  # per AR step: backbone, K x head, update
+    loop: Call  # all steps as one call (a device backend may capture it as one CUDA graph)
+    vae: Call  # decodes the tokens buffer the last update writes
+    tokens_out: np.ndarray  # (B, L, C) the tokens after the last step
+    tables: list[np.ndarray]  # what `_draw` fills per batch, uploaded before the loop
+    x0: np.ndarray  # (S, N, C) per step, the head's first input (noise)
+    step_noise: np.ndarray | None  # (S, K, N, C) MAR head noise per step and head step
+    query: np.ndarray  # (S, B, Q) per step, the queried (masked) or written (causal) positions
+    cfg_values: np.ndarray  # (S, 1) per-step CFG scale
 
 
 class Pipeline:
@@ -113,24 +121,22 @@ class Pipeline:
         self.N = self.B * self.Q  # head rows per call
         L, C = m.seq_len, m.token_dim
         new = backend.empty
-        self.tokens = new((self.B, L, C), "float32")
+        # the state of a batch: tokens and mask ping-pong between the update calls, the head's x between
+        # its K calls, the causal KV cache between the backbone calls
+        self._tokens = (new((self.B, L, C), "float32"), new((self.B, L, C), "float32"))
+        self._mask = (new((self.B, L), "float32"), new((self.B, L), "float32"))
         self.labels = new((self.B,), "int64")
-        self.cfg_buf = new((1,), "float32")
         self.image = new((self.B, 3, m.img_size, m.img_size), "float32")
-        self._tok2d = self.tokens.reshape(self.B * L, C)
         self._xa = new((self.N, C), "float32")
         self._xb = new((self.N, C), "float32")
         self._z = new(self._graph_out("backbone", "z"), "float32")
-        self._backbone, self._head = backend.graph("backbone"), backend.graph("head")
-        if m.backbone == "masked":
-            self.mask = new((self.B, L), "float32")
-            self._mask1d = self.mask.reshape(-1)
-        else:
+        if m.backbone == "causal":
             cache = self._spec("backbone", "cache")
-            self.pos = new((1,), "int64")
-            self.prev = new((self.B, C), "float32")
             self._cache = (new(cache.shape, cache.dtype), new(cache.shape, cache.dtype))
-        self._vae_call = backend.graph("vae_decoder").bind({"tokens": self.tokens}, {"image": self.image})
+        self._backbone, self._head = backend.graph("backbone"), backend.graph("head")
+        self._update = backend.graph("update")
+        vae = backend.graph("vae_decoder")
+        self._vae_calls = [vae.bind({"tokens": t}, {"image": self.image}) for t in self._tokens]
         self._plans: dict[tuple[int, int], _Plan] = {}
         self.timings = Timings()
         self._plan(self.settings())  # bind everything once, so a mismatched graph fails at load time
@@ -251,7 +257,8 @@ class Pipeline:
             step_progress = (lambda i, n, base=base: progress(base + i, total)) if progress else None
             self._sample(plan, chunk, s, first, step_progress)
             t0 = time.perf_counter()
-            self._vae_call.run()
+            plan.vae.run()
+            self.backend.download([self.image])  # the only thing that comes back
             t.vae += time.perf_counter() - t0
             t.images += len(chunk)
             t.wall = time.perf_counter() - start
@@ -265,15 +272,19 @@ class Pipeline:
         self.check_batch(len(labels))
         plan = self._plan(settings)
         self._sample(plan, labels, settings, first_index, progress)
-        return self.tokens[: len(labels)].copy()
+        self.backend.download([plan.tokens_out])
+        return plan.tokens_out[: len(labels)].copy()
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Token latents (n <= B, L, C) -> images (n, 3, H, W) float32 in [0, 1]."""
         n = len(tokens)
         self.check_batch(n)
-        self.tokens[:n] = tokens
-        self.tokens[n:] = 0.0
-        self._vae_call.run()
+        buf = self._tokens[0]
+        buf[:n] = tokens
+        buf[n:] = 0.0
+        self.backend.upload([buf])
+        self._vae_calls[0].run()
+        self.backend.download([self.image])
         return self.image[:n].copy()
 
     def close(self) -> None:
@@ -287,13 +298,13 @@ class Pipeline:
 
     # -- preparation --------------------------------------------------------------
     def _plan(self, s: Settings) -> _Plan:
-        """Buffers and bound calls for (num_iter, K), made once and reused."""
+        """Tables and bound calls for (num_iter, K), made once and reused."""
         m = self.model
         key = (s.num_iter if m.backbone == "masked" else 0, s.head_steps)
         if key in self._plans:
             return self._plans[key]
-        new, B, N, C, L, K = self.backend.empty, self.B, self.N, m.token_dim, m.seq_len, s.head_steps
-        masked = m.backbone == "masked"
+        new, B, N, C, L, K, Q = self.backend.empty, self.B, self.N, m.token_dim, m.seq_len, s.head_steps, self.Q
+        masked, mar = m.backbone == "masked", m.head == "mar"
         schedule = masked_schedule(L, s.num_iter) if masked else causal_schedule(L)
         S = len(schedule)
         need = S * N * C * 4 * (K + 1 if m.head == "mar" else 1)  # x0 and the MAR head's noise, per batch
@@ -301,75 +312,69 @@ class Pipeline:
             raise RequestError(f"{S} AR steps x {K} head steps need {need / 2**30:.1f} GiB of noise buffers "
                                f"(limit {MAX_PLAN_BYTES / 2**30:.0f} GiB): use fewer head steps or a smaller batch")
 
-        # head: K calls, x ping-pongs xa -> xb -> xa ...
-        head_in: dict[str, np.ndarray] = {"z": self._z}
-        if self.guided:
-            head_in["cfg"] = self.cfg_buf
-        calls, noise = [], None
-        if m.head == "shortcut":
-            times = new((K, 1), "float32")
-            times[:, 0] = shortcut_times(K)
-            d = new((1,), "float32")
-            d[0] = 1.0 / K
-            for k in range(K):
-                x, y = (self._xa, self._xb) if k % 2 == 0 else (self._xb, self._xa)
-                calls.append(self._head.bind({**head_in, "x": x, "t": times[k], "d": d}, {"x_next": y}))
-        else:
+        # per-batch tables (filled by _draw) and per-plan constants
+        x0 = new((S, N, C), "float32")
+        step_noise = new((S, K, N, C), "float32") if mar else None
+        query = new((S, B, Q), "int64")
+        cfg_values = new((S, 1), "float32")
+        count, pos = new((S, 1), "int64"), new((S, 1), "int64")
+        count[:, 0] = [step.num_pred for step in schedule]
+        pos[:, 0] = np.arange(S)
+        times = new((K, 1), "float32")
+        if mar:
             steps, coef_table = ddpm_sampling_schedule(m.diffusion_steps, K)
-            times = new((K, 1), "float32")
             times[:, 0] = steps
             coef = new((K, 6), "float32")
             coef[:] = coef_table
-            noise = new((K, N, C), "float32")
-            for k in range(K):
-                x, y = (self._xa, self._xb) if k % 2 == 0 else (self._xb, self._xa)
-                calls.append(self._head.bind(
-                    {**head_in, "x": x, "t": times[k], "coef": coef[k], "noise": noise[k]}, {"x_next": y}))
-        x_out = self._xb if K % 2 == 1 else self._xa
-
-        # backbone: masked, one call per step over that step's query rows; causal, two calls
-        # ping-ponging the KV cache
-        query = None
-        if masked:
-            query = new((S, B, self.Q), "int64")
-            bcalls = [
-                self._backbone.bind(
-                    {"tokens": self.tokens, "mask": self.mask, "labels": self.labels, "query": query[i]},
-                    {"z": self._z},
-                )
-                for i in range(S)
-            ]
         else:
-            a, b = self._cache
-            pair = [
-                self._backbone.bind({"prev_token": self.prev, "pos": self.pos, "labels": self.labels, "cache": x},
-                                    {"z": self._z, "cache_out": y})
-                for x, y in ((a, b), (b, a))
-            ]
-            bcalls = [pair[i % 2] for i in range(S)]
+            times[:, 0] = shortcut_times(K)
+            d = new((1,), "float32")
+            d[0] = 1.0 / K
+        x_out = self._xb if K % 2 == 1 else self._xa  # head step k writes xb (k even) or xa (k odd)
 
-        # scatter: head row b*Q + q (q < n) -> token row b*L + position
-        src, dst, scratch = [], [], []
-        for i, step in enumerate(schedule):
-            n = step.num_pred
-            src.append((np.arange(B)[:, None] * self.Q + np.arange(n)[None, :]).reshape(-1))
+        steps_calls = []
+        for i in range(S):
+            tokens, tokens_next = self._tokens[i % 2], self._tokens[(i + 1) % 2]
+            mask, mask_next = self._mask[i % 2], self._mask[(i + 1) % 2]
             if masked:
-                dst.append(np.zeros(B * n, dtype=np.int64))  # filled per batch from the reveal orders
-            else:
-                dst.append(np.arange(B, dtype=np.int64) * L + i)
-            scratch.append(np.zeros((B * n, C), dtype=np.float32))
+                backbone = self._backbone.bind(
+                    {"tokens": tokens, "mask": mask, "labels": self.labels, "query": query[i]}, {"z": self._z})
+            else:  # the previous step's head output is the previous token (ignored at position 0)
+                cache, cache_next = self._cache[i % 2], self._cache[(i + 1) % 2]
+                backbone = self._backbone.bind(
+                    {"prev_token": x_out, "pos": pos[i], "labels": self.labels, "cache": cache},
+                    {"z": self._z, "cache_out": cache_next})
+            heads = []
+            for k in range(K):
+                x, y = (x0[i], self._xb) if k == 0 else ((self._xb, self._xa) if k % 2 else (self._xa, self._xb))
+                feeds = {"x": x, "t": times[k], "z": self._z}
+                if self.guided:
+                    feeds["cfg"] = cfg_values[i]
+                if mar:
+                    feeds.update(coef=coef[k], noise=step_noise[i, k])
+                else:
+                    feeds["d"] = d
+                heads.append(self._head.bind(feeds, {"x_next": y}))
+            update = self._update.bind(
+                {"tokens": tokens, "mask": mask, "x": x_out, "query": query[i], "n": count[i]},
+                {"tokens_out": tokens_next, "mask_out": mask_next})
+            steps_calls.append([backbone, *heads, update])
+        tables = [x0, query, cfg_values, count, pos, times, self.labels, self._tokens[0], self._mask[0]]
+        tables += [step_noise, coef] if mar else [d]
+        if not masked:
+            tables.append(self._cache[0])
         plan = _Plan(
-            schedule=schedule, backbone_calls=bcalls, head_calls=calls, x_in=self._xa, x_out=x_out, noise=noise,
-            x0=np.zeros((S, N, C), np.float32),
-            step_noise=np.zeros((S, K, N, C), np.float32) if noise is not None else None,
-            query=query, src=src, dst=dst, scratch=scratch, cfg_values=np.zeros(S),
+            schedule=schedule, steps=steps_calls,
+            loop=self.backend.sequence([c for step in steps_calls for c in step]),
+            vae=self._vae_calls[S % 2], tokens_out=self._tokens[S % 2], tables=tables,
+            x0=x0, step_noise=step_noise, query=query, cfg_values=cfg_values,
         )
         self._plans[key] = plan
         return plan
 
     def _draw(self, plan: _Plan, labels: list[int], s: Settings, first_index: int) -> None:
-        """Per batch, before the loop: labels, reveal orders, query/scatter indices and every random
-        number, drawn per image in the contract's order (runtime/schedule.py)."""
+        """Per batch, before the loop: labels, reveal orders, query positions and every random number,
+        drawn per image in the contract's order (runtime/schedule.py), into the plan's tables."""
         m = self.model
         L, C, Q, K = m.seq_len, m.token_dim, self.Q, s.head_steps
         masked, mar = m.backbone == "masked", m.head == "mar"
@@ -378,6 +383,8 @@ class Pipeline:
         plan.x0[:] = 0.0
         for i, step in enumerate(plan.schedule):
             plan.cfg_values[i] = cfg_scale(s.cfg, s.cfg_schedule, L, step) if self.guided else 1.0
+            if not masked:
+                plan.query[i] = i
         for b in range(self.B):
             real = b < len(labels)
             rng = image_rng(s.seed, first_index + b) if real else None
@@ -391,10 +398,9 @@ class Pipeline:
                 n = step.num_pred
                 rows = slice(b * Q, b * Q + n)
                 if masked:
-                    pos = masked_positions(order, step)
-                    plan.query[i, b, :n] = pos
-                    plan.query[i, b, n:] = pos[0]  # padded rows: a valid position, output ignored
-                    plan.dst[i][b * n : (b + 1) * n] = b * L + pos
+                    positions = masked_positions(order, step)
+                    plan.query[i, b, :n] = positions
+                    plan.query[i, b, n:] = positions[0]  # padded rows: a valid position, never written back
                 if real:
                     block = draws[offset : offset + per * n].reshape(per, n, C)
                     offset += per * n
@@ -411,52 +417,41 @@ class Pipeline:
     # -- the AR loop --------------------------------------------------------------
     def _sample(self, plan: _Plan, labels: list[int], s: Settings, first_index: int,
                 progress: Progress | None) -> None:
+        """One batch: fill and upload the tables, then run the steps. Between steps nothing but calls run:
+        no numpy, no copy to or from the host (the state lives where the graphs run)."""
         t = self.timings
         t0 = time.perf_counter()
         self._draw(plan, labels, s, first_index)
-        masked = self.model.backbone == "masked"
-        self.tokens[:] = 0.0
-        if masked:
-            self.mask[:] = 1.0
-        else:
+        self._tokens[0][:] = 0.0
+        self._mask[0][:] = 1.0
+        if self.model.backbone == "causal":
             self._cache[0][:] = 0
-            self.prev[:] = 0.0
+        self.backend.upload(plan.tables)
         clock = time.perf_counter
-        tb = th = 0.0
-        x_in, x_out, noise, x0, step_noise = plan.x_in, plan.x_out, plan.noise, plan.x0, plan.step_noise
-        cfg_buf, cfg_values, head_calls = self.cfg_buf, plan.cfg_values, plan.head_calls
-        tok2d, src, dst, scratch = self._tok2d, plan.src, plan.dst, plan.scratch
-        S = len(plan.schedule)
+        S = len(plan.steps)
         loop_start = clock()
         t.prepare += loop_start - t0
-        for i, backbone_call in enumerate(plan.backbone_calls):
-            if not masked:
-                self.pos[0] = i
-            c0 = clock()
-            backbone_call.run()  # z for this step's queried tokens (cond rows, then uncond rows)
-            c1 = clock()
-            np.copyto(x_in, x0[i])
-            cfg_buf[0] = cfg_values[i]
-            if noise is not None:
-                np.copyto(noise, step_noise[i])
-            c2 = clock()
-            for call in head_calls:  # K head steps
-                call.run()
-            c3 = clock()
-            tb += c1 - c0
-            th += c3 - c2
-            np.take(x_out, src[i], axis=0, out=scratch[i])
-            tok2d[dst[i]] = scratch[i]  # the new tokens, at their positions
-            if masked:
-                self._mask1d[dst[i]] = 0.0
-            else:
-                np.copyto(self.prev, x_out)
+        if self.backend.fuses_sequences:
+            plan.loop.run()  # every step in one launch (one CUDA graph)
             if progress is not None:
-                progress(i + 1, S)
-        loop = clock() - loop_start
-        t.backbone += tb
-        t.head += th
-        t.loop += loop - tb - th
+                progress(S, S)
+        else:
+            tb = th = tu = 0.0
+            for i, (backbone, *heads, update) in enumerate(plan.steps):
+                c0 = clock()
+                backbone.run()  # z for this step's queried tokens (cond rows, then uncond rows)
+                c1 = clock()
+                for call in heads:  # K head steps
+                    call.run()
+                c2 = clock()
+                update.run()  # the new tokens at their positions
+                c3 = clock()
+                tb, th, tu = tb + c1 - c0, th + c2 - c1, tu + c3 - c2
+                if progress is not None:
+                    progress(i + 1, S)
+            t.backbone, t.head, t.update = t.backbone + tb, t.head + th, t.update + tu
+            loop_start += tb + th + tu  # what is left is the loop's own time
+        t.loop += clock() - loop_start
         t.batches += 1
         t.backbone_calls += S
-        t.head_calls += S * len(head_calls)
+        t.head_calls += S * (len(plan.steps[0]) - 2)

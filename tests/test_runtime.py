@@ -89,11 +89,30 @@ def test_calls_bound_once_per_plan_and_timed(engines):
     pipe.generate([1], seed=1, head_steps=4)
     assert backend.binds == binds
     steps = pipe.model.num_iter
-    assert backend.counts == {"backbone": 2 * steps, "head": 2 * 4 * steps, "vae_decoder": 2}
+    assert backend.counts == {"backbone": 2 * steps, "head": 2 * 4 * steps, "update": 2 * steps, "vae_decoder": 2}
     t = pipe.timings
     assert t.images == 1 and t.batches == 1
     assert t.backbone_calls == steps and t.head_calls == 4 * steps
     assert 0 < t.backbone + t.head + t.vae + t.loop + t.prepare <= t.wall
+
+
+@pytest.mark.parametrize("backbone,head", [("masked", "shortcut"), ("causal", "mar")])
+def test_nothing_crosses_to_the_host_between_ar_steps(tmp_path_factory, backbone, head):
+    """Per batch: one upload of the tables and the state, then only graph calls (backbone, K heads, update per
+    step), then the VAE and one download of the image. On a GPU the state stays on the device."""
+    from runtime.backends import RecordingBackend, open_backend
+
+    engines = built_engines(tmp_path_factory, backbone, head)[1]
+    manifest = load_manifest(engines)
+    backend = RecordingBackend(open_backend("ort", engines, manifest), keep=lambda graph, i: False)
+    pipe = Pipeline(engines, manifest, backend)
+    s = pipe.settings()
+    backend.events.clear()
+    pipe.generate([0, 1, 2], head_steps=s.head_steps)  # two batches of 2
+    steps = pipe.model.num_iter if backbone == "masked" else pipe.model.seq_len
+    one_step = ["run backbone"] + ["run head"] * s.head_steps + ["run update"]
+    batch = ["upload", *one_step * steps, "run vae_decoder", "download"]
+    assert backend.events == batch * 2
 
 
 def test_defaults_come_from_manifest(pipe):

@@ -16,7 +16,7 @@ from far_export.tensorrt import (
     detect_device,
     plan_name,
 )
-from runtime.manifest import load_manifest
+from runtime.manifest import GRAPHS, load_manifest
 
 
 def _trt_reason() -> str | None:
@@ -135,11 +135,11 @@ def test_compile_records_engines_reuses_and_rebuilds_on_change(engine_dir, fake_
         assert (e.gpu_name, e.compute_capability, e.onnx_sha256) == ("Orin", "8.7", m.graphs[name].sha256)
         assert e.settings["validation"]["passed"]
     assert load_manifest(out).engines == m.engines
-    assert len(fake_trt["build"]) == 3
+    assert len(fake_trt["build"]) == len(GRAPHS)
     compile_directory(out, EngineSettings(workspace_gb=1.0))
-    assert len(fake_trt["build"]) == 3  # unchanged key: nothing rebuilt
+    assert len(fake_trt["build"]) == len(GRAPHS)  # unchanged key: nothing rebuilt
     compile_directory(out, EngineSettings(workspace_gb=2.0))
-    assert len(fake_trt["build"]) == 6  # new settings: every plan rebuilt
+    assert len(fake_trt["build"]) == 2 * len(GRAPHS)  # new settings: every plan rebuilt
     assert not list(out.glob("*.new"))
 
 
@@ -165,7 +165,7 @@ def test_build_with_engines_reuses_plans_of_the_previous_build(engine_dir, fake_
     opts = BuildOptions(batch=1, validate=False, end_to_end=False, require_engines=True)
     lines: list[str] = []
     m = build(ckpt, out, opts, log=lines.append)
-    assert set(m.engines) == set(m.graphs) and len(fake_trt["build"]) == 3
+    assert set(m.engines) == set(m.graphs) and len(fake_trt["build"]) == len(GRAPHS)
     build(ckpt, out, opts, log=lines.append)  # same graphs (the export is deterministic), same settings
-    assert len(fake_trt["build"]) == 3
-    assert sum(line.startswith("reuse TensorRT plan") for line in lines) == 3
+    assert len(fake_trt["build"]) == len(GRAPHS)
+    assert sum(line.startswith("reuse TensorRT plan") for line in lines) == len(GRAPHS)

@@ -139,6 +139,25 @@ class DiffusionHeadStep(nn.Module):
         return self.head.step(x.float(), t, z, coef, noise.float(), cfg if self.guided else None).float()
 
 
+class TokenUpdateStep(nn.Module):
+    """tokens (B, L, C), mask (B, L), x (B*Q, C) the head's output, query (B, Q) int64 positions, n (1,) int64
+    -> tokens with rows q < n of x written at their positions, mask 0 there.
+
+    The scatter of one AR step as a graph, so that the runtime's state stays where the graphs run. Written
+    as a one-hot product rather than ScatterND: padded rows (q >= n, repeating a real position) are
+    weighted 0 and can never overwrite a real token, and the result is exact (one term of weight 1)."""
+
+    def forward(self, tokens, mask, x, query, n):
+        B, L, C = tokens.shape
+        Q = query.shape[1]
+        valid = torch.arange(Q, device=query.device) < n  # (Q,)
+        onehot = ((query[:, :, None] == torch.arange(L, device=query.device)) & valid[None, :, None]).float()  # (B, Q, L)
+        written = onehot.sum(1).clamp(max=1.0)  # (B, L)
+        update = torch.einsum("bql,bqc->blc", onehot, x.float().reshape(B, Q, C))  # (B, L, C)
+        keep = 1.0 - written
+        return tokens * keep[:, :, None] + update, mask * keep
+
+
 class VAEDecoderStep(nn.Module):
     """tokens (B, L, C) scaled latent tokens -> image (B, 3, H, W) in [0, 1]."""
 
