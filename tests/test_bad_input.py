@@ -225,6 +225,7 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
     (_set("cfg_guidance", "yes"), "cfg_guidance must be true or false"),
     (_set("precision", "fp8"), "precision must be one of fp32, fp16, bf16"),
     (_set("schema_version", 0), "schema_version must be >= 1"),
+    (_set("schema_version", 1), "manifest schema 1 is older than this runtime's (2); rebuild"),
     (_set("graphs.evil", {}), "unknown graph 'evil'"),
     (_set("engines", {"../../evil": {}}), "unknown graph '../../evil'"),
     (_set("engines", {"head": {"file": "../head.plan"}}), "engines.head.file must be a plain file name"),
@@ -252,7 +253,7 @@ def test_compile_refuses_crafted_graph_names(ws):
     (b"", "is not valid JSON"),
     (b"\xff\xfe{}", "is not valid JSON"),
     (b"[" * 100000, "is not valid JSON"),
-    (b'{"schema_version": 1}', "manifest field graphs is missing"),
+    (b'{"schema_version": 2}', "manifest field graphs is missing"),
 ])
 def test_unreadable_manifests(ws, content, match):
     eng = _copy_engine(ws)
