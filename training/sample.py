@@ -118,7 +118,7 @@ def sample_tokens(
             z = bstep(tokens, mask, labels_t, pos)
             x = head(z, rngs, step.num_pred, cfg_scale(s.cfg, s.cfg_schedule, L, step))
             rows = torch.arange(B)[:, None]
-            tokens[rows, pos] = x.reshape(B, step.num_pred, C)
+            tokens[rows, pos] = x.reshape(B, step.num_pred, C).to(tokens.dtype)
             mask[rows, pos] = 0.0
             if progress:
                 progress(i + 1, len(schedule))
@@ -133,28 +133,32 @@ def sample_tokens(
             tokens[:, i] = prev
             if progress:
                 progress(i + 1, len(schedule))
-    return tokens.numpy()
+    return tokens.cpu().numpy()
 
 
 @torch.no_grad()
 def decode_tokens(cfg: FARConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
     """Token latents (B, L, C) -> images (B, 3, H, W) float32 in [0, 1]."""
-    return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).numpy()
+    return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).float().cpu().numpy()
 
 
 def generate(
     model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
 ) -> np.ndarray:
-    """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it)."""
+    """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it).
+    `device` ("cuda") runs the loop there; `bf16` under torch.autocast (a timing aid: the reference is fp32)."""
     from runtime.images import to_uint8
 
     batch = batch or len(labels)
+    model, vae = model.to(device), vae.to(device)
+    dev = torch.device(device)
     out = []
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
-        tokens = sample_tokens(model, chunk, s, first_index=start)
-        out.append(to_uint8(decode_tokens(model.cfg, vae, tokens)))
+        with dev, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):  # new tensors on `device`
+            tokens = sample_tokens(model, chunk, s, first_index=start)
+            out.append(to_uint8(decode_tokens(model.cfg, vae, tokens)))
         if progress:
             progress(start + len(chunk), len(labels))
     return np.concatenate(out)
@@ -173,8 +177,10 @@ def _cli():
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory (config.json + safetensors).")
+    @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1.")
+    @click.option("--bf16", is_flag=True, help="Run under torch.autocast(bfloat16) (timing; the reference is fp32).")
     @sampling_options
-    def main(checkpoint: str, **kwargs) -> None:
+    def main(checkpoint: str, device: str, bf16: bool, **kwargs) -> None:
         """Sample images with the PyTorch reference loop."""
         from tqdm import tqdm
 
@@ -182,6 +188,9 @@ def _cli():
         from training.config import ConfigError
 
         req = request_from_kwargs(kwargs)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise click.ClickException(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); "
+                                       "use --device cpu")
         torch.set_num_threads(max(1, torch.get_num_threads()))
         try:
             ckpt = load_checkpoint(checkpoint)
@@ -193,7 +202,7 @@ def _cli():
             )
             with tqdm(total=len(labels), unit="img", desc="sampling") as bar:
                 images = generate(ckpt.model, ckpt.vae, labels, s, req.batch,
-                                  progress=lambda done, total: bar.update(done - bar.n))
+                                  progress=lambda done, total: bar.update(done - bar.n), device=device, bf16=bf16)
             paths = write_outputs(images, labels, len(classes), req.out, req.out_dir)
         except (CheckpointError, ConfigError, ValueError, OSError) as e:
             raise click.ClickException(str(e)) from None
