@@ -127,13 +127,13 @@ def probe() -> DeviceInfo:
 
 
 def stream_handle(stream: Any) -> int:
-    """The address of a cudaStream_t, for TensorRT's execute_async_v3. `int(stream)` is deprecated since
-    cuda-bindings 12.9.1 / 13.0 in favour of cuda.bindings.utils.get_cuda_native_handle; older bindings
-    have getPtr()."""
+    """The cudaStream_t handle as an int, for TensorRT's execute_async_v3. cuda-bindings 12.9.1 / 13.0
+    deprecate `int(stream)` for cuda.bindings.utils.get_cuda_native_handle; older bindings have no utils
+    module and `int()` is their documented way (their getPtr() is the address of the handle, not the handle)."""
     try:
         from cuda.bindings.utils import get_cuda_native_handle
     except ImportError:
-        return int(stream.getPtr()) if hasattr(stream, "getPtr") else int(stream)
+        return int(stream)
     return int(get_cuda_native_handle(stream))
 
 

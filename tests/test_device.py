@@ -171,3 +171,23 @@ def test_no_extra_installs_both_onnxruntime_variants_and_jetson_resolves_on_jetp
     for cuda12 in ("gpu", "jetson"):
         assert any(r.replace(" ", "").startswith("cuda-python>=12.6,<13") for r in extras[cuda12]), cuda12
     assert any(r.replace(" ", "").startswith("cuda-python>=13") for r in extras["cuda13"])
+
+
+def test_ort_backend_builds_gpu_session_options_and_leaves_cpu_as_it_was(tmp_path, monkeypatch):
+    """The SessionOptions and provider options OrtBackend itself builds (sessions are made per graph, later:
+    onnxruntime here has no GPU providers, so only their availability is pretended)."""
+    import onnxruntime as ort
+
+    from runtime.backends import OrtBackend
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    gpu = OrtBackend(tmp_path, None, providers="tensorrt,cuda")
+    assert gpu._opts.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+    assert gpu._provider_options[0]["trt_engine_cache_path"] == str(tmp_path / ORT_TRT_CACHE)
+    assert (tmp_path / ORT_TRT_CACHE).is_dir() and gpu._provider_options[1] == {}
+    cpu = OrtBackend(tmp_path, None, providers="cpu")
+    assert cpu._provider_options is None
+    assert cpu._opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
+        cpu._opts.get_session_config_entry("session.disable_cpu_ep_fallback")
