@@ -20,8 +20,8 @@ from typing import Any
 
 # What to do about the errors a user meets first (the rest are named and left to the CUDA docs).
 _HINTS = {
-    "cudaErrorInsufficientDriver": "the driver is older than the CUDA of the installed cuda-python: install the "
-    "cuda-python of the driver's CUDA major (JetPack 6 / CUDA 12: pip install 'cuda-python>=12.6,<13')",
+    "cudaErrorInsufficientDriver": "no NVIDIA driver is loaded, or it is older than the CUDA of the installed "
+    "cuda-python (install the cuda-python of the driver's CUDA major)",
     "cudaErrorNoDevice": "no CUDA GPU is visible (check nvidia-smi / CUDA_VISIBLE_DEVICES)",
     "cudaErrorDevicesUnavailable": "the GPU is busy or in exclusive-process mode",
 }
@@ -104,7 +104,21 @@ def check(rt: Any, result: Any, what: str) -> Any:
 
 def probe_gpu(rt: Any, tensorrt_version: str = "") -> DeviceInfo:
     """GPU 0 through the runtime bindings `rt` (import_cudart())."""
-    count = check(rt, rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    driver = int(check(rt, rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))  # 0: no driver loaded
+    runtime = int(check(rt, rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
+    try:
+        count = check(rt, rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except DeviceError as e:
+        if "cudaErrorInsufficientDriver" not in str(e):
+            raise
+        if driver == 0:
+            raise DeviceError("CUDA cudaGetDeviceCount failed: cudaErrorInsufficientDriver; no NVIDIA driver is "
+                              "loaded (libcuda): not a GPU machine, or the driver is not installed") from None
+        raise DeviceError(
+            f"CUDA cudaGetDeviceCount failed: cudaErrorInsufficientDriver; the driver supports CUDA "
+            f"{cuda_version(driver)}, the installed cuda-python is CUDA {cuda_version(runtime)}: "
+            f"pip install 'cuda-python>={driver // 1000},<{driver // 1000 + 1}' (far-export[gpu] / [jetson] "
+            "for CUDA 12, [cuda13] for 13)") from None
     if count < 1:
         raise DeviceError(f"CUDA reports no GPU; {_HINTS['cudaErrorNoDevice']}")
     prop = check(rt, rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
@@ -115,8 +129,8 @@ def probe_gpu(rt: Any, tensorrt_version: str = "") -> DeviceInfo:
         sm_count=int(prop.multiProcessorCount),
         total_memory_mb=int(prop.totalGlobalMem) // 2**20,
         integrated=bool(prop.integrated),
-        driver_cuda=cuda_version(int(check(rt, rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))),
-        runtime_cuda=cuda_version(int(check(rt, rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))),
+        driver_cuda=cuda_version(driver),
+        runtime_cuda=cuda_version(runtime),
     )
 
 

@@ -29,8 +29,8 @@ class _Runtime:
 
     NAMES = {0: b"cudaSuccess", 35: b"cudaErrorInsufficientDriver", 100: b"cudaErrorNoDevice"}
 
-    def __init__(self, count_error: int = 0, count: int = 1):
-        self.count_error, self.count = count_error, count
+    def __init__(self, count_error: int = 0, count: int = 1, driver: int = 12020, runtime: int = 12060):
+        self.count_error, self.count, self.driver, self.runtime = count_error, count, driver, runtime
 
     def cudaGetErrorName(self, err):
         return 0, self.NAMES[int(err)]
@@ -43,20 +43,40 @@ class _Runtime:
                                   totalGlobalMem=62_841 << 20, integrated=1)
 
     def cudaDriverGetVersion(self):
-        return 0, 12020
+        return 0, self.driver
 
     def cudaRuntimeGetVersion(self):
-        return 0, 12060
+        return 0, self.runtime
 
 
 def test_cuda_errors_are_reported_by_name_with_the_fix():
-    with pytest.raises(DeviceError, match=r"cudaGetDeviceCount failed: cudaErrorInsufficientDriver; .*cuda-python>=12.6,<13"):
-        probe_gpu(_Runtime(count_error=35))
+    # cuda-python 13 on JetPack 6's driver (CUDA 12.2)
+    with pytest.raises(DeviceError, match=r"cudaErrorInsufficientDriver; the driver supports CUDA 12.2, the "
+                                          r"installed cuda-python is CUDA 13.0: pip install 'cuda-python>=12,<13'"):
+        probe_gpu(_Runtime(count_error=35, runtime=13000))
+    with pytest.raises(DeviceError, match="cudaErrorInsufficientDriver; no NVIDIA driver is loaded"):
+        probe_gpu(_Runtime(count_error=35, driver=0))
     with pytest.raises(DeviceError, match="cudaErrorNoDevice; no CUDA GPU is visible"):
         probe_gpu(_Runtime(count_error=100))
     with pytest.raises(DeviceError, match="CUDA reports no GPU"):
         probe_gpu(_Runtime(count=0))
     assert check(_Runtime(), (0, 7), "x") == 7 and check(_Runtime(), (0,), "x") is None
+
+
+def test_real_cuda_bindings_without_a_gpu_name_the_error():
+    """The installed cuda-python (scripts/test.sh installs 12.x) on this machine: a real CUDA error name."""
+    try:
+        from runtime.device import import_cudart, stream_handle
+
+        rt = import_cudart()
+    except DeviceError as e:
+        pytest.skip(str(e))
+    if int(rt.cudaGetDeviceCount()[0]) == 0:
+        pytest.skip("a CUDA GPU is usable here: the probe succeeds (scripts/gpu_check.sh)")
+    with pytest.raises(DeviceError, match=r"CUDA cudaGetDeviceCount failed: cudaError\w+;") as e:
+        probe_gpu(rt)
+    assert "\n" not in str(e.value) and "no CUDA GPU is visible" != str(e.value)
+    assert stream_handle(rt.cudaStream_t(0)) == 0  # the default stream, by the bindings' documented accessor
 
 
 def test_probe_reads_the_facts_that_tell_jetson_modules_apart():
