@@ -144,7 +144,7 @@ def attach_timing_cache(config: Any, blob: bytes, log: Callable[[str], None] = p
         accepted = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
         choice = timing_cache_choice(False, accepted)
     if choice == "fail":
-        raise EngineBuildError("TensorRT refused an empty timing cache; build with --no-timing-cache")
+        raise EngineBuildError("TensorRT refused even an empty timing cache (see its log above)")
     return cache
 
 

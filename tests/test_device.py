@@ -135,7 +135,7 @@ def test_a_timing_cache_from_another_device_is_replaced_by_a_fresh_one():
     cfg = _Config()
     assert attach_timing_cache(cfg, b"this-gpu", lines.append).blob == b"this-gpu" and not lines
     assert attach_timing_cache(cfg, b"other-gpu", lines.append).blob == b"" and "fresh" in lines[0]
-    with pytest.raises(EngineBuildError, match="refused an empty timing cache"):
+    with pytest.raises(EngineBuildError, match="refused even an empty timing cache"):
         attach_timing_cache(_Config(foreign=b""), b"", lines.append)
     assert timing_cache_name(AGX) == "timing.trt10.3.0.sm8.7.cache"
 
