@@ -177,3 +177,17 @@ def test_build_with_engines_reuses_plans_of_the_previous_build(engine_dir, fake_
     build(ckpt, out, opts, log=lines.append)  # same graphs (the export is deterministic), same settings
     assert len(fake_trt["build"]) == 3
     assert sum(line.startswith("reuse TensorRT plan") for line in lines) == 3
+
+
+def test_compile_without_polygraphy_says_it_skips_plan_validation(engine_dir, fake_trt, monkeypatch, tmp_path):
+    import shutil
+    import sys
+
+    out = tmp_path / "compile3"
+    shutil.copytree(engine_dir, out)
+    monkeypatch.setitem(sys.modules, "polygraphy", None)  # importlib.util.find_spec answers None: not installed
+    lines: list[str] = []
+    m = compile_directory(out, EngineSettings(workspace_gb=1.0), log=lines.append)
+    skipped = [line for line in lines if line.startswith("plan validation skipped: polygraphy not installed")]
+    assert len(skipped) == 1 and fake_trt["validate"] == [], lines
+    assert all(e.settings["validation"] == {} for e in m.engines.values())
