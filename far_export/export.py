@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from far_export.tolerances import TOLERANCES, Tolerance
 from runtime.errors import FarError
 from runtime.manifest import TensorSpec
 from runtime.schedule import max_tokens_per_step
@@ -64,27 +65,6 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file
 class ExportError(FarError, RuntimeError):
     """A graph could not be exported (unsupported op, bad options)."""
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Bounds on |graph - reference| / max(1, max|reference|)."""
-
-    max_abs: float
-    p99_abs: float
-
-
-# Per graph output against the fp32 torch module: kernels and summation order (fp32), plus rounding (fp16/bf16).
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
-    "fp16": Tolerance(max_abs=5e-2, p99_abs=1e-2),
-    "bf16": Tolerance(max_abs=1e-1, p99_abs=3e-2),
-}
-# End to end against the fp32 reference sampler: decoded image in [0, 1].
-E2E_TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
-    "fp16": Tolerance(max_abs=0.1, p99_abs=0.02),
-    "bf16": Tolerance(max_abs=0.2, p99_abs=0.05),
-}
 
 @dataclass(frozen=True)
 class GraphIO:

@@ -7,7 +7,8 @@ Precision lives in the ONNX graphs: every network is built strongly typed
 (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`), which TensorRT 10.3 (JetPack 6)
 through 11.x support and which needs no precision builder flags (TensorRT 11 has
 none). Each plan has a build key = sha256(graph sha256 + settings + TensorRT version +
-GPU): a plan whose key is unchanged is reused, not rebuilt.
+GPU): a plan whose key is unchanged is reused, not rebuilt. The GPU is read by the
+runtime's one probe (`runtime/device.py`), which the TensorRT backend uses too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from far_export.tolerances import PLAN_TOLERANCES, describe_error, error_stats, within
+from runtime.device import DeviceError, DeviceInfo, describe, import_tensorrt, probe
 from runtime.errors import FarError
 from runtime.manifest import (
     EngineSpec,
@@ -30,9 +33,8 @@ from runtime.manifest import (
     ModelInfo,
     load_manifest,
     sha256_file,
+    write_atomic,
 )
-
-TIMING_CACHE = "timing.cache"
 
 
 class TensorRTUnavailable(FarError, RuntimeError):
@@ -60,80 +62,35 @@ class EngineSettings:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Device:
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "9.0"
+def detect_device() -> DeviceInfo:
+    """TensorRT version and GPU 0 (runtime/device.py's probe); TensorRTUnavailable when either is missing."""
+    try:
+        return probe()
+    except DeviceError as e:
+        raise TensorRTUnavailable(str(e)) from None
 
 
 def _import_tensorrt() -> Any:
     try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailable(f"the tensorrt Python package is not installed ({e.msg})") from None
-    except Exception as e:  # PyPI's stub wheels raise while trying to fetch the real libraries
-        raise TensorRTUnavailable(f"tensorrt cannot be imported ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not hasattr(trt, "Builder"):
-        raise TensorRTUnavailable("the installed tensorrt package is a stub without its libraries")
-    return trt
+        return import_tensorrt()
+    except DeviceError as e:
+        raise TensorRTUnavailable(str(e)) from None
 
 
-def detect_device() -> Device:
-    """TensorRT version, GPU name and compute capability; TensorRTUnavailable when any is missing."""
-    trt = _import_tensorrt()
-    name, cc = _gpu()
-    return Device(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=cc)
-
-
-def _gpu() -> tuple[str, str]:
-    """(GPU name, "major.minor") of device 0: cuda-python where installed, else the driver's libcuda."""
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            return _gpu_driver()
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        raise TensorRTUnavailable("no CUDA GPU is visible")
-    err, prop = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise TensorRTUnavailable(f"cannot query the CUDA GPU (cudaError {int(err)})")
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return name.split("\x00")[0].strip(), f"{prop.major}.{prop.minor}"
-
-
-def _gpu_driver() -> tuple[str, str]:
-    """The same through the CUDA driver API (libcuda, present wherever the driver is, Jetson included)."""
-    import ctypes
-
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        raise TensorRTUnavailable("no CUDA driver (libcuda.so.1) is installed") from None
-    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    name = ctypes.create_string_buffer(256)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
-        raise TensorRTUnavailable("no CUDA GPU is visible (cuInit/cuDeviceGet failed)")
-    cuda.cuDeviceGetName(name, 256, dev)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
-    return name.value.decode(errors="replace"), f"{major.value}.{minor.value}"
-
-
-def build_key(onnx_sha256: str, settings: EngineSettings, device: Device) -> str:
-    payload = {"onnx": onnx_sha256, "settings": settings.key_fields(), "device": asdict(device)}
+def build_key(onnx_sha256: str, settings: EngineSettings, device: DeviceInfo) -> str:
+    """What a plan depends on: the graph, the builder settings, TensorRT and the GPU (not the driver)."""
+    gpu = {k: getattr(device, k) for k in ("tensorrt_version", "gpu_name", "compute_capability", "sm_count")}
+    payload = {"onnx": onnx_sha256, "settings": settings.key_fields(), "device": gpu}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def plan_name(graph: str, device: Device) -> str:
+def plan_name(graph: str, device: DeviceInfo) -> str:
     """Plans carry the TensorRT version in their name (they load only there)."""
     return f"{graph}.trt{device.tensorrt_version}.plan"
 
 
-def build_plan(onnx_path: Path, plan_path: Path, settings: EngineSettings, cache_path: Path | None) -> None:
+def build_plan(onnx_path: Path, plan_path: Path, settings: EngineSettings, cache_path: Path | None,
+               log: Callable[[str], None] = print) -> None:
     """Parse one ONNX graph into a strongly typed network and serialize its plan."""
     trt = _import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -149,50 +106,100 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: EngineSettings, cache
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gb * (1 << 30)))
     config.builder_optimization_level = settings.opt_level
-    cache = None
     if settings.timing_cache and cache_path is not None:
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        attach_timing_cache(config, cache_path.read_bytes() if cache_path.is_file() else b"", log)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"TensorRT failed to build a plan from {onnx_path.name} (see its log above)")
-    tmp = plan_path.with_name(plan_path.name + ".tmp")
-    tmp.write_bytes(bytes(plan))
-    tmp.replace(plan_path)
-    if cache is not None and cache_path is not None:
-        cache_tmp = cache_path.with_name(cache_path.name + ".tmp")
-        cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))  # updated by the build
-        cache_tmp.replace(cache_path)
+    write_atomic(plan_path, bytes(plan))
+    if settings.timing_cache and cache_path is not None:
+        cache = config.get_timing_cache()  # updated by the build; None if TensorRT kept none
+        if cache is not None:
+            write_atomic(cache_path, bytes(cache.serialize()))
+
+
+def timing_cache_name(device: DeviceInfo) -> str:
+    """Timing caches are keyed by TensorRT version and compute capability: one from elsewhere is not offered."""
+    return f"timing.trt{device.tensorrt_version}.sm{device.compute_capability}.cache"
+
+
+def timing_cache_choice(had_blob: bool, accepted: bool) -> str:
+    """What to do after `set_timing_cache` answered `accepted` for a cache made from a previous blob or not:
+    "use" it, start a "fresh" one (TensorRT refused the old one: another device or version), or "fail"."""
+    if accepted:
+        return "use"
+    return "fresh" if had_blob else "fail"
+
+
+def attach_timing_cache(config: Any, blob: bytes, log: Callable[[str], None] = print) -> Any:
+    """Attach a timing cache made from `blob` (b"": empty) to a builder config. `set_timing_cache` returns
+    False for a cache from another device or TensorRT version (ignore_mismatch=False): then a fresh one."""
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception:  # a truncated or foreign file: TensorRT may raise instead of returning None
+        cache = None
+    accepted = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
+    choice = timing_cache_choice(bool(blob), accepted)
+    if choice == "fresh":
+        log("timing cache: TensorRT refused the stored one (another GPU or TensorRT version); starting a fresh one")
+        cache = config.create_timing_cache(b"")
+        accepted = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
+        choice = timing_cache_choice(False, accepted)
+    if choice == "fail":
+        raise EngineBuildError("TensorRT refused even an empty timing cache (see its log above)")
+    return cache
+
+
+def plan_validation_missing() -> str | None:
+    """What plan validation needs and is not installed here (None: all there)."""
+    import importlib.util
+
+    missing = [m for m in ("polygraphy", "onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    return ", ".join(missing) or None
 
 
 def validate_plan(onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec, model: ModelInfo,
-                  atol: float, rtol: float, count: int = 2) -> dict[str, Any]:
+                  count: int = 2) -> dict[str, Any]:
     """Run the plan (TensorRT) and the graph (ONNX Runtime on CPU; bf16 graphs upcast to fp32) on the same
-    valid random inputs with polygraphy's runners and comparator; EngineBuildError when they disagree."""
+    valid random inputs with polygraphy's runners; EngineBuildError when an output differs beyond the
+    precision's PLAN_TOLERANCES (far_export/tolerances.py, the scheme every comparison uses)."""
     import numpy as np
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
 
-    from far_export.feeds import example_inputs, upcast_bf16
+    from far_export.feeds import engine_feed, example_inputs, upcast_bf16
 
+    tol = PLAN_TOLERANCES[spec.precision]
     source = upcast_bf16(onnx_path) if spec.precision == "bf16" else str(onnx_path)
-    runners = [
-        OnnxrtRunner(SessionFromOnnx(source, providers=["CPUExecutionProvider"])),
-        TrtRunner(EngineFromBytes(plan_path.read_bytes())),
-    ]
     rng = np.random.Generator(np.random.PCG64(1234))
-    feeds = [example_inputs(model, spec, rng) for _ in range(count)]
-    results = Comparator.run(runners, data_loader=feeds)
-    ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
-    if not bool(ok):
-        raise EngineBuildError(f"the TensorRT plan of the {graph} graph differs from ONNX Runtime beyond "
-                               f"atol {atol} / rtol {rtol} (see polygraphy's report above)")
-    return {"atol": atol, "rtol": rtol, "inputs": count, "passed": True, "compared_with": "onnxruntime CPU (polygraphy)"}
+    feeds = [example_inputs(model, spec, rng) for _ in range(count)]  # bf16 inputs: bf16-exact float32
+    worst: dict[str, float] = {}
+    with OnnxrtRunner(SessionFromOnnx(source, providers=["CPUExecutionProvider"])) as ort_runner, \
+            TrtRunner(EngineFromBytes(plan_path.read_bytes())) as trt_runner:
+        for feed in feeds:
+            ref = ort_runner.infer(feed)
+            try:
+                trt_feed = engine_feed(spec, feed)  # bf16 inputs as bf16 tensors
+            except ValueError as e:
+                raise EngineBuildError(f"{graph}: {e}") from None
+            got = trt_runner.infer(trt_feed)
+            for t in spec.outputs:
+                stats = error_stats(_float32(got[t.name]), np.asarray(ref[t.name], dtype=np.float32))
+                if not within(stats, tol):
+                    raise EngineBuildError(f"the TensorRT plan of the {graph} graph differs from ONNX Runtime in "
+                                           f"{t.name}: {describe_error(stats, tol)}")
+                worst[t.name] = max(worst.get(t.name, 0.0), stats["max"] / stats["scale"])
+    return {"tolerance": asdict(tol), "inputs": count, "passed": True, "max_rel_error": worst,
+            "compared_with": "onnxruntime CPU (polygraphy runners)"}
 
 
-PLAN_TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (1e-1, 1e-1)}
+def _float32(a: Any) -> Any:
+    """A runner's output as float32 numpy (polygraphy returns torch tensors when it was fed torch tensors)."""
+    import numpy as np
+
+    if hasattr(a, "detach"):
+        a = a.detach().float().cpu().numpy()
+    return np.asarray(a, dtype=np.float32)
 
 
 def compile_engines(
@@ -207,9 +214,16 @@ def compile_engines(
     settings = settings or EngineSettings()
     directory = Path(directory)
     device = detect_device()
-    cache_path = directory / TIMING_CACHE if settings.timing_cache else None
+    log(f"device: {describe(device)}")
+    if validate:
+        missing = plan_validation_missing()
+        if missing:
+            log(f"plan validation skipped: {missing} not installed here (pip install polygraphy onnx onnxruntime, "
+                "or onnxruntime-gpu; on Jetson from its wheel index)")
+            validate = False
+    cache_path = directory / timing_cache_name(device) if settings.timing_cache else None
     if cache_path is not None and previous is not None and not cache_path.exists():
-        old_cache = Path(previous) / TIMING_CACHE
+        old_cache = Path(previous) / cache_path.name
         if old_cache.is_file():
             shutil.copy2(old_cache, cache_path)
     old = _old_engines(previous)
@@ -227,15 +241,13 @@ def compile_engines(
             else:
                 target = plan.with_name(plan.name + ".new")
                 staged.append((target, plan))
-                build_plan(directory / g.file, target, settings, cache_path)
-                checks = {}
-                if validate:
-                    atol, rtol = PLAN_TOLERANCE.get(g.precision, (1e-3, 1e-3))
-                    checks = validate_plan(directory / g.file, target, name, g, manifest.model, atol, rtol)
+                build_plan(directory / g.file, target, settings, cache_path, log)
+                checks = validate_plan(directory / g.file, target, name, g, manifest.model) if validate else {}
             engines[name] = EngineSpec(
                 file=plan.name, sha256=sha256_file(target), tensorrt_version=device.tensorrt_version,
                 gpu_name=device.gpu_name, compute_capability=device.compute_capability, onnx_sha256=g.sha256,
                 build_key=key, settings={**settings.key_fields(), "strongly_typed": True, "validation": checks},
+                sm_count=device.sm_count, total_memory_mb=device.total_memory_mb,
             )
             log(f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} ({time.perf_counter() - t0:.1f}s)")
     except BaseException:

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_export.export import E2E_TOLERANCES, TOLERANCES, GraphIO, GraphShapes, Tolerance, to_torch  # noqa: F401
+from far_export.export import GraphIO, GraphShapes, to_torch  # noqa: F401
 from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
+from far_export.tolerances import E2E_TOLERANCES, TOLERANCES, Tolerance, describe_error, error_stats, within  # noqa: F401
 from runtime.backends import Backend, OrtGraph
 from runtime.errors import FarError
 from runtime.manifest import Manifest, TensorSpec
@@ -45,26 +46,9 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # ----------------------------------------------------------------------------
 
 
-def error_stats(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if got.shape != ref.shape:
-        raise ValidationError(f"shape {got.shape} differs from the reference's {ref.shape}")
-    err = np.abs(got - ref)
-    if not np.all(np.isfinite(got)):
-        return {"max": float("inf"), "mean": float("inf"), "p99": float("inf"), "scale": 1.0}
-    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-    return {"max": float(err.max(initial=0.0)), "mean": float(err.mean()) if err.size else 0.0,
-            "p99": float(np.percentile(err, 99)) if err.size else 0.0, "scale": scale}
-
-
 def check(stats: dict[str, float], tol: Tolerance, what: str) -> None:
-    s = stats["scale"]
-    if not stats["max"] <= tol.max_abs * s or not stats["p99"] <= tol.p99_abs * s:
-        raise ValidationError(
-            f"{what} differs from PyTorch: max abs error {stats['max']:.3g} (p99 {stats['p99']:.3g}, "
-            f"mean {stats['mean']:.3g}) > tolerance {tol.max_abs:g} (p99 {tol.p99_abs:g}) x scale {s:.3g}"
-        )
+    if not within(stats, tol):
+        raise ValidationError(f"{what} differs from PyTorch: {describe_error(stats, tol)}")
 
 
 # ----------------------------------------------------------------------------

@@ -194,6 +194,26 @@ def _check_session_io(session: Any, spec: GraphSpec, path: Path) -> None:
                 raise BackendError(f"{path.name}: {name} has shape {list(got[name])}, the manifest says {list(shape)}")
 
 
+ORT_TRT_CACHE = "ort-trt-cache"  # inside the engine directory: the TensorRT EP's engines and timing cache
+
+
+def gpu_session_config(providers: Sequence[str]) -> dict[str, str]:
+    """Session config entries for GPU providers: with CUDA / TensorRT EP, a node that would silently run on
+    the CPU EP is an error at session creation instead (ONNX Runtime's session.disable_cpu_ep_fallback).
+    Only when the CPU EP was not asked for too: 'cuda,cpu' means the user accepts CPU nodes."""
+    gpu = any(p in GPU_PROVIDERS for p in providers)
+    return {"session.disable_cpu_ep_fallback": "1"} if gpu and "CPUExecutionProvider" not in providers else {}
+
+
+def provider_options(providers: Sequence[str], directory: Path) -> list[dict[str, str]]:
+    """One options dict per provider. The TensorRT EP caches its engines and timing cache inside the engine
+    directory (without them it rebuilds every session: minutes on an Orin); the others take the defaults."""
+    cache = str(Path(directory) / ORT_TRT_CACHE)
+    trt = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+           "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
+    return [dict(trt) if p == "TensorrtExecutionProvider" else {} for p in providers]
+
+
 class OrtBackend(Backend):
     """ONNX Runtime with the providers the user chose; a GPU provider that is asked for must be used."""
 
@@ -221,7 +241,18 @@ class OrtBackend(Backend):
             opts.intra_op_num_threads = threads
         if not spin:  # idle worker threads otherwise busy-wait, starving other work on a loaded machine
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in gpu_session_config(self.providers).items():
+            opts.add_session_config_entry(key, value)
         self._opts = opts
+        self._provider_options = None  # the CPU path as ONNX Runtime's defaults have it
+        if any(p in GPU_PROVIDERS for p in self.providers):
+            self._provider_options = provider_options(self.providers, directory)
+            if "TensorrtExecutionProvider" in self.providers:
+                try:
+                    (Path(directory) / ORT_TRT_CACHE).mkdir(exist_ok=True)
+                except OSError as e:
+                    raise BackendError(f"cannot create the TensorRT EP cache {directory / ORT_TRT_CACHE} "
+                                       f"({e.strerror}); make the engine directory writable") from None
         self.directory, self.manifest = directory, manifest
         self._graphs: dict[str, OrtGraph] = {}
 
@@ -230,7 +261,8 @@ class OrtBackend(Backend):
             spec = self.manifest.graphs[name]
             path = self.directory / spec.file
             try:
-                session = self._ort.InferenceSession(str(path), sess_options=self._opts, providers=self.providers)
+                session = self._ort.InferenceSession(str(path), sess_options=self._opts, providers=self.providers,
+                                                     provider_options=self._provider_options)
             except Exception as e:  # onnxruntime raises its own exception types for invalid files
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise BackendError(f"ONNX Runtime cannot load {path} ({first}); rebuild with far-export build") from None

@@ -63,6 +63,7 @@ class BenchResult:
     peak_rss_mb: float
     load_s: float | None = None  # Pipeline.load: manifest, sha256 checks, sessions, bound calls
     device_mem_mb: float | None = None
+    device_mem_shared: bool = False  # an integrated GPU (Jetson): "device memory" is the system RAM
     host: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,7 +89,9 @@ class BenchResult:
         if self.load_s is not None:
             mem = f"load {self.load_s:.2f} s; " + mem
         if self.device_mem_mb is not None:
-            mem += f", device memory in use {self.device_mem_mb:.0f} MB"
+            mem += (f", system RAM in use {self.device_mem_mb:.0f} MB (integrated GPU: cudaMemGetInfo counts the "
+                    "RAM it shares with the CPU, every process included)" if self.device_mem_shared
+                    else f", device memory in use {self.device_mem_mb:.0f} MB")
         lines.append(mem)
         return "\n".join(lines)
 
@@ -160,6 +163,7 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
         peak_rss_mb=_peak_rss_mb(),
         load_s=load_s,
         device_mem_mb=_device_mem_mb(pipe),
+        device_mem_shared=bool(getattr(getattr(pipe.backend, "device", None), "integrated", False)),
         host={"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()},
     )
 

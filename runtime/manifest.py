@@ -68,6 +68,9 @@ class EngineSpec:
     onnx_sha256: str  # the graph it was built from
     build_key: str  # sha256 of graph + settings: rebuild only when it changes
     settings: dict[str, Any] = field(default_factory=dict)
+    # Tell modules of one family apart (every Orin is "Orin", sm 8.7); 0 in manifests written before them.
+    sm_count: int = 0
+    total_memory_mb: int = 0
 
 
 @dataclass(frozen=True)

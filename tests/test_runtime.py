@@ -322,7 +322,10 @@ def _fake_tensorrt(monkeypatch, version: str, gpu: bytes, major: int, minor: int
     trt.__version__, trt.Runtime = version, object
     rt = types.ModuleType("cuda.bindings.runtime")
     rt.cudaGetDeviceCount = lambda: (0, 1)
-    rt.cudaGetDeviceProperties = lambda i: (0, SimpleNamespace(name=gpu, major=major, minor=minor))
+    rt.cudaGetDeviceProperties = lambda i: (0, SimpleNamespace(name=gpu, major=major, minor=minor, multiProcessorCount=16,
+                                                                totalGlobalMem=62_000 << 20, integrated=1))
+    rt.cudaDriverGetVersion = lambda: (0, 12020)
+    rt.cudaRuntimeGetVersion = lambda: (0, 12060)
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, rt
     for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):

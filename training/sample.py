@@ -120,7 +120,7 @@ def sample_tokens(
             z = bstep(tokens, mask, labels_t, pos)
             x = head(z, rngs, step.num_pred, cfg_scale(s.cfg, s.cfg_schedule, L, step))
             rows = torch.arange(B)[:, None]
-            tokens[rows, pos] = x.reshape(B, step.num_pred, C)
+            tokens[rows, pos] = x.reshape(B, step.num_pred, C).to(tokens.dtype)
             mask[rows, pos] = 0.0
             if progress:
                 progress(i + 1, len(schedule))
@@ -135,35 +135,40 @@ def sample_tokens(
             tokens[:, i] = prev
             if progress:
                 progress(i + 1, len(schedule))
-    return tokens.numpy()
+    return tokens.cpu().numpy()
 
 
 @torch.no_grad()
 def decode_tokens(cfg: FARConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
     """Token latents (B, L, C) -> images (B, 3, H, W) float32 in [0, 1]."""
-    return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).numpy()
+    return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).float().cpu().numpy()
 
 
 def generate(
     model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
 ) -> np.ndarray:
-    """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it)."""
-    return np.concatenate(list(generate_batches(model, vae, labels, s, batch, progress)))
+    """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it).
+    `device` ("cuda") runs the loop there; `bf16` under torch.autocast (a timing aid: the reference is fp32)."""
+    return np.concatenate(list(generate_batches(model, vae, labels, s, batch, progress, device, bf16)))
 
 
 def generate_batches(
     model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
 ) -> Iterator[np.ndarray]:
     """`generate`, one batch (n, H, W, 3) uint8 at a time: a large request is written as it goes."""
     from runtime.images import to_uint8
 
     batch = batch or len(labels)
+    model, vae = model.to(device), vae.to(device)
+    dev = torch.device(device)
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
-        tokens = sample_tokens(model, chunk, s, first_index=start)
-        yield to_uint8(decode_tokens(model.cfg, vae, tokens))
+        with dev, torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):  # new tensors on `device`
+            tokens = sample_tokens(model, chunk, s, first_index=start)
+            images = to_uint8(decode_tokens(model.cfg, vae, tokens))
+        yield images
         if progress:
             progress(start + len(chunk), len(labels))
 
@@ -181,14 +186,19 @@ def _cli():
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory (config.json + safetensors).")
+    @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1.")
+    @click.option("--bf16", is_flag=True, help="Run under torch.autocast(bfloat16) (timing; the reference is fp32).")
     @sampling_options
-    def main(checkpoint: str, **kwargs) -> None:
+    def main(checkpoint: str, device: str, bf16: bool, **kwargs) -> None:
         """Sample images with the PyTorch reference loop."""
         from tqdm import tqdm
 
         from training.checkpoint import load_checkpoint
 
         req = request_from_kwargs(kwargs)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise click.ClickException(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); "
+                                       "use --device cpu")
         torch.set_num_threads(max(1, torch.get_num_threads()))
         with one_line_errors():
             ckpt = load_checkpoint(checkpoint)
@@ -201,7 +211,8 @@ def _cli():
             writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
             with tqdm(total=len(labels), unit="img", desc="sampling") as bar:
                 for images in generate_batches(ckpt.model, ckpt.vae, labels, s, req.batch or 64,
-                                               progress=lambda done, total: bar.update(done - bar.n)):
+                                               progress=lambda done, total: bar.update(done - bar.n),
+                                               device=device, bf16=bf16):
                     writer.add(images)
             click.echo(writer.close())
 

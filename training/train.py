@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import tomllib
+    import tomllib  # novermin (3.11+; tomli below on 3.10)
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
