@@ -151,7 +151,7 @@ def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
                           "that ONNX Runtime cannot use is an error, not a slow fallback."),
         click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
-        click.option("--cuda-graph", is_flag=True, help="TensorRT: capture each bound call as a CUDA graph."),
+        click.option("--cuda-graph", is_flag=True, help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per batch)."),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -97,7 +97,7 @@ class BenchResult:
 
     def padding_warning(self) -> list[str]:
         """The engines compute their static batch whatever the request: a smaller batch is padded."""
-        engine = self.model["engine_batch"]
+        engine = self.model.get("engine_batch", self.batch)
         if self.batch >= engine:
             return []
         return [f"WARNING: batch {self.batch} on engines built for batch {engine}: every call computes {engine} images "

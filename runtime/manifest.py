@@ -302,6 +302,9 @@ def _engine(d: dict[str, Any], where: str) -> EngineSpec:
         compute_capability=_field(d, "compute_capability", str, where=w),
         onnx_sha256=_field(d, "onnx_sha256", str, where=w), build_key=_field(d, "build_key", str, where=w),
         settings=_field(d, "settings", dict, {}, where=w),
+        # absent from plans recorded before they were: 0 = unknown, not compared
+        sm_count=_int({"sm_count": 0, **d}, "sm_count", 0, 100_000, where=w),
+        total_memory_mb=_int({"total_memory_mb": 0, **d}, "total_memory_mb", 0, 1 << 40, where=w),
     )
 
 

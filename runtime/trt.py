@@ -1,11 +1,13 @@
 """TensorRT backend: deserialized plans, device buffers allocated once, one stream, optional CUDA graphs.
 
 Plans are not portable: each EngineSpec in the manifest names the TensorRT version,
-GPU and compute capability it was built for, and a plan built for anything else is
-refused with a one-line reason before TensorRT sees it. Device memory and copies go
-through the CUDA Python bindings (`cuda-python`); host buffers are pinned, so a
-bound call (copy in, enqueue, copy out) can be captured once as a CUDA graph and
-replayed. No torch. Written to TensorRT's documented Python API (10.x and 11.x:
+GPU, compute capability, SM count and memory it was built for, and a plan built for
+anything else is refused with a one-line reason before TensorRT sees it. Device memory
+and copies go through the CUDA Python bindings (`cuda-python`). Every buffer lives on
+the device with a pinned host mirror: the pipeline's state stays on the device for a
+whole batch (`upload` the tables once, `download` the image once), calls only enqueue,
+and with `cuda_graph` the whole AR loop of a plan is captured once as one CUDA graph
+and replayed with one launch per batch. No torch. Written to TensorRT's documented Python API (10.x and 11.x:
 tensor-address API, `execute_async_v3`).
 
 Imported lazily by `runtime.backends.open_backend("trt", ...)`; importing this
@@ -15,7 +17,7 @@ module needs numpy only.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,56 +123,66 @@ def _host_pointer(a: np.ndarray) -> int:
 
 
 class TrtCall(Call):
-    """Copy the bound host inputs in, enqueue, copy the outputs out, on the backend's stream.
-    With CUDA graphs the whole sequence is captured on the first run and replayed after."""
+    """One enqueue of a plan on the backend's stream, its tensors at fixed device addresses. Asynchronous:
+    what it writes stays on the device until `TrtBackend.download`."""
 
     def __init__(self, graph: TrtGraph, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
-        be = graph.backend
-        self._be, self._graph = be, graph
-        self._addresses = {}
-        self._h2d, self._d2h = [], []
-        for name, a in inputs.items():
-            dev = be.device_buffer(a)
-            self._addresses[name] = dev
-            self._h2d.append((dev, _host_pointer(a), a.nbytes))
-        for name, a in outputs.items():
-            dev = be.device_buffer(a)
-            self._addresses[name] = dev
-            self._d2h.append((_host_pointer(a), dev, a.nbytes))
-        self._cuda_graph: Any = None
-        self._exec: Any = None
+        self._be, self._graph = graph.backend, graph
+        self._addresses = {name: graph.backend.address(a) for name, a in (*inputs.items(), *outputs.items())}
 
-    def _enqueue(self) -> None:
-        be, cuda = self._be, self._be.cuda
-        h2d, d2h = cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for dst, src, n in self._h2d:
-            cuda.copy_async(dst, src, n, h2d, be.stream)
+    def run(self) -> None:
         ctx = self._graph.context
-        for name, addr in self._addresses.items():
+        for name, addr in self._addresses.items():  # a context serves every call bound to its plan
             if not ctx.set_tensor_address(name, addr):
                 raise BackendError(f"TensorRT refused the address of {name!r} in {self._graph.spec.file}")
-        if not ctx.execute_async_v3(be.stream_handle):
+        if not ctx.execute_async_v3(self._be.stream_handle):
             raise BackendError(f"TensorRT failed to enqueue {self._graph.spec.file}")
-        for dst, src, n in self._d2h:
-            cuda.copy_async(dst, src, n, d2h, be.stream)
+
+
+class TrtSequence(Call):
+    """Calls run in order on one stream; with CUDA graphs, captured once as one graph (after one plain run,
+    so that TensorRT finishes its deferred setup outside the capture) and replayed with one launch."""
+
+    def __init__(self, backend: TrtBackend, calls: list[Call]):
+        self._be, self._calls = backend, calls
+        self.graph: Any = None
+        self.exec: Any = None
 
     def run(self) -> None:
         be = self._be
         if not be.cuda_graph:
-            self._enqueue()
-            be.cuda.sync(be.stream)
+            for call in self._calls:
+                call.run()
             return
-        rt = be.cuda.rt
-        if self._exec is None:
-            self._enqueue()  # one plain run first: TensorRT finishes deferred setup outside capture
-            be.cuda.sync(be.stream)
-            be.cuda.check(rt.cudaStreamBeginCapture(be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
-                          "cudaStreamBeginCapture")
-            self._enqueue()
-            self._cuda_graph = be.cuda.check(rt.cudaStreamEndCapture(be.stream), "cudaStreamEndCapture")
-            self._exec = be.cuda.check(rt.cudaGraphInstantiate(self._cuda_graph, 0), "cudaGraphInstantiate")
-        be.cuda.check(rt.cudaGraphLaunch(self._exec, be.stream), "cudaGraphLaunch")
+        if self.exec is None:
+            self._capture()
+        be.cuda.check(be.cuda.rt.cudaGraphLaunch(self.exec, be.stream), "cudaGraphLaunch")
+
+    def _capture(self) -> None:
+        be, rt = self._be, self._be.cuda.rt
+        for call in self._calls:
+            call.run()
         be.cuda.sync(be.stream)
+        be.cuda.check(rt.cudaStreamBeginCapture(be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+                      "cudaStreamBeginCapture")
+        try:
+            for call in self._calls:
+                call.run()
+        except BaseException:  # end the capture whatever happened, so the stream is usable again
+            _, broken = rt.cudaStreamEndCapture(be.stream)
+            if broken:
+                rt.cudaGraphDestroy(broken)
+            raise
+        self.graph = be.cuda.check(rt.cudaStreamEndCapture(be.stream), "cudaStreamEndCapture")
+        self.exec = be.cuda.check(rt.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
+
+    def destroy(self) -> None:
+        rt = self._be.cuda.rt
+        if self.exec is not None:
+            rt.cudaGraphExecDestroy(self.exec)
+        if self.graph is not None:
+            rt.cudaGraphDestroy(self.graph)
+        self.exec = self.graph = None
 
 
 class TrtGraph(Graph):
@@ -231,8 +243,12 @@ class TrtBackend(Backend):
         self.stream_handle = stream_handle(self.stream)
         self.device = device
         self._graphs: dict[str, TrtGraph] = {}
-        self._device_buffers: dict[tuple[int, int], int] = {}  # (host pointer, nbytes) -> device pointer
-        self._host: list[tuple[int, np.ndarray]] = []
+        self._buffers: list[tuple[int, int, int, np.ndarray]] = []  # (host ptr, nbytes, device ptr, host array)
+        self._sequences: list[TrtSequence] = []
+
+    @property
+    def fuses_sequences(self) -> bool:  # type: ignore[override]
+        return self.cuda_graph
 
     def graph(self, name: str) -> Graph:
         if name not in self._graphs:
@@ -240,22 +256,55 @@ class TrtBackend(Backend):
         return self._graphs[name]
 
     def empty(self, shape: Any, dtype: Any) -> np.ndarray:
-        """Pinned host memory, zeroed, viewed as a numpy array (so copies can be captured in CUDA graphs)."""
+        """A device buffer and its pinned host mirror (zeroed), returned as the mirror: the host writes there
+        and `upload`s; the plans read and write the device side."""
         dtype = host_dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        ptr = self.cuda.host_alloc(nbytes)
-        raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
+        host = self.cuda.host_alloc(nbytes)
+        try:
+            dev = self.cuda.malloc(nbytes)
+        except BackendError:
+            self.cuda.free_host(host)
+            raise
+        raw = (ctypes.c_byte * max(nbytes, 1)).from_address(host)
         a = np.frombuffer(raw, dtype=np.uint8, count=nbytes).view(dtype).reshape(tuple(shape))
         a[...] = 0
-        self._host.append((ptr, a))
+        self._buffers.append((host, nbytes, dev, a))
+        self.cuda.check(self.cuda.rt.cudaMemsetAsync(dev, 0, max(nbytes, 1), self.stream), "cudaMemsetAsync")
         return a
 
-    def device_buffer(self, host: np.ndarray) -> int:
-        """One device buffer per bound host buffer, shared by every call that binds it."""
-        key = (_host_pointer(host), host.nbytes)
-        if key not in self._device_buffers:
-            self._device_buffers[key] = self.cuda.malloc(host.nbytes)
-        return self._device_buffers[key]
+    def address(self, a: np.ndarray) -> int:
+        """The device address of `a`, a buffer from `empty` or a contiguous view into one."""
+        ptr = _host_pointer(a)
+        for host, nbytes, dev, _ in self._buffers:
+            if host <= ptr and ptr + a.nbytes <= host + nbytes:
+                if not a.flags.c_contiguous:
+                    raise BackendError("TensorRT binds contiguous buffers only")
+                return dev + (ptr - host)
+        raise BackendError("a buffer bound to a TensorRT plan must come from the backend's empty()")
+
+    def _copies(self, arrays: Sequence[np.ndarray], kind: str) -> None:
+        rt = self.cuda.rt
+        for a in arrays:
+            dev, host = self.address(a), _host_pointer(a)
+            if kind == "up":
+                self.cuda.copy_async(dev, host, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
+            else:
+                self.cuda.copy_async(host, dev, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream)
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> None:
+        """Enqueue host -> device copies (pinned memory: asynchronous; the host leaves these buffers alone
+        until the next download, which waits for the stream)."""
+        self._copies(arrays, "up")
+
+    def download(self, arrays: Sequence[np.ndarray]) -> None:
+        self._copies(arrays, "down")
+        self.cuda.sync(self.stream)
+
+    def sequence(self, calls: Sequence[Call]) -> Call:
+        seq = TrtSequence(self, list(calls))
+        self._sequences.append(seq)
+        return seq
 
     def describe(self) -> str:
         d = self.device
@@ -263,10 +312,18 @@ class TrtBackend(Backend):
             ", CUDA graphs" if self.cuda_graph else "")
 
     def close(self) -> None:
-        for ptr in self._device_buffers.values():
-            self.cuda.free(ptr)
-        self._device_buffers.clear()
-        self._graphs.clear()
-        for ptr, _ in self._host:
-            self.cuda.free_host(ptr)
-        self._host.clear()
+        """CUDA graphs first, then the contexts and engines that their launches use, then the memory they
+        point at, then the stream."""
+        if self.stream is None:
+            return
+        self.cuda.sync(self.stream)
+        for seq in self._sequences:
+            seq.destroy()
+        self._sequences.clear()
+        self._graphs.clear()  # drops the execution contexts and engines
+        for host, _, dev, _ in self._buffers:
+            self.cuda.free(dev)
+            self.cuda.free_host(host)
+        self._buffers.clear()
+        self.cuda.rt.cudaStreamDestroy(self.stream)
+        self.stream = None

@@ -7,8 +7,9 @@
 
 The stub engine has the execution-context interface runtime/trt.py uses (set_tensor_address,
 execute_async_v3); its execute_async_v3 enqueues a device-to-device cudaMemcpyAsync from its input
-to its output on the given stream. So TrtCall's pinned host buffers, its copies in and out, replays
-with fresh host inputs and CUDA-graph capture all run on a real GPU without TensorRT.
+to its output on the given stream. So the backend's device buffers and pinned mirrors, its uploads and
+downloads, a sequence of calls whose intermediate never leaves the device, replays with fresh host
+inputs and the capture of the whole sequence as one CUDA graph all run on a real GPU without TensorRT.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def stub_backend(cuda_graph: bool) -> Any:
             self.device = self.cuda.device("stub")
             self.stream = self.cuda.stream()
             self.stream_handle = stream_handle(self.stream)
-            self._graphs, self._device_buffers, self._host = {}, {}, []
+            self._graphs, self._buffers, self._sequences = {}, [], []
 
         def stub_graph(self, shape: tuple[int, ...]) -> StubGraph:
             return StubGraph(self, shape)
@@ -127,27 +128,34 @@ def stub_backend(cuda_graph: bool) -> Any:
 
 
 def stub_check(replays: int = 5, shape: tuple[int, ...] = (16, 4096)) -> bool:
-    """Bind pinned buffers once, then replay with fresh host inputs: the output must equal each new input."""
+    """Two stub calls x -> y -> z bound once and run as one sequence (one CUDA graph with capture), replayed
+    with fresh host inputs: z must equal each new x, and y (device-only state) must never come back."""
     rt, why = cuda_or_reason()
     if rt is None:
         _say("skipped", f"TensorRT backend's CUDA half with a stub engine: no CUDA device ({why})")
         return True
     ok = True
     for cuda_graph in (False, True):
-        what = f"stub engine, {'CUDA graph capture + replay' if cuda_graph else 'plain enqueue'}, {replays} runs"
+        what = f"stub engine, {'one CUDA graph of 2 calls, captured + replayed' if cuda_graph else 'plain enqueue'}"
         be = stub_backend(cuda_graph)
         try:
-            x, y = be.empty(shape, "float32"), be.empty(shape, "float32")
-            call = be.stub_graph(shape).bind({"x": x}, {"y": y})
+            x, y, z = (be.empty(shape, "float32") for _ in range(3))
+            graph = be.stub_graph(shape)
+            loop = be.sequence([graph.bind({"x": x}, {"y": y}), graph.bind({"x": y}, {"y": z})])
             rng = np.random.default_rng(0)
             t0 = time.perf_counter()
             for i in range(replays):
                 x[...] = rng.standard_normal(shape, dtype=np.float32)  # fresh host input, same pinned buffer
-                call.run()
-                if not np.array_equal(x, y):
+                be.upload([x])
+                loop.run()
+                be.download([z])
+                if not np.array_equal(x, z):
                     raise BackendError(f"run {i}: the output is not the new input (stale replay?)")
+                if np.any(y):
+                    raise BackendError(f"run {i}: the intermediate buffer came back to the host")
             ms = (time.perf_counter() - t0) * 1e3 / replays
-            _say("ok", f"{what}: output == fresh input every run, {ms:.3f} ms/run ({x.nbytes >> 10} KiB each way)")
+            _say("ok", f"{what}, {replays} runs: output == fresh input, intermediate stayed on the device, "
+                       f"{ms:.3f} ms/run ({x.nbytes >> 10} KiB up and down)")
         except BackendError as e:
             ok = False
             _say("FAILED", f"{what}: {e}")

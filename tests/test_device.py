@@ -159,7 +159,7 @@ def test_gpu_providers_refuse_cpu_fallback_and_cache_tensorrt_engines(tmp_path):
 def test_bench_says_jetson_device_memory_is_system_ram():
     from runtime.bench import BenchResult
 
-    stages = {k: 1.0 for k in ("backbone", "head", "vae", "loop", "prepare", "wall")}
+    stages = {k: 1.0 for k in ("backbone", "head", "update", "vae", "loop", "prepare", "wall")}
     r = BenchResult("e", "trt", {"backbone": "masked", "head": "shortcut"}, {}, 1, 1, stages, stages,
                     {k: 0.1 for k in stages if k != "wall"}, 0.1, 1.0, {"p50": 1, "p95": 1, "mean": 1, "min": 1},
                     {"backbone": 1, "head": 1}, 100.0, device_mem_mb=900.0, device_mem_shared=True)
