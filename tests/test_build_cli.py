@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import make_tiny_checkpoint
+from numerics import GRAPH_FP32
 
 from far_export.cli import cli
 from runtime.manifest import GRAPHS, load_manifest, sha256_file
@@ -47,7 +48,7 @@ def test_build_writes_a_valid_manifest(built):
     for name in GRAPHS:
         for kind in ("random", "real"):
             for st in v["graphs"][name][kind].values():
-                assert st["max"] < 1e-4 * st["scale"]
+                assert st["max"] <= GRAPH_FP32 * st["scale"], (name, kind, st)
     # one line per stage with its time, and one line saying why no TensorRT plans
     assert sum("s)" in line for line in output.splitlines()) >= 6
     assert [line for line in output.splitlines() if line.startswith("TensorRT plans were not built")]
