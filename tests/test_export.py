@@ -9,6 +9,7 @@ from conftest import tiny_model
 from numerics import FP32, GRAPH_FP32, assert_close_to_scale
 
 from far_export.export import (
+    TORCH_DTYPES,
     ExportError,
     GraphShapes,
     export_graph,
@@ -151,3 +152,18 @@ def test_far_b_preset_exports_and_validates(tmp_path):
     assert res["params_million"] == pytest.approx(207.9, abs=0.1)
     assert res["end_to_end_image_max"] < 1e-3
     assert set(res["validation"]) == {"backbone", "head", "vae_decoder"}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_keeps_the_mar_head_network_fp32(precision):
+    """Protects the MAR head's fp32 island: at t ~ T the posterior multiplies eps by ~2e4, so the network
+    must keep the checkpoint's fp32 weights exactly (rounding them to fp16 and back cost mar-mnist 0.075 x
+    scale in its head graph); the backbone runs in the reduced precision."""
+    model, vae = tiny_model("masked", "mar", diffusion_clip_x0=5.0)
+    mods = graph_modules(model, vae, True, precision)
+    net = mods["head"].step.head.net
+    ref = dict(model.head.net.named_parameters())
+    for name, p in net.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, ref[name]), name  # exact: a copy, not a round trip
+    assert next(mods["backbone"].parameters()).dtype == TORCH_DTYPES[precision]
+    assert model.head.net.input_proj.weight.dtype == torch.float32  # the checkpoint's model is untouched
