@@ -12,7 +12,7 @@ graph; the legacy TorchScript exporter is deprecated, warns on every call, and g
 a masked-backbone graph that was wrong by ~1.9 on the tiny preset.
 
 Precision: fp32 graphs run the fp32 modules. fp16/bf16 graphs run `model.half()` /
-`model.bfloat16()` copies; norm statistics and softmax stay fp32 inside
+`model.bfloat16()` copies; norm statistics, softmax and the MAR head's network stay fp32 inside
 (training/layers.py), every float graph boundary stays fp32 except the causal KV cache.
 """
 
