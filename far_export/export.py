@@ -12,7 +12,7 @@ graph; the legacy TorchScript exporter is deprecated, warns on every call, and g
 a masked-backbone graph that was wrong by ~1.9 on the tiny preset.
 
 Precision: fp32 graphs run the fp32 modules. fp16/bf16 graphs run `model.half()` /
-`model.bfloat16()` copies; norm statistics and softmax stay fp32 inside
+`model.bfloat16()` copies; norm statistics, softmax and the MAR head's network stay fp32 inside
 (training/layers.py), every float graph boundary stays fp32 except the causal KV cache.
 """
 
@@ -47,7 +47,7 @@ GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "update": "upda
 _ISLANDS = {
     "backbone": ("LayerNorm statistics", "attention logits + mask bias + softmax", "graph inputs/outputs"),
     "shortcut": ("LayerNorm statistics", "timestep sinusoid", "graph inputs/outputs"),
-    "mar": ("LayerNorm statistics", "timestep sinusoid", "DDPM posterior (mean, variance, noise)",
+    "mar": ("diffusion head network (eps, variance)", "DDPM posterior (mean, variance, noise)",
             "graph inputs/outputs"),
     "vae_decoder": ("GroupNorm statistics", "attention logits + softmax", "graph inputs/outputs"),
     "update": (),  # always fp32: it only moves values
@@ -178,7 +178,17 @@ def graph_modules(
     """The eval-mode torch modules that the graphs compute, in `precision` (copies when not fp32)."""
     dtype = TORCH_DTYPES[precision]
     vdtype = TORCH_DTYPES[vae_precision or precision]
-    m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    m = model if dtype == torch.float32 else copy.deepcopy(model)
+    if m is not model:
+        m.backbone.to(dtype)
+        # The MAR head's network stays fp32, weights included (an island, see _ISLANDS): the posterior's
+        # x0 = c0 * x - c1 * eps has c1 = sqrt(1/alpha_bar - 1) ~ 2e4 at t ~ T, so an fp16 eps (rounding ~5e-4
+        # relative, from fp16 weights as much as from fp16 activations) moves x0 by ~10 there, across the x0
+        # clamp. mar-mnist's fp16 head graph was off by 0.185 (0.075 x scale) in its first step, fp32 weights in
+        # an fp32 network make it 5e-5 x scale. The head is small next to the backbone (mar-mnist: 0.35M of
+        # 1.57M parameters).
+        if model.cfg.head != "mar":
+            m.head.to(dtype)
     v = vae if vdtype == torch.float32 else copy.deepcopy(vae).to(vdtype)
     head = head_step(m, guided)
     if model.cfg.head == "mar":

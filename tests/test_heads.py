@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from numerics import FP32, assert_close_to_scale
 
 from runtime.schedule import (
     check_head_steps,
@@ -49,7 +50,7 @@ def test_shortcut_k_euler_steps(K: int) -> None:
             x = step(x, torch.tensor([t], dtype=torch.float32), d, z)
             tt = torch.full((N,), float(t))
             x_ref = x_ref + (1.0 / K) * head.velocity(x_ref, tt, level, z)
-    torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(x, x_ref, FP32, "K Euler steps")
 
 
 @pytest.mark.parametrize("K", [0, 3, 6, 100, 256, -1])
@@ -69,7 +70,7 @@ def test_shortcut_step_uses_level_of_d() -> None:
             d = 2.0**-level
             out = head.step(x, t, torch.tensor([d]), z)
             v = head.velocity(x, t.expand(N), torch.full((N,), level), z)
-            torch.testing.assert_close(out, x + d * v, atol=1e-6, rtol=1e-6)
+            assert_close_to_scale(out, x + d * v, FP32, f"step at level {level}")
 
 
 def _targets(head: ShortcutHead, x1, z, seed: int, frac: float = 0.5):
@@ -105,7 +106,7 @@ def test_shortcut_targets_bootstrap_and_flow_rows() -> None:
     torch.testing.assert_close(x_t, (1 - t[:, None]) * x0 + t[:, None] * x1)
 
     # 4) flow rows: v = x1 - x0
-    torch.testing.assert_close(target[nb:], (x1 - x0)[nb:], atol=1e-6, rtol=0)
+    assert_close_to_scale(target[nb:], (x1 - x0)[nb:], FP32, "flow targets")
     # 3) bootstrap rows: one step of size 2h = two teacher steps of size h = d/2 at level + 1
     with torch.no_grad():
         h = (d / 2).float()[:, None]
@@ -114,9 +115,9 @@ def test_shortcut_targets_bootstrap_and_flow_rows() -> None:
         v2 = head.velocity(x_t[:nb] + h * v1, t[:nb] + h[:, 0], hl, z[:nb])
         x_two = x_t[:nb] + h * v1 + h * v2  # two half steps
     assert v1.abs().mean() > 1e-2 and (v1 - v2).abs().mean() > 1e-4  # non-trivial teacher
-    torch.testing.assert_close(target[:nb], (v1 + v2) / 2, atol=1e-6, rtol=1e-6)
+    assert_close_to_scale(target[:nb], (v1 + v2) / 2, FP32, "bootstrap targets")
     # ... i.e. the big step with the target velocity lands where the two half steps land
-    torch.testing.assert_close(x_t[:nb] + (2 * h) * target[:nb], x_two, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(x_t[:nb] + (2 * h) * target[:nb], x_two, FP32, "one big step vs two half steps")
 
 
 def test_shortcut_targets_use_the_teacher() -> None:
@@ -266,7 +267,7 @@ def test_diffusion_head_step_is_mar_p_sample() -> None:
     mean = c[2] * x0 + c[3] * x
     frac = (var + 1) / 2
     logvar = frac * c[5] + (1 - frac) * c[4]
-    torch.testing.assert_close(out, (mean + torch.exp(0.5 * logvar) * noise).float(), atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(out, mean + torch.exp(0.5 * logvar) * noise, FP32, "DDPM step")
     assert var.abs().mean() > 1e-3
 
 
@@ -385,7 +386,7 @@ def test_cfg_one_equals_unguided_step(head_kind: str) -> None:
             guided = head_step(model, True)(x, t, torch.cat([z_c, z_u]), one, cf, noise)
             plain = head_step(model, False)(x, t, z_c, None, cf, noise)
             scaled = head_step(model, True)(x, t, torch.cat([z_c, z_u]), torch.tensor([3.0]), cf, noise)
-    torch.testing.assert_close(guided, plain, atol=1e-6, rtol=0)
+    assert_close_to_scale(guided, plain, FP32, "CFG scale 1 vs unguided")
     assert (scaled - plain).abs().max() > 1e-4  # guidance does something at scale 3
 
 
@@ -401,7 +402,7 @@ def test_cfg_mixes_cond_and_uncond() -> None:
         lv = torch.ones(N, dtype=torch.long)
         v_c = head.velocity(x, t.expand(N), lv, z_c)
         v_u = head.velocity(x, t.expand(N), lv, z_u)
-    torch.testing.assert_close(out, x + 0.5 * (v_u + s * (v_c - v_u)), atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(out, x + 0.5 * (v_u + s * (v_c - v_u)), FP32, "CFG mix")
 
 
 @pytest.mark.parametrize("head_kind", ["shortcut", "mar"])
@@ -423,7 +424,7 @@ def test_fp16_head_steps_run(head_kind: str) -> None:
         except RuntimeError as e:  # pragma: no cover - depends on the torch build's CPU kernels
             pytest.skip(f"fp16 on CPU is not supported by this torch build: {e}")
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert (out - ref).abs().max() < 1e-2 * max(1.0, ref.abs().max().item())
+    assert_close_to_scale(out, ref, 1e-2, "fp16 head step")
 
 
 @pytest.mark.parametrize(("levels", "fraction"), [(1, 0.25), (8, 0.0), (2, 0.5)])
@@ -451,4 +452,4 @@ def test_low_precision_shortcut_step_keeps_x_in_fp32(dtype: torch.dtype) -> None
             out = head_step(model.to(dtype), True)(*args)
         except RuntimeError as e:  # pragma: no cover - depends on the torch build's CPU kernels
             pytest.skip(f"{dtype} on CPU is not supported by this torch build: {e}")
-    assert (out - ref).abs().max() < 1e-4
+    assert_close_to_scale(out, ref, 1e-5, f"{dtype} Euler step")  # scale ~10: ~1e-4 absolute

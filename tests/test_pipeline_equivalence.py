@@ -4,7 +4,7 @@ Protects the randomness contract (runtime/schedule.py) and the AR loop: both
 backbones x both heads, fp32 graphs on ONNX Runtime, engines built with
 far_export.build from tiny random-weight checkpoints.
 
-Token tolerance: 1e-4, relative to max(1, max|reference|). With a shortcut head the
+Token tolerance: GRAPH_FP32 (1e-4) relative to max(1, max|reference|) (tests/numerics.py). With a shortcut head the
 tokens are O(1), so this is 1e-4 absolute. A random-weight MAR head predicts noise
 unrelated to x_t, so its first denoising step (x0 = x_t / sqrt(alphabar_999) - ...)
 gives tokens of order 1e5; fp32 rounding alone then differs by ~1e-2 absolute,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numerics import GRAPH_FP32, assert_close_to_scale
 from PIL import Image
 from runtime_engines import built_engines
 
@@ -28,16 +29,11 @@ torch = pytest.importorskip("torch")
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.sample import SamplingSettings, generate, sample_tokens  # noqa: E402
 
-TOKEN_TOL = 1e-4
 PIXEL_TOL = 2
 COMBOS = [("masked", "shortcut"), ("masked", "mar"), ("causal", "shortcut"), ("causal", "mar")]
 # The causal backbone takes one AR step per token: 2x2 latent patches give 16 tokens instead of
 # 64, which keeps the PyTorch reference loop fast (and puts patchify in the VAE graph).
 CHANGES = {"masked": {}, "causal": {"patch_size": 2}}
-
-
-def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got - ref).max() / max(1.0, float(np.abs(ref).max())))
 
 
 def _read_png(path) -> np.ndarray:
@@ -59,7 +55,7 @@ def test_tokens_and_png_equal_reference(tmp_path_factory, tmp_path, backbone, he
             ref = sample_tokens(ckpt.model, labels, s, first_index=first)
             got = pipe.sample_tokens(labels, ps, first_index=first)
             assert got.shape == ref.shape == (len(labels), ckpt.cfg.seq_len, ckpt.cfg.token_dim)
-            assert _rel_err(got, ref) <= TOKEN_TOL, (cfg, labels, np.abs(got - ref).max())
+            assert_close_to_scale(got, ref, GRAPH_FP32, f"tokens of {labels} at cfg {cfg}")
 
     # the PNG: 3 images through batch-2 engines (2 chunks, the last padded) vs the reference in one batch
     s = SamplingSettings.resolve(ckpt.cfg, seed=3, head_steps=k)
@@ -83,7 +79,7 @@ def test_unguided_graphs_equal_reference(tmp_path_factory):
     s = SamplingSettings.resolve(ckpt.cfg, seed=2, cfg=1.0)
     ref = sample_tokens(ckpt.model, [0, 1], s)
     got = pipe.sample_tokens([0, 1], pipe.settings(cfg=1.0, seed=2))
-    assert _rel_err(got, ref) <= TOKEN_TOL
+    assert_close_to_scale(got, ref, GRAPH_FP32, "tokens of unguided graphs")
 
 
 # Measured on the tiny random model (seeds 0-2, 4 images each): max 1, mean 0.06 levels.
@@ -106,4 +102,4 @@ def test_fp16_graphs_bounded_difference(tmp_path_factory):
         assert diff.max() <= FP16_MAX_PIXEL and diff.mean() <= FP16_MEAN_PIXEL, (diff.max(), diff.mean())
     s = p32.settings(seed=0)
     t32, t16 = p32.sample_tokens([0, 1], s), p16.sample_tokens([0, 1], s)
-    assert _rel_err(t16, t32) <= FP16_TOKEN_REL, _rel_err(t16, t32)
+    assert_close_to_scale(t16, t32, FP16_TOKEN_REL, "fp16 tokens")

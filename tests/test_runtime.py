@@ -55,7 +55,7 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 def test_generate_shapes_and_determinism(pipe):
     a = pipe.generate([0, 1, 2], seed=5)
     assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, pipe.generate([0, 1, 2], seed=5))
+    assert np.array_equal(a, pipe.generate([0, 1, 2], seed=5))  # exact: the same session, the same inputs
     assert not np.array_equal(a, pipe.generate([0, 1, 2], seed=6))
 
 
@@ -64,6 +64,7 @@ def test_image_depends_on_seed_index_class_not_batching(pipe):
     full = pipe.generate([3, 1, 2], seed=1)
     one_by_one = pipe.generate([3, 1, 2], seed=1, batch=1)
     other = pipe.generate([0, 1], seed=1)
+    # other batch sizes sum in another order: a pixel on a rounding edge may move by one level (tests/numerics.py)
     assert np.abs(full.astype(int) - one_by_one).max() <= 1
     assert np.abs(full[1].astype(int) - other[1]).max() <= 1
 

@@ -156,6 +156,7 @@ def test_resume_continues_exactly(folder, tmp_path):
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         for k in a[key]:
+            # exact: the same steps on the same data in one process on one machine (the resume contract)
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert load_file(str(straight / "model.safetensors")).keys() == load_file(str(resumed / "model.safetensors")).keys()
 
