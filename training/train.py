@@ -272,10 +272,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a table")
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a table")
         node[keys[-1]] = value
     return RunConfig.from_dict(raw)
 
@@ -595,6 +595,9 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
             print(f"\n[{stage.name}] interrupted at step {step}: saving", file=sys.stderr)
         save(step)
         raise
+    except BaseException:
+        bar.close()  # the error message starts on a line of its own
+        raise
     bar.close()
     check_sync(step)
     save(step)
@@ -634,6 +637,12 @@ def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAECon
         load_mar_vae,
     )
 
+    if not path.exists():
+        raise TrainingError(f"vae.init: {path} does not exist: give a checkpoint directory, a vae.safetensors "
+                            f"or MAR's kl16.ckpt")
+    if not path.is_dir() and not path.is_file():
+        raise TrainingError(f"vae.init: {path} is not a regular file (a FIFO, socket or device): give a checkpoint "
+                            f"directory, a vae.safetensors or MAR's kl16.ckpt")
     try:
         if path.is_dir():
             if (path / CONFIG_FILE).is_file():
@@ -1077,6 +1086,8 @@ def _cli():
             options = {"threads": threads}
             if resume and threads is None:
                 options = {**options, **run_options(out_dir)}  # the first run's options, unless given again
+                if options.get("threads") is not None:
+                    click.echo(f"resuming with --threads {options['threads']} (from {out_dir / RUN_OPTIONS})", err=True)
             set_threads(options.get("threads"), given=threads is not None)
             extra = list(sets) + list(overrides)
             for flag, key in ((steps, "train.steps"), (vae_steps, "vae.steps"), (data, "data.source"),
