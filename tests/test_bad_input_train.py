@@ -329,6 +329,15 @@ def test_damaged_resume_state(base_run, tmp_path, damage):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("name", ["log.jsonl", "latents.safetensors"])
+def test_run_file_that_is_a_fifo_is_refused(base_run, tmp_path, name):
+    out = copy_run(base_run, tmp_path / "run")
+    (out / name).unlink()
+    _fifo(out / name)  # appending to it would block forever
+    with pytest.raises(T.TrainingError, match=re.escape(f"{out / name} is not a regular file")):
+        T.check_run(T.load_run_config(out / "config.toml"), out, resume=True)
+
+
 def test_resume_with_other_model_dims_names_them(base_run, tmp_path):
     out = copy_run(base_run, tmp_path / "run")
     before = snapshot(out)

@@ -840,6 +840,8 @@ def _cpu_copy(model: FAR) -> FAR:
 
 MAX_DIFFUSION_STEPS = 100_000  # MAR trains with 1000; the head's schedule table is built on the host
 RUN_OPTIONS = "run.json"  # run-time options of the CLI (threads), reused by --resume
+RUN_FILES = ("config.toml", RUN_OPTIONS, "log.jsonl", "latents.safetensors", "train_state.pt", "vae/train_state.pt",
+             "vae/vae.safetensors", "vae/done")  # the files a run writes
 
 
 def is_run(out: Path) -> bool:
@@ -859,6 +861,10 @@ def check_out(out: Path, resume: bool) -> None:
         if d.name in ("checkpoints", "engines") and (d.parent / "pyproject.toml").is_file():
             raise TrainingError(f"--out {out} is inside the project's shipped {d.name}/ folder: choose a run "
                                 f"directory elsewhere (e.g. runs/NAME)")
+    for name in RUN_FILES:  # a FIFO there would block the run's open(); a directory would fail late
+        if (out / name).exists() and not (out / name).is_file():
+            raise TrainingError(f"{out / name} is not a regular file (a directory, FIFO or device): remove it, "
+                                f"or start over in a new --out")
     state_files = [p for p in (out / "train_state.pt", out / "vae" / "train_state.pt") if p.exists()]
     if resume and not is_run(out):
         raise TrainingError(f"--resume: {out} holds no run (no config.toml): check the --out path, or leave out "
@@ -998,6 +1004,7 @@ def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, An
         if ctx.device.type == "cpu" and ctx.distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, torch.get_num_threads() // ctx.world))
         cfg, given_vae = check_run(run, out, resume)
+        ctx.barrier()  # every rank checked the directory before rank 0 writes into it
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out / "config.toml", dump_toml(run.to_dict()))
