@@ -138,6 +138,8 @@ CONFIG_CASES = [
     (["extra.key=1"], "unknown config section(s): extra"),
     (["train.lr.x=1"], "train.lr must be float"),
     (["model=\"x\""], "[model] must be a table"),
+    (["model.vae=5"], "model.vae must be a VAE preset name or a table"),
+    (["model.nope=1"], "[model] unknown config key(s): nope"),
     (["model.width=7"], "[model] width 7 not divisible"),
     (["model.num_classes=1"], "the data has 2 classes but model.num_classes = 1"),
     (["device=\"tpu\""], "device must be"),
@@ -157,11 +159,11 @@ def test_bad_config_value(folder, tmp_path, overrides, match):
     assert not (tmp_path / "r").exists()
 
 
-CLI_CASES = [0, 1, 10, 27]  # lr nan, lr -1, steps "abc", width huge
+CLI_CASES = [c for c in CONFIG_CASES if c[0][0] in ("train.lr=nan", "train.lr=-1", "train.steps=\"abc\"",
+                                                     "model.width=1048576")]
 
 
-@pytest.mark.parametrize("overrides, match", [CONFIG_CASES[i] for i in CLI_CASES],
-                         ids=[" ".join(CONFIG_CASES[i][0]) for i in CLI_CASES])
+@pytest.mark.parametrize("overrides, match", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
 def test_bad_config_value_is_refused_before_any_work(folder, tmp_path, overrides, match):
     out = tmp_path / "r"
     before = snapshot(tmp_path)

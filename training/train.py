@@ -138,6 +138,8 @@ class RunConfig:
             base["vae"] = dataclasses.asdict(VAE_PRESETS[vae])
         elif isinstance(vae, dict):
             base["vae"] = {**base["vae"], **vae}
+        elif vae is not None:
+            raise ConfigError(f"model.vae must be a VAE preset name or a table of VAE keys, got {vae!r}")
         base.update(m)
         base.update(changes)
         try:
