@@ -150,3 +150,34 @@ def test_latent_cache_with_flips_stores_both_moments(tmp_path):
     cache = encode_dataset(AutoencoderKL(VAE_PRESETS["tiny"]), ds, flips=True, progress=False)
     assert cache.mean.shape == (8, 2, 4, 8, 8)
     assert cache.sample(torch.arange(3)).shape == (3, 4, 8, 8)
+
+
+def test_image_that_goes_bad_after_the_scan_is_skipped_when_loaded(tmp_path):
+    """A decode error raised lazily (the file changed after the scan): warned, named, left out of the rows."""
+    root = write_image_folder(tmp_path / "d")
+    ds = ImageFolder(root, img_size=16)
+    bad = ds.samples[1][0]
+    bad.write_bytes(bad.read_bytes()[:60])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, y = data.stack_images(ds, [0, 1, 2])
+        again = ds.load(1)
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 0] and again is None
+    assert [str(bad) in str(w.message) for w in caught] == [True]  # warned once
+    cache = encode_dataset(AutoencoderKL(VAE_PRESETS["tiny"]), ds, progress=False)
+    assert len(cache) == 7
+
+
+def test_truncated_jpeg_and_png_are_skipped_at_the_scan(tmp_path):
+    import io
+
+    root = write_image_folder(tmp_path / "d")
+    for fmt, name in (("JPEG", "t.jpg"), ("PNG", "t.png")):
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((24, 24, 3), np.uint8) + 7).save(buf, format=fmt)
+        (root / "class0" / name).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageFolder(root, img_size=16)
+    assert len(ds) == 8
+    assert sorted(Path(str(w.message).split()[3]).name for w in caught) == ["t.jpg", "t.png"]

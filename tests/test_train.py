@@ -286,7 +286,7 @@ def test_cli_bad_input_is_one_line(tmp_path, case):
         args += ["train.bogus=1"]
         match = "unknown config key"
     else:
-        args += ["--vae", str(tmp_path / "missing.ckpt")]
+        args += ["--data", str(write_image_folder(tmp_path / "d")), "--vae", str(tmp_path / "missing.ckpt")]
         match = "does not exist"
     r = CliRunner().invoke(T._cli(), args)
     assert r.exit_code == 1, r.output

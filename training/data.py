@@ -54,35 +54,25 @@ class TensorImages(Dataset):
 
 
 class ImageFolder(Dataset):
-    """`root/<class>/<image>`; classes sorted by name. Files that PIL cannot open are skipped."""
+    """`root/<class>/<image>`; classes sorted by name. Files that PIL cannot decode are skipped with a
+    warning naming them: at the scan (a full decode, JPEGs at reduced scale) and, should a file go bad
+    later, when it is loaded (`load` then returns None)."""
 
     def __init__(self, root: str | Path, img_size: int, hflip: bool = False, verify: bool = True):
-        from PIL import Image
-
         self.root, self.img_size, self.hflip = Path(root), img_size, hflip
-        if not self.root.is_dir():
-            raise DataError(f"data directory {self.root} does not exist")
-        try:
-            self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        except OSError as e:
-            raise DataError(f"cannot read data directory {self.root}: {e.strerror}") from None
-        if not self.classes:
-            raise DataError(f"{self.root} has no class folders: expected {self.root}/<class>/<image files>")
+        self.classes = class_folders(self.root)
         samples, skipped = [], []
         for label, name in enumerate(self.classes):
             for f in sorted((self.root / name).rglob("*")):
                 if f.suffix.lower() not in IMAGE_EXTS or not f.is_file():
                     continue
-                if verify:
-                    try:
-                        with Image.open(f) as im:
-                            im.verify()
-                    except Exception:  # PIL raises many types on corrupt files
-                        skipped.append(f)
-                        continue
+                reason = _undecodable(f, img_size) if verify else None
+                if reason is not None:
+                    skipped.append((f, reason))
+                    continue
                 samples.append((f, label))
-        for f in skipped[:5]:
-            warnings.warn(f"skipping unreadable image {f}", stacklevel=2)
+        for f, reason in skipped[:5]:
+            warnings.warn(f"skipping unreadable image {f} ({reason})", stacklevel=2)
         if len(skipped) > 5:
             warnings.warn(f"skipped {len(skipped)} unreadable images in total", stacklevel=2)
         if not samples:
@@ -90,31 +80,85 @@ class ImageFolder(Dataset):
         used = sorted({label for _, label in samples})
         if len(used) < 2:
             raise DataError(f"{self.root} has images of a single class ({self.classes[used[0]]}): need at least 2")
+        empty = [self.classes[c] for c in range(len(self.classes)) if c not in used]
+        if empty:
+            raise DataError(f"class folder {self.root / empty[0]} holds no readable images: add images to it or "
+                            f"remove it ({len(empty)} empty class folder(s))")
         self.samples = samples
+        self.unreadable: set[int] = set()  # rows whose file failed to decode after the scan
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
+    def load(self, i: int) -> torch.Tensor | None:
+        """Row i's image (3, S, S), or None (and a warning naming the file, once) if it cannot be decoded."""
+        if i in self.unreadable:
+            return None
         path, _ = self.samples[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            s = self.img_size
-            scale = s / min(im.size)
-            w, h = max(s, round(im.width * scale)), max(s, round(im.height * scale))
-            im = im.resize((w, h), Image.BICUBIC)
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            arr = np.asarray(im, dtype=np.float32)
-        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+        try:
+            return _load_image(path, self.img_size)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
+            self.unreadable.add(i)
+            warnings.warn(f"skipping unreadable image {path} ({_reason(e)})", stacklevel=2)
+            if len(self.unreadable) == len(self.samples):
+                raise DataError(f"no image of {self.root} can be decoded any more: check the disk and the files") from None
+            return None
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         img = self.load(i)
-        if self.hflip and torch.rand(()) < 0.5:
+        if img is not None and self.hflip and torch.rand(()) < 0.5:
             img = img.flip(-1)
         return img, self.samples[i][1]
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class folder names of an ImageFolder directory (sorted), or a one-line DataError."""
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data.source {root} is not a directory: give 'mnist' or a directory DIR/<class>/<images>")
+    try:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot read data directory {root}: {e.strerror}") from None
+    if not classes:
+        raise DataError(f"{root} has no class folders: expected {root}/<class>/<image files>")
+    return classes
+
+
+def _load_image(path: Path, size: int) -> torch.Tensor:
+    """Decode, resize the shorter side to `size`, center-crop: (3, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _undecodable(path: Path, size: int) -> str | None:
+    """Why PIL cannot decode `path` (truncated, empty, not an image), or None. The whole file is
+    decoded; JPEGs in draft mode (DCT scaling), which still reads every byte of the stream."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
+        return _reason(e)
+    return None
+
+
+def _reason(e: Exception) -> str:
+    """PIL's message, first line, without the file name (the warning names it)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.replace(f" '{getattr(e, 'filename', None) or ''}'", "").split(" '/")[0]
 
 
 # ----------------------------------------------------------------------------
@@ -180,13 +224,16 @@ def load_dataset(spec: DataSpec, split: str = "train") -> TensorImages | ImageFo
 
 
 def stack_images(ds: Dataset, indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or some) images of a dataset as one tensor, without flips."""
+    """All (or some) images of a dataset as one tensor, without flips; ImageFolder files that fail to
+    decode are left out (with a warning), so fewer rows may come back (none: shapes (0, ...))."""
     if isinstance(ds, TensorImages):
         sel = slice(None) if indices is None else torch.as_tensor(indices)
         return ds.images[sel], ds.labels[sel]
     indices = range(len(ds)) if indices is None else indices
-    imgs = [ds.load(i) for i in indices]
-    return torch.stack(imgs), torch.tensor([ds.samples[i][1] for i in indices])
+    rows = [(img, ds.samples[i][1]) for i in indices if (img := ds.load(i)) is not None]
+    if not rows:
+        return torch.zeros(0, 3, ds.img_size, ds.img_size), torch.zeros(0, dtype=torch.long)
+    return torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
 # ----------------------------------------------------------------------------
@@ -220,20 +267,25 @@ class LatentCache:
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"mean": self.mean.contiguous(), "logvar": self.logvar.contiguous(), "labels": self.labels,
-                   "num_classes": torch.tensor([self.num_classes])}, str(tmp), metadata={"source": self.source})
-        tmp.replace(path)
+        from training.files import write_atomic
+
+        tensors = {"mean": self.mean.contiguous(), "logvar": self.logvar.contiguous(), "labels": self.labels,
+                   "num_classes": torch.tensor([self.num_classes])}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"source": self.source}))
 
     @classmethod
     def load(cls, path: Path) -> LatentCache:
-        from safetensors import safe_open
+        """The cache in `path`; DataError if it is unreadable or not a latent cache."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        d = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            source = (f.metadata() or {}).get("source", "")
-        return cls(d["mean"], d["logvar"], d["labels"], int(d["num_classes"][0]), source)
+        try:
+            d = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                source = (f.metadata() or {}).get("source", "")
+            return cls(d["mean"], d["logvar"], d["labels"], int(d["num_classes"][0]), source)
+        except (SafetensorError, OSError, KeyError, IndexError) as e:
+            raise DataError(f"latent cache {path} is unreadable ({e})") from None
 
 
 @torch.no_grad()
@@ -248,6 +300,8 @@ def encode_dataset(vae: torch.nn.Module, ds: Dataset, batch_size: int = 128, fli
     for start in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch", disable=not progress):
         idx = list(range(start, min(n, start + batch_size)))
         x, y = stack_images(ds, idx)
+        if not len(y):  # every file of this chunk failed to decode (warned)
+            continue
         x = x.to(device)
         m, lv = vae.encode_moments(x)
         if flips:
@@ -256,6 +310,8 @@ def encode_dataset(vae: torch.nn.Module, ds: Dataset, batch_size: int = 128, fli
         means.append(m.float().cpu())
         logvars.append(lv.float().cpu())
         labels.append(y)
+    if not labels:
+        raise DataError("no image of the data set could be decoded: nothing to encode")
     classes = len(getattr(ds, "classes", [])) or int(torch.cat(labels).max()) + 1
     return LatentCache(torch.cat(means), torch.cat(logvars), torch.cat(labels).long(), classes)
 

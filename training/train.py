@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -56,6 +57,7 @@ from training.data import (
     latent_scale,
     load_dataset,
 )
+from training.files import RunFileError, read_text, torch_save_atomic, write_atomic, write_text_atomic
 from training.model import FAR, patchify
 from training.vae import AutoencoderKL
 
@@ -136,9 +138,14 @@ class RunConfig:
             base["vae"] = dataclasses.asdict(VAE_PRESETS[vae])
         elif isinstance(vae, dict):
             base["vae"] = {**base["vae"], **vae}
+        elif vae is not None:
+            raise ConfigError(f"model.vae must be a VAE preset name or a table of VAE keys, got {vae!r}")
         base.update(m)
         base.update(changes)
-        return FARConfig.from_dict(base)
+        try:
+            return FARConfig.from_dict(base)
+        except ConfigError as e:
+            raise ConfigError(f"[model] {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "model": dict(self.model), "data": dataclasses.asdict(self.data),
@@ -146,33 +153,82 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A checked run config: every key known, every value of its type and in its range
+        (non-finite numbers nowhere), the model section a valid FARConfig."""
         d = dict(d)
         unknown = sorted(set(d) - {"device", "model", "data", "vae", "train"})
         if unknown:
-            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; the sections are "
+                              "device, [model], [data], [vae], [train]")
+        _check_finite(d, "")
+        model = d.get("model", {"preset": "mnist"})
+        if not isinstance(model, dict):
+            raise ConfigError(f"[model] must be a table (preset = ..., width = ...), got {model!r}")
+        device = d.get("device", "auto")
+        if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ConfigError(f"device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {device!r}")
         cfg = cls(
-            model=dict(d.get("model", {"preset": "mnist"})),
+            model=dict(model),
             data=_section(DataConfig, d.get("data", {}), "data"),
             vae=_section(VAEStageConfig, d.get("vae", {}), "vae"),
             train=_section(FARStageConfig, d.get("train", {}), "train"),
-            device=str(d.get("device", "auto")),
+            device=device,
         )
-        for stage in (cfg.vae, cfg.train):
-            if stage.lr_schedule not in ("constant", "cosine"):
-                raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {stage.lr_schedule!r}")
-            if stage.steps < 0 or stage.batch_size < 1:
-                raise ConfigError("steps must be >= 0 and batch_size >= 1")
+        if not cfg.data.source:
+            raise ConfigError("data.source must be \"mnist\" or an ImageFolder directory, got an empty string")
+        _check_stage(cfg.vae, "vae")
+        _check_stage(cfg.train, "train")
+        if cfg.vae.kl_weight < 0:
+            raise ConfigError(f"vae.kl_weight must be >= 0, got {cfg.vae.kl_weight}")
+        for key in ("sample_classes", "sample_per_class"):
+            if not 1 <= getattr(cfg.train, key) <= MAX_SAMPLE_ROWS:
+                raise ConfigError(f"train.{key} must be in [1, {MAX_SAMPLE_ROWS}], got {getattr(cfg.train, key)}")
         cfg.far_config()  # validates the model section
         return cfg
 
 
+MAX_SAMPLE_ROWS = 100  # rows / columns of a sample grid
+
+
+def _check_finite(d: dict[str, Any], prefix: str) -> None:
+    """No NaN or infinity anywhere in a (nested) config table."""
+    for k, v in d.items():
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if isinstance(v, dict):
+            _check_finite(v, f"{prefix}{k}.")
+        elif any(isinstance(x, float) and not math.isfinite(x) for x in items):
+            raise ConfigError(f"{prefix}{k} must be a finite number, got {v!r}")
+
+
+def _check_stage(o: OptimConfig, name: str) -> None:
+    """The optimisation settings of a stage are in range (NaN fails every comparison below)."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}.{key} must be {what}, got {getattr(o, key)!r}")
+
+    need(o.lr_schedule in ("constant", "cosine"), "lr_schedule", "\"constant\" or \"cosine\"")
+    for key in ("steps", "batch_size", "log_every"):
+        need(getattr(o, key) >= 1, key, "an int >= 1")
+    for key in ("warmup_steps", "sample_every", "save_every", "check_sync_every"):
+        need(getattr(o, key) >= 0, key, f"an int >= 0{' (0: never)' if key != 'warmup_steps' else ''}")
+    need(0 <= o.seed < 2**63, "seed", "an int in [0, 2**63)")
+    need(o.lr >= 0, "lr", "a number >= 0")
+    need(0 <= o.min_lr <= o.lr, "min_lr", f"in [0, lr = {o.lr}]")
+    need(o.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(o.grad_clip >= 0, "grad_clip", "a number >= 0 (0: no clipping)")
+    need(0 <= o.ema_decay < 1, "ema_decay", "in [0, 1)")
+    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                   for b in o.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+
 def _section(cls: type, d: Any, name: str) -> Any:
     if not isinstance(d, dict):
-        raise ConfigError(f"[{name}] must be a table")
+        raise ConfigError(f"[{name}] must be a table, got {d!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(f'{name}.{k}' for k in unknown)}")
+        raise ConfigError(f"unknown config key(s): {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"[{name}] keys are {', '.join(known)}")
     out = {}
     for k, v in d.items():
         default = getattr(cls(), k)
@@ -209,19 +265,19 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} not found")
         try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raw = tomllib.loads(read_text(path, "config file"))
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML ({e})") from None
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a table")
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a table")
         node[keys[-1]] = value
     return RunConfig.from_dict(raw)
 
@@ -357,10 +413,43 @@ def params_checksum(model: nn.Module) -> float:
     return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in model.parameters()))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+STATE_KEYS = ("stage", "step", "model", "ema", "optimizer")
+
+
+def load_state(path: Path, stage: str, remedy: str, mmap: bool = False) -> dict[str, Any]:
+    """A stage's resume state (weights_only); a damaged or foreign file is a one-line TrainingError
+    that names the file and `remedy` (what to do instead)."""
+    if not path.is_file():
+        raise TrainingError(f"{path} is not a regular file: {remedy}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises many types (EOFError, zip, unpickling) on damaged files
+        from training.checkpoint import _load_reason
+
+        raise TrainingError(f"{path} is damaged ({_load_reason(e)}) and cannot be resumed: {remedy}") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise TrainingError(f"{path} is not a resume state (keys {', '.join(STATE_KEYS)} expected): {remedy}")
+    if state["stage"] != stage:
+        raise TrainingError(f"{path} holds a {state['stage']!r} stage, not {stage!r}: {remedy}")
+    if type(state["step"]) is not int or state["step"] < 0:
+        raise TrainingError(f"{path} has no valid step (got {state['step']!r}): {remedy}")
+    return state
+
+
+def shape_differences(own: dict[str, Any], saved: dict[str, Any], first: int = 3) -> str:
+    """'' if the two state dicts (name -> tensor or shape) have the same keys and shapes, else the first
+    few differences in one line: 'backbone.x: saved (4, 32), config (4, 64); 2 more'."""
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    diffs = [f"{k}: saved {shape(saved[k])}, config {shape(own[k])}"
+             for k in own if k in saved and shape(own[k]) != shape(saved[k])]
+    diffs += [f"{k}: not in the saved weights" for k in own if k not in saved]
+    diffs += [f"{k}: saved, not in the config's model" for k in saved if k not in own]
+    if not diffs:
+        return ""
+    more = f"; {len(diffs) - first} more" if len(diffs) > first else ""
+    return "; ".join(diffs[:first]) + more
 
 
 class _Objective(nn.Module):
@@ -383,8 +472,13 @@ class Log:
 
     def __call__(self, **record: Any) -> None:
         if self.ctx.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                from training.files import write_failure
+
+                raise RunFileError(write_failure(self.path, e)) from None
 
 
 # ----------------------------------------------------------------------------
@@ -401,6 +495,7 @@ class Stage:
     num_rows: int
     opt: OptimConfig
     state_path: Path
+    remedy: str  # what to do when state_path is damaged
     export_fn: Any  # (ema, step) -> None: write the exported weights
     sample_fn: Any = None  # (ema, step) -> None
     ema_teacher: bool = False  # pass the EMA to loss_fn (the shortcut head's self-consistency teacher)
@@ -414,10 +509,12 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optim = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
     step = 0
-    if resume and stage.state_path.is_file():
-        state = torch.load(stage.state_path, map_location=ctx.device, weights_only=True)
-        if state.get("stage") != stage.name:
-            raise TrainingError(f"{stage.state_path} holds a {state.get('stage')!r} stage, not {stage.name!r}")
+    if resume and stage.state_path.exists():
+        state = load_state(stage.state_path, stage.name, stage.remedy)
+        diff = shape_differences(model.state_dict(), state["model"])
+        if diff:
+            raise TrainingError(f"{stage.state_path} was trained with other model dims ({diff}): resume with the "
+                                f"run's own model settings, or start a new run in another --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optim.load_state_dict(state["optimizer"])
@@ -439,7 +536,7 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
     def save(at: int) -> None:
         if ctx.main:
             stage.export_fn(ema, at)
-            atomic_torch_save({"stage": stage.name, "step": at, "model": model.state_dict(), "ema": ema.state_dict(),
+            torch_save_atomic({"stage": stage.name, "step": at, "model": model.state_dict(), "ema": ema.state_dict(),
                                "optimizer": optim.state_dict(), "world_size": ctx.world}, stage.state_path)
         ctx.barrier()
 
@@ -506,6 +603,9 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
             print(f"\n[{stage.name}] interrupted at step {step}: saving", file=sys.stderr)
         save(step)
         raise
+    except BaseException:
+        bar.close()  # the error message starts on a line of its own
+        raise
     bar.close()
     check_sync(step)
     save(step)
@@ -545,6 +645,12 @@ def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAECon
         load_mar_vae,
     )
 
+    if not path.exists():
+        raise TrainingError(f"vae.init: {path} does not exist: give a checkpoint directory, a vae.safetensors "
+                            f"or MAR's kl16.ckpt")
+    if not path.is_dir() and not path.is_file():
+        raise TrainingError(f"vae.init: {path} is not a regular file (a FIFO, socket or device): give a checkpoint "
+                            f"directory, a vae.safetensors or MAR's kl16.ckpt")
     try:
         if path.is_dir():
             if (path / CONFIG_FILE).is_file():
@@ -561,7 +667,7 @@ def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAECon
 
 
 def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log, resume: bool) -> AutoencoderKL:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     vdir = out / "vae"
     final = vdir / "vae.safetensors"
@@ -570,24 +676,26 @@ def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log,
     state = vdir / "train_state.pt"
     done = vdir / "done"
     if done.is_file() and final.is_file():
-        vae.load_state_dict(load_file(str(final)))
-        return vae
+        return _load_weights(vae, final, f"remove {vdir} to train the VAE again, or give a VAE with vae.init")
     if ctx.main:
         vdir.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
     ds = load_dataset(DataSpec(run.data.source, cfg.img_size, run.data.hflip), "train")
     from training.data import stack_images
 
+    _check_batches(run, len(ds), "images")
     fixed, _ = stack_images(ds, np.linspace(0, len(ds) - 1, min(16, len(ds))).astype(int).tolist())  # all classes
 
     def batch_fn(idx, g):
-        imgs = [ds[i][0] for i in idx]
+        imgs = [img for img, _ in (ds[i] for i in idx) if img is not None]  # None: a file that went bad (warned)
+        if not imgs:
+            raise DataError(f"no image of a training batch could be decoded (see the warnings): remove the corrupt "
+                            f"files from {run.data.source}, then continue with --resume")
         return (torch.stack(imgs).to(ctx.device),)
 
     def export(ema, step):
-        tmp = final.with_name(final.name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp))
-        os.replace(tmp, final)
+        weights = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+        write_atomic(final, lambda tmp: save_file(weights, str(tmp)))
 
     def recon_grid(ema, step):
         from runtime.images import _save_png, make_grid, to_uint8
@@ -598,17 +706,29 @@ def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log,
         grid = make_grid(to_uint8(pair.clamp(0, 1).numpy()), rows=2)
         _save_png(grid, vdir / f"recon_{step:06d}.png")
 
+    remedy = ("start over in a new --out" + (f", or train FAR on the VAE exported so far with vae.init={final}"
+                                            if final.is_file() else ""))
     stage = Stage("vae", vae, lambda m, x: vae_loss(m, x, run.vae.kl_weight), batch_fn, len(ds), run.vae, state,
-                  export, recon_grid)
+                  remedy, export, recon_grid)
     if ctx.main:
         print(f"[vae] training {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params on {len(ds)} images",
               file=sys.stderr)
     run_stage(stage, ctx, log, resume)
     ctx.barrier()
     if ctx.main:
-        done.write_text("ok\n")
-    vae.load_state_dict(load_file(str(final)))  # the EMA weights
-    return vae
+        write_text_atomic(done, "ok\n")
+    return _load_weights(vae, final, f"remove {vdir} to train the VAE again")  # the EMA weights
+
+
+def _load_weights(module: nn.Module, path: Path, remedy: str) -> Any:
+    """Weights from a safetensors file into `module`; a damaged or mismatched file is a TrainingError."""
+    from training.checkpoint import CheckpointError, _load_into, _load_safetensors
+
+    try:
+        _load_into(module, _load_safetensors(path), str(path))
+    except CheckpointError as e:
+        raise TrainingError(f"{e}: {remedy}") from None
+    return module
 
 
 # ----------------------------------------------------------------------------
@@ -620,7 +740,7 @@ def build_cache(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, c
     path = out / "latents.safetensors"
     spec = DataSpec(run.data.source, cfg.img_size, run.data.hflip)
     source = fingerprint(vae, spec)
-    if ctx.main and (not path.is_file() or LatentCache.load(path).source != source):
+    if ctx.main and _cache_source(path) != source:
         cache = encode_dataset(vae.to(ctx.device), load_dataset(spec, "train"), flips=run.data.hflip, device=ctx.device)
         cache.source = source
         cache.save(path)
@@ -628,11 +748,23 @@ def build_cache(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, c
     return LatentCache.load(path)
 
 
+def _cache_source(path: Path) -> str | None:
+    """The fingerprint of the cache in `path`; None when there is none (or it is damaged: it is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        return LatentCache.load(path).source
+    except DataError as e:
+        print(f"warning: {e}: encoding the data again", file=sys.stderr)
+        return None
+
+
 def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx: Context, log: Log,
               resume: bool) -> Path:
     from training.checkpoint import save_checkpoint
 
     cache = build_cache(run, cfg, vae, out, ctx)
+    _check_batches(run, len(cache), "latents")
     if cache.num_classes > cfg.num_classes:
         raise TrainingError(f"the data has {cache.num_classes} classes but model.num_classes = {cfg.num_classes}")
     scale = latent_scale(cache)
@@ -644,7 +776,9 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
         if ctx.main:
             print(f"[far] train.init: {report}", file=sys.stderr)
     vae = vae.cpu().eval()
-    log(stage="far", step=0, latent_scale=scale, params=sum(p.numel() for p in model.parameters()))
+    state_path = out / "train_state.pt"
+    if not (resume and state_path.exists()):  # a resumed run logged its start already
+        log(stage="far", step=0, latent_scale=scale, params=sum(p.numel() for p in model.parameters()))
     if ctx.main:
         print(f"[far] {cfg.backbone} backbone + {cfg.head} head, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent_scale {scale:.4f}, "
@@ -663,8 +797,15 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
     ckpt_dir = out / "checkpoint"
 
     def export(ema, step):
+        from safetensors import SafetensorError
+
+        from training.files import write_failure
+
         info = {"step": step, "run": str(out), "config": run.to_dict()}
-        save_checkpoint(ckpt_dir, _cpu_copy(ema), vae, extra_files={"train_info.json": json.dumps(info, indent=2)})
+        try:
+            save_checkpoint(ckpt_dir, _cpu_copy(ema), vae, extra_files={"train_info.json": json.dumps(info, indent=2)})
+        except (OSError, SafetensorError) as e:  # save_checkpoint removed its temporary directory
+            raise RunFileError(write_failure(ckpt_dir, e)) from None
 
     def sample_grid(ema, step):
         from runtime.images import _save_png, make_grid
@@ -678,7 +819,9 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
         (out / "samples").mkdir(exist_ok=True)
         _save_png(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
 
-    stage = Stage("far", model, loss_fn, batch_fn, len(cache), run.train, out / "train_state.pt", export,
+    remedy = ("start over in a new --out" + (f", or start from the last exported weights with train.init={ckpt_dir}"
+                                            if ckpt_dir.is_dir() else ""))
+    stage = Stage("far", model, loss_fn, batch_fn, len(cache), run.train, state_path, remedy, export,
                   sample_grid, ema_teacher=cfg.head == "shortcut")
     run_stage(stage, ctx, log, resume)
     return ckpt_dir
@@ -723,30 +866,182 @@ def _cpu_copy(model: FAR) -> FAR:
 # ----------------------------------------------------------------------------
 
 
-def train(run: RunConfig, out: Path, resume: bool = False) -> Path:
-    """Both stages (or FAR alone on `vae.init`); returns the exported checkpoint directory."""
+MAX_DIFFUSION_STEPS = 100_000  # MAR trains with 1000; the head's schedule table is built on the host
+RUN_OPTIONS = "run.json"  # run-time options of the CLI (threads), reused by --resume
+RUN_FILES = ("config.toml", RUN_OPTIONS, "log.jsonl", "latents.safetensors", "train_state.pt", "vae/train_state.pt",
+             "vae/vae.safetensors", "vae/done")  # the files a run writes
+
+
+def is_run(out: Path) -> bool:
+    """Whether `out` holds a training run (its resolved config.toml, written first)."""
+    return (out / "config.toml").is_file()
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """The run directory can be used: a directory (or nothing yet), not inside a checkpoint or engine
+    directory; --resume needs a run there, a new run needs it empty or holding an unfinished start."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a directory: choose another --out")
+    for d in [out.resolve(), *out.resolve().parents]:
+        if (d / "manifest.json").is_file() or ((d / "config.json").is_file() and (d / "model.safetensors").is_file()):
+            raise TrainingError(f"--out {out} is inside the checkpoint or engine directory {d}: choose a run "
+                                f"directory elsewhere (e.g. runs/NAME)")
+        if d.name in ("checkpoints", "engines") and (d.parent / "pyproject.toml").is_file():
+            raise TrainingError(f"--out {out} is inside the project's shipped {d.name}/ folder: choose a run "
+                                f"directory elsewhere (e.g. runs/NAME)")
+    for name in RUN_FILES:  # a FIFO there would block the run's open(); a directory would fail late
+        if (out / name).exists() and not (out / name).is_file():
+            raise TrainingError(f"{out / name} is not a regular file (a directory, FIFO or device): remove it, "
+                                f"or start over in a new --out")
+    state_files = [p for p in (out / "train_state.pt", out / "vae" / "train_state.pt") if p.exists()]
+    if resume and not is_run(out):
+        raise TrainingError(f"--resume: {out} holds no run (no config.toml): check the --out path, or leave out "
+                            f"--resume to start a new run there")
+    if not resume and state_files:
+        raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if not resume and out.is_dir() and not is_run(out) and any(out.iterdir()):
+        raise TrainingError(f"--out {out} is a directory that holds other files and no run: choose a new or "
+                            f"empty directory")
+
+
+def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig, AutoencoderKL | None]:
+    """Everything that can be checked before any work: the run directory, the data, the given VAE and
+    init weights, the model's memory, and (with resume) that the saved states fit the config.
+    Returns the model config (with vae.init's VAE config) and the given VAE, if any."""
+    from training.data import class_folders, mnist_csv_path
+
+    check_out(out, resume)
+    cfg = run.far_config()
+    if run.data.source == "mnist":
+        mnist_csv_path()
+        if cfg.img_size < 28:
+            raise TrainingError(f"the mnist digits are 28x28: model.img_size must be >= 28, got {cfg.img_size} "
+                                f"(or train on an ImageFolder with --data)")
+        classes = 10
+    else:
+        classes = len(class_folders(Path(run.data.source)))
+    if classes > cfg.num_classes:
+        raise TrainingError(f"the data has {classes} classes but model.num_classes = {cfg.num_classes}: "
+                            f"set model.num_classes={classes}")
+    given = None
+    if run.vae.init:
+        given, vae_cfg = load_vae_file(Path(run.vae.init), cfg.vae)
+        cfg = cfg.replace(vae=vae_cfg)
+    if cfg.head == "mar" and cfg.diffusion_steps > MAX_DIFFUSION_STEPS:
+        raise TrainingError(f"model.diffusion_steps {cfg.diffusion_steps} is beyond {MAX_DIFFUSION_STEPS} "
+                            f"(MAR uses 1000): choose fewer")
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise TrainingError(f"the model dims cannot be built ({str(e).splitlines()[0]}): choose smaller ones") from None
+    _check_memory(model, vae, run, cfg)
+    if run.train.init:
+        _check_init(model, Path(run.train.init))
+    if resume:
+        _check_saved(model, vae, run, out)
+    return cfg, given
+
+
+def _check_memory(model: FAR, vae: AutoencoderKL, run: RunConfig, cfg: FARConfig) -> None:
+    """Weights, EMA, gradients and AdamW's two moments (5 fp32 copies) of both networks must fit."""
+    n_far = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    n_vae = sum(t.numel() for t in [*vae.parameters(), *vae.buffers()])
+    need = 4 * (5 * n_far + (n_vae if run.vae.init else 5 * n_vae))
+    avail = _available_memory(run.device)
+    if avail is not None and need > avail:
+        raise TrainingError(f"the model ({n_far / 1e6:.0f}M FAR + {n_vae / 1e6:.0f}M VAE parameters) needs "
+                            f"~{need / 1e9:.1f} GB to train (weights, EMA, optimizer), more than the "
+                            f"{avail / 1e9:.1f} GB available: choose smaller model dims")
+
+
+def _available_memory(device: str) -> int | None:
+    """Bytes free for training: the GPU's free memory, or MemAvailable of /proc/meminfo (None: unknown)."""
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _safetensors_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape from a safetensors file's header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise TrainingError(f"{what}: {path} is missing or not a regular file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise TrainingError(f"{what}: {path} is not a readable safetensors file ({e})") from None
+
+
+def _check_init(model: FAR, path: Path) -> None:
+    from training.checkpoint import MODEL_FILE
+
+    if not path.is_dir():
+        raise TrainingError(f"train.init: {path} is not a checkpoint directory (config.json + {MODEL_FILE} + "
+                            f"vae.safetensors): give one, e.g. RUN/checkpoint")
+    diff = shape_differences(model.state_dict(), _safetensors_shapes(path / MODEL_FILE, "train.init"))
+    if diff:
+        raise TrainingError(f"train.init: {path / MODEL_FILE} does not match the model config ({diff}): set the "
+                            f"model.* keys of the checkpoint's config.json, or drop train.init")
+
+
+def _check_saved(model: FAR, vae: AutoencoderKL, run: RunConfig, out: Path) -> None:
+    """--resume: the saved states load and have the config's shapes (a changed model dim is named here,
+    not as a size-mismatch traceback after the VAE stage)."""
+    redo = "resume with the run's own model settings (no model.* or --preset changes), or start a new run in another --out"
+    checks = [(out / "train_state.pt", "far", model)]
+    vdir = out / "vae"
+    if not run.vae.init:
+        if (vdir / "done").is_file() and (vdir / "vae.safetensors").is_file():
+            diff = shape_differences(vae.state_dict(), _safetensors_shapes(vdir / "vae.safetensors", "the run's VAE"))
+            if diff:
+                raise TrainingError(f"{vdir / 'vae.safetensors'} has other dims than the config's VAE ({diff}): {redo}")
+        else:
+            checks.append((vdir / "train_state.pt", "vae", vae))
+    for path, stage, module in checks:
+        if path.exists():
+            state = load_state(path, stage, "start over in a new --out", mmap=True)
+            diff = shape_differences(module.state_dict(), state["model"])
+            if diff:
+                raise TrainingError(f"{path} was trained with other model dims ({diff}): {redo}")
+
+
+def _check_batches(run: RunConfig, rows: int, what: str) -> None:
+    """A batch larger than the data would silently be the whole data set (and may not fit in memory)."""
+    stages = ((run.vae, "vae"), (run.train, "train")) if what == "images" else ((run.train, "train"),)
+    for o, name in stages:
+        if o.batch_size > rows:
+            raise TrainingError(f"{name}.batch_size {o.batch_size} is larger than the {rows} training {what} "
+                                f"of {run.data.source}: set {name}.batch_size={rows} or less")
+
+
+def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, Any] | None = None) -> Path:
+    """Both stages (or FAR alone on `vae.init`); returns the exported checkpoint directory.
+    `options` (the CLI's run-time options, e.g. threads) are stored in RUN/run.json for --resume."""
     ctx = setup_context(run.device)
     try:
         if ctx.device.type == "cpu" and ctx.distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, torch.get_num_threads() // ctx.world))
-        saved = out / "config.toml"
-        has_state = (out / "train_state.pt").is_file() or (out / "vae" / "train_state.pt").is_file()
-        if has_state and not resume:
-            raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        cfg, given_vae = check_run(run, out, resume)
+        ctx.barrier()  # every rank checked the directory before rank 0 writes into it
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_name("config.toml.tmp")
-            tmp.write_text(dump_toml(run.to_dict()))
-            os.replace(tmp, saved)
+            write_text_atomic(out / "config.toml", dump_toml(run.to_dict()))
+            if options is not None:
+                write_text_atomic(out / RUN_OPTIONS, json.dumps(options, indent=2) + "\n")
         ctx.barrier()
         log = Log(out / "log.jsonl", ctx)
-        cfg = run.far_config()
         t0 = time.time()
-        if run.vae.init:
-            vae, vae_cfg = load_vae_file(Path(run.vae.init), cfg.vae)
-            cfg = cfg.replace(vae=vae_cfg)
-        else:
-            vae = train_vae(run, cfg, out, ctx, log, resume)
+        vae = given_vae if given_vae is not None else train_vae(run, cfg, out, ctx, log, resume)
         t1 = time.time()
         ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
         log(stage="done", vae_seconds=t1 - t0, far_seconds=time.time() - t1, world_size=ctx.world)
@@ -754,6 +1049,32 @@ def train(run: RunConfig, out: Path, resume: bool = False) -> Path:
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_options(out: Path) -> dict[str, Any]:
+    """The run-time options stored with a run ({} when there are none or the file is unreadable)."""
+    path = out / RUN_OPTIONS
+    if not path.is_file():
+        return {}
+    try:
+        options = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring {path} ({e}): pass the run-time options (--threads) again", stacklevel=2)
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def set_threads(threads: int | None, given: bool = True) -> None:
+    """torch's CPU threads: 1 .. this machine's CPUs (a stored value above them, from a run started on
+    a bigger machine, is lowered with a note)."""
+    if threads is None:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if type(threads) is not int or threads < 1 or (given and threads > cpus):
+        raise ConfigError(f"--threads must be an int in [1, {cpus}] (this machine's CPUs), got {threads!r}")
+    if threads > cpus:
+        print(f"note: the run used --threads {threads}; this machine has {cpus} CPUs: using {cpus}", file=sys.stderr)
+    torch.set_num_threads(min(threads, cpus))
 
 
 def _interrupt_on_signals() -> None:
@@ -781,33 +1102,40 @@ def _cli():
                   help="Use this VAE instead of training one: checkpoint dir, vae.safetensors or MAR kl16.ckpt.")
     @click.option("--preset", default=None, help="Model preset (model.preset).")
     @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-    @click.option("--threads", type=int, default=None, help="torch CPU threads per process (1 is robust on a busy machine).")
+    @click.option("--threads", type=int, default=None,
+                  help="torch CPU threads per process (1 is robust on a busy machine); --resume reuses the first run's.")
     @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. train.lr=3e-4.")
     @click.argument("overrides", nargs=-1)
     def main(config_path, out, steps, vae_steps, data, vae_init, preset, resume, threads, sets, overrides):
         """Train the VAE (unless --vae is given) and FAR; KEY=VALUE arguments override config keys."""
-        if threads:
-            torch.set_num_threads(threads)
         _interrupt_on_signals()
         warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+        out_dir = Path(out) if out else None
         try:
-            out_dir = Path(out) if out else None
             saved = out_dir / "config.toml" if out_dir else None
             if resume and saved is not None and saved.is_file() and config_path is None:
                 path = saved  # resume from the run's own resolved config
             else:
                 path = Path(config_path) if config_path else DEFAULT_CONFIG
+            out_dir = out_dir or Path("runs") / path.stem
+            options = {"threads": threads}
+            if resume and threads is None:
+                options = {**options, **run_options(out_dir)}  # the first run's options, unless given again
+                if options.get("threads") is not None:
+                    click.echo(f"resuming with --threads {options['threads']} (from {out_dir / RUN_OPTIONS})", err=True)
+            set_threads(options.get("threads"), given=threads is not None)
             extra = list(sets) + list(overrides)
             for flag, key in ((steps, "train.steps"), (vae_steps, "vae.steps"), (data, "data.source"),
                               (vae_init, "vae.init"), (preset, "model.preset")):
                 if flag is not None:
                     extra.append(f"{key}={json.dumps(flag)}")
             run = load_run_config(path, extra)
-            out_dir = out_dir or Path("runs") / path.stem
             t0 = time.time()
-            ckpt = train(run, out_dir, resume)
-        except (ConfigError, DataError, TrainingError, OSError) as e:
+            ckpt = train(run, out_dir, resume, options)
+        except (ConfigError, DataError, TrainingError, RunFileError) as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
         except KeyboardInterrupt:
             click.echo(f"interrupted: the last checkpoint and resume state are in {out_dir} (continue with --resume)",
                        err=True)
