@@ -16,6 +16,7 @@ import click
 from far_export import __version__
 from runtime.errors import MAX_CFG
 from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
+from runtime.schedule import CFG_SCHEDULES
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -116,7 +117,7 @@ def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: b
 @click.option("--num-heads", type=click.IntRange(min=1), default=None,
               help="Attention heads, for dims other than MAR-B/L/H (the weights do not tell).")
 @click.option("--cfg", type=float, default=None, help="Default CFG scale. Default: MAR's README (B 2.9, L 3.0, H 3.2).")
-@click.option("--cfg-schedule", type=click.Choice(["linear", "constant"]), default=None, help="Default: linear (MAR's README).")
+@click.option("--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="Default: linear (MAR's README).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: 1.0 (MAR's README).")
 @click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Default AR steps. Default: 256 (MAR's README).")
 @click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Default denoising steps. Default: 100 (MAR's README).")

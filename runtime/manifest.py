@@ -28,7 +28,7 @@ from runtime.errors import (
     sampling_numbers,
 )
 from runtime.errors import directory as check_directory
-from runtime.schedule import check_head_steps
+from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
 SCHEMA_VERSION = 2  # 2: the "update" graph (the scatter of each AR step)
 MANIFEST = "manifest.json"
@@ -100,6 +100,11 @@ class ModelInfo:
     cfg: float
     cfg_schedule: str
     temperature: float
+
+    @property
+    def resolved_head_steps(self) -> int:
+        """The default K (already resolved at build time: the manifest never holds 0)."""
+        return self.head_steps
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,7 @@ def _file_name(v: Any, where: str) -> str:
     return v
 
 
-MODEL_CHOICES = {"backbone": ("masked", "causal"), "head": ("shortcut", "mar"), "cfg_schedule": ("linear", "constant")}
+MODEL_CHOICES = {"backbone": ("masked", "causal"), "head": ("shortcut", "mar"), "cfg_schedule": CFG_SCHEDULES}
 MODEL_LIMITS = {"img_size": 16384, "grid": 1024, "seq_len": 1 << 20, "token_dim": 1 << 16, "latent_channels": 1 << 16,
                 "patch_size": 1024, "num_classes": 1 << 24, "num_iter": 1 << 20, "max_query": 1 << 20,
                 "width": 1 << 16, "depth": 1024, "num_heads": 1024, "head_dim": 1 << 16, "shortcut_levels": 16,

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from runtime.errors import MAX_BATCH, MAX_CFG, MAX_TEMPERATURE, FarError, first_line
+from runtime.schedule import CFG_SCHEDULES
 
 
 class FiniteFloat(click.ParamType):
@@ -68,7 +69,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--per-class", default=1, show_default=True, type=click.IntRange(min=1), help="Images per class (one grid row per class)."),
         click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). Default: the model's."),
         click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Classifier-free guidance scale. Default: the model's."),
-        click.option("--cfg-schedule", type=click.Choice(["linear", "constant"]), default=None, help="CFG schedule over AR steps. Default: the model's."),
+        click.option("--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="CFG schedule over AR steps. Default: the model's."),
         click.option("--temperature", type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE), default=None, help="Sampling temperature. Default: the model's."),
         click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's (engines fix it at build time)."),
         click.option("--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."),

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import Backend, BackendError, Call, open_backend
-from runtime.errors import MAX_IMAGES, RequestError, sampling_numbers
+from runtime.errors import MAX_IMAGES, RequestError
 from runtime.images import to_uint8
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
@@ -46,7 +46,6 @@ from runtime.schedule import (
     SamplingSettings,
     causal_schedule,
     cfg_scale,
-    check_head_steps,
     ddpm_sampling_schedule,
     image_rng,
     masked_positions,
@@ -171,32 +170,15 @@ class Pipeline:
     # -- requests ---------------------------------------------------------------
     def settings(self, head_steps: int | None = None, cfg: float | None = None, cfg_schedule: str | None = None,
                  temperature: float | None = None, num_iter: int | None = None, seed: int = 0) -> Settings:
-        """Fill defaults from the manifest and check the request against what the engines were built for."""
+        """Fill defaults from the manifest (runtime/schedule.py's one resolver) and check the request against
+        what the engines were built for."""
         m = self.model
-        cfg, temperature = sampling_numbers(m.cfg if cfg is None else cfg,
-                                            m.temperature if temperature is None else temperature)
-        s = Settings(
-            head_steps=m.head_steps if head_steps is None else int(head_steps),
-            cfg=cfg,
-            cfg_schedule=cfg_schedule or m.cfg_schedule,
-            temperature=temperature,
-            num_iter=m.num_iter if num_iter is None else int(num_iter),
-            seed=int(seed),
-        )
-        if not 0 <= s.seed < 2**63:
-            raise RequestError(f"seed must be in [0, 2^63), got {s.seed}")
-        try:
-            check_head_steps(m.head, s.head_steps, m.shortcut_levels, m.diffusion_steps)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if s.cfg_schedule not in ("linear", "constant"):
-            raise RequestError(f"unknown cfg schedule {s.cfg_schedule!r}: use 'linear' or 'constant'")
+        s = Settings.resolve(m, seed=seed, head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
+                             temperature=temperature, num_iter=num_iter)
         if s.cfg != 1.0 and not self.guided:
             raise RequestError(f"these engines were built without CFG guidance: use cfg 1.0 (got {s.cfg}) "
                                "or rebuild with guidance")
         if m.backbone == "masked":
-            if not 1 <= s.num_iter <= m.seq_len:
-                raise RequestError(f"num_iter must be in [1, {m.seq_len}], got {s.num_iter}")
             need = max_tokens_per_step(m.seq_len, s.num_iter)
             if need > self.Q:
                 raise RequestError(f"num_iter {s.num_iter} predicts up to {need} tokens per step but the engines "

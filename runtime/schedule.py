@@ -29,16 +29,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from runtime.errors import RequestError
+from runtime.errors import RequestError, sampling_numbers
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+class SamplingModel(Protocol):
+    """What resolving a request needs of a model: a checkpoint's FARConfig or a manifest's ModelInfo."""
+
+    backbone: str
+    head: str
+    seq_len: int
+    shortcut_levels: int
+    diffusion_steps: int
+    cfg: float
+    cfg_schedule: str
+    temperature: float
+    num_iter: int
+
+    @property
+    def resolved_head_steps(self) -> int: ...
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """The resolved settings of one request, shared by the reference sampler, the build's
-    end-to-end check and the runtime (each fills the defaults from its own model description)."""
+    end-to-end check and the runtime."""
 
     head_steps: int  # K: shortcut Euler steps or MAR denoising steps per token
     cfg: float
@@ -46,6 +66,31 @@ class SamplingSettings:
     temperature: float
     num_iter: int  # masked backbone AR steps
     seed: int = 0
+
+    @classmethod
+    def resolve(cls, model: SamplingModel, /, seed: int = 0, head_steps: int | None = None, cfg: float | None = None,
+                cfg_schedule: str | None = None, temperature: float | None = None,
+                num_iter: int | None = None) -> SamplingSettings:
+        """The one resolver: the model's defaults (from its config or manifest), overridden by what the request
+        gives, every value checked (RequestError). `model` is positional-only, so `cfg=` is the guidance scale."""
+        cfg, temperature = sampling_numbers(model.cfg if cfg is None else cfg,
+                                            model.temperature if temperature is None else temperature)
+        s = cls(
+            head_steps=model.resolved_head_steps if head_steps is None else int(head_steps),
+            cfg=cfg,
+            cfg_schedule=cfg_schedule or model.cfg_schedule,
+            temperature=temperature,
+            num_iter=model.num_iter if num_iter is None else int(num_iter),
+            seed=int(seed),
+        )
+        if not 0 <= s.seed < 2**63:
+            raise RequestError(f"seed must be in [0, 2^63), got {s.seed}")
+        check_head_steps(model.head, s.head_steps, model.shortcut_levels, model.diffusion_steps)
+        if s.cfg_schedule not in CFG_SCHEDULES:
+            raise RequestError(f"unknown cfg schedule {s.cfg_schedule!r}: use {' or '.join(CFG_SCHEDULES)}")
+        if model.backbone == "masked" and not 1 <= s.num_iter <= model.seq_len:
+            raise RequestError(f"num_iter must be in [1, {model.seq_len}], got {s.num_iter}")
+        return s
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:
@@ -104,7 +149,7 @@ def cfg_scale(cfg: float, schedule: str, seq_len: int, step: ARStep) -> float:
         return float(cfg)
     if schedule == "linear":
         return float(1.0 + (cfg - 1.0) * (seq_len - step.unknown_after) / seq_len)
-    raise RequestError(f"unknown cfg schedule {schedule!r}: use 'linear' or 'constant'")
+    raise RequestError(f"unknown cfg schedule {schedule!r}: use {' or '.join(CFG_SCHEDULES)}")
 
 
 # ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import FarError, directory, first_line, read_regular, sampling_numbers
-from runtime.schedule import check_head_steps
+from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
 CONFIG_VERSION = 1
 
@@ -84,7 +84,6 @@ BACKBONES = ("masked", "causal")
 MAX_SIZE = {"img_size": 4096, "width": 16384, "head_width": 16384, "num_classes": 1 << 20, "buffer_size": 4096,
             "diffusion_steps": 100_000, "enc_depth": 256, "dec_depth": 256, "head_depth": 256, "num_iter": 1 << 16}
 HEADS = ("shortcut", "mar")
-CFG_SCHEDULES = ("linear", "constant")
 
 
 @dataclass(frozen=True)

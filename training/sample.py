@@ -20,12 +20,10 @@ if __package__ in (None, ""):  # `python training/sample.py`
 import numpy as np
 import torch
 
-from runtime import schedule
-from runtime.errors import RequestError, sampling_numbers
 from runtime.schedule import (
+    SamplingSettings,
     causal_schedule,
     cfg_scale,
-    check_head_steps,
     ddpm_sampling_schedule,
     image_rng,
     masked_positions,
@@ -35,25 +33,6 @@ from runtime.schedule import (
 from training.config import FARConfig
 from training.model import FAR, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
-
-
-class SamplingSettings(schedule.SamplingSettings):
-    """runtime.schedule.SamplingSettings, resolved from a model config."""
-
-    @classmethod
-    def resolve(cls, model_cfg: FARConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
-        cfg = model_cfg  # positional-only, so that `cfg=` (the guidance scale) can be an override
-        values = {
-            "head_steps": cfg.resolved_head_steps, "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule,
-            "temperature": cfg.temperature, "num_iter": cfg.num_iter,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        values["cfg"], values["temperature"] = sampling_numbers(values["cfg"], values["temperature"])  # no NaN/inf
-        s = cls(seed=seed, **values)
-        check_head_steps(cfg.head, s.head_steps, cfg.shortcut_levels, cfg.diffusion_steps)
-        if cfg.backbone == "masked" and not 1 <= s.num_iter <= cfg.seq_len:
-            raise RequestError(f"num_iter must be in [1, {cfg.seq_len}], got {s.num_iter}")
-        return s
 
 
 def _f32(a: np.ndarray | list | float) -> torch.Tensor:
