@@ -835,11 +835,11 @@ def _init_from(model: FAR, path: Path) -> str:
     tensors whose names and shapes match are loaded (the AdaLN MLP: time/cond embeddings, input
     projection, residual blocks) and the rest stays freshly initialised (the shortcut's d_embed, the
     final linear layer: MAR's predicts 2C channels, noise and variance)."""
-    from training.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, _load_into, _load_safetensors
+    from training.checkpoint import MODEL_FILE, CheckpointError, _load_into, _load_safetensors
 
     try:
         sd = _load_safetensors(path / MODEL_FILE)
-        src_head = FARConfig.load(path / CONFIG_FILE).head if (path / CONFIG_FILE).is_file() else model.cfg.head
+        src_head = _init_head_kind(model, path)
         if src_head == model.cfg.head:
             _load_into(model, sd, str(path / MODEL_FILE))
             return f"loaded all {len(sd)} tensors of {path}"
@@ -853,6 +853,13 @@ def _init_from(model: FAR, path: Path) -> str:
     fresh = sorted(set(own) - set(head))
     return (f"backbone ({len(back)} tensors) from {path}; {src_head} head -> {model.cfg.head} head: "
             f"{len(head)} tensors loaded, {len(fresh)} fresh ({', '.join(fresh)})")
+
+
+def _init_head_kind(model: FAR, path: Path) -> str:
+    """The head kind of the checkpoint directory `path` (the model's own when its config does not say)."""
+    from training.checkpoint import CONFIG_FILE
+
+    return FARConfig.load(path / CONFIG_FILE).head if (path / CONFIG_FILE).is_file() else model.cfg.head
 
 
 def _cpu_copy(model: FAR) -> FAR:
@@ -988,7 +995,11 @@ def _check_init(model: FAR, path: Path) -> None:
     if not path.is_dir():
         raise TrainingError(f"train.init: {path} is not a checkpoint directory (config.json + {MODEL_FILE} + "
                             f"vae.safetensors): give one, e.g. RUN/checkpoint")
-    diff = shape_differences(model.state_dict(), _safetensors_shapes(path / MODEL_FILE, "train.init"))
+    want, saved = model.state_dict(), _safetensors_shapes(path / MODEL_FILE, "train.init")
+    if _init_head_kind(model, path) != model.cfg.head:  # another head: only the backbone must match (_init_from)
+        want = {k: v for k, v in want.items() if k.startswith("backbone.")}
+        saved = {k: v for k, v in saved.items() if k.startswith("backbone.")}
+    diff = shape_differences(want, saved)
     if diff:
         raise TrainingError(f"train.init: {path / MODEL_FILE} does not match the model config ({diff}): set the "
                             f"model.* keys of the checkpoint's config.json, or drop train.init")
