@@ -182,16 +182,22 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
                       temperature=req.temperature, num_iter=req.num_iter, seed=req.seed)  # bad values fail here
         pipe.check_batch(req.batch)
         writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
-        with tqdm(desc="sampling", unit="step", leave=False) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
+        bars: list[tqdm] = []  # made at the first step, when the total is known
 
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(tqdm(desc="sampling", unit="step", total=total, leave=False))
+            bars[0].update(done - bars[0].n)
+
+        try:
             for images in pipe.generate_batches(labels, head_steps=req.head_steps, cfg=req.cfg,
                                                 cfg_schedule=req.cfg_schedule, temperature=req.temperature,
                                                 num_iter=req.num_iter, seed=req.seed, batch=req.batch,
                                                 progress=progress):
                 writer.add(images)  # written as it goes: memory stays flat however many images
+        finally:
+            for bar in bars:
+                bar.close()
         wrote = writer.close()
         click.echo(f"{wrote} in {pipe.timings.wall:.2f}s ({pipe.backend.describe()})")
 
