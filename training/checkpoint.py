@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file, save_file
 
-from training.config import ConfigError, FARConfig
+from training.config import ConfigError, DiTConfig, FARConfig, ModelConfig, load_model_config
+from training.dit import DiT
 from training.model import FAR
 from training.vae import AutoencoderKL
 
@@ -32,13 +33,13 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
-    cfg: FARConfig
-    model: FAR
+    cfg: ModelConfig
+    model: FAR | DiT
     vae: AutoencoderKL
     path: Path | None = None
 
 
-def save_checkpoint(path: str | Path, model: FAR, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: FAR | DiT, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint directory atomically: into a temporary sibling, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,13 +105,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     try:
-        cfg = FARConfig.load(path / CONFIG_FILE)
+        cfg = load_model_config(path / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
-    model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+    model, vae = build_model(cfg), AutoencoderKL(cfg.vae)
     _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
     _load_into(vae, _load_safetensors(path / VAE_FILE), str(path / VAE_FILE))
     return Checkpoint(cfg, model.to(device).eval(), vae.to(device).eval(), path)
+
+
+def build_model(cfg: ModelConfig) -> FAR | DiT:
+    """The network a config describes: a DiT for a DiTConfig, else FAR."""
+    return DiT(cfg) if isinstance(cfg, DiTConfig) else FAR(cfg)
 
 
 def checkpoint_sha256(path: str | Path) -> str:

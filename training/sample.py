@@ -31,7 +31,8 @@ from runtime.schedule import (
     masked_schedule,
     shortcut_times,
 )
-from training.config import FARConfig
+from training.config import DiTConfig, ModelConfig, check_euler_steps
+from training.dit import DiT, DiTStep
 from training.model import FAR, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
 
@@ -40,8 +41,10 @@ class SamplingSettings(schedule.SamplingSettings):
     """runtime.schedule.SamplingSettings, resolved from a model config."""
 
     @classmethod
-    def resolve(cls, model_cfg: FARConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
+    def resolve(cls, model_cfg: ModelConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
         cfg = model_cfg  # positional-only, so that `cfg=` (the guidance scale) can be an override
+        if isinstance(cfg, DiTConfig):
+            return cls._resolve_dit(cfg, seed, overrides)
         values = {
             "head_steps": cfg.resolved_head_steps, "cfg": cfg.cfg, "cfg_schedule": cfg.cfg_schedule,
             "temperature": cfg.temperature, "num_iter": cfg.num_iter,
@@ -51,6 +54,19 @@ class SamplingSettings(schedule.SamplingSettings):
         check_head_steps(cfg.head, s.head_steps, cfg.shortcut_levels, cfg.diffusion_steps)
         if cfg.backbone == "masked" and not 1 <= s.num_iter <= cfg.seq_len:
             raise ValueError(f"num_iter must be in [1, {cfg.seq_len}], got {s.num_iter}")
+        return s
+
+    @classmethod
+    def _resolve_dit(cls, cfg: DiTConfig, seed: int, overrides: dict) -> SamplingSettings:
+        """DiT: head_steps is N, the Euler steps over the whole grid; one CFG scale at every step."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides.get("cfg_schedule", "constant") != "constant":
+            raise ValueError("DiT uses one CFG scale at every step: cfg_schedule must be 'constant'")
+        if "num_iter" in overrides:
+            raise ValueError("DiT has no autoregressive steps: num_iter does not apply (use head_steps)")
+        values = {"head_steps": cfg.sample_steps, "cfg": cfg.cfg, "temperature": cfg.temperature, **overrides}
+        s = cls(seed=seed, **{**values, "cfg_schedule": "constant", "num_iter": 1})
+        check_euler_steps(s.head_steps)
         return s
 
 
@@ -92,13 +108,15 @@ class _Head:
 
 @torch.no_grad()
 def sample_tokens(
-    model: FAR,
+    model: FAR | DiT,
     labels: list[int],
     s: SamplingSettings,
     first_index: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Generate token latents (B, L, C) float32 for images first_index .. first_index + B - 1."""
+    if isinstance(model, DiT):
+        return sample_dit_tokens(model, labels, s, first_index, progress)
     cfg = model.cfg
     model.eval()
     B, L, C = len(labels), cfg.seq_len, cfg.token_dim
@@ -137,13 +155,38 @@ def sample_tokens(
 
 
 @torch.no_grad()
-def decode_tokens(cfg: FARConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
+def sample_dit_tokens(
+    model: DiT,
+    labels: list[int],
+    s: SamplingSettings,
+    first_index: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """DiT: every token starts as temperature * noise (one (L, C) draw per image, the randomness
+    contract), then N Euler steps at t_k = k / N over the whole grid."""
+    cfg = model.cfg
+    model.eval()
+    guided = s.cfg != 1.0
+    rngs = [image_rng(s.seed, first_index + i) for i in range(len(labels))]
+    x = _f32(np.stack([s.temperature * r.standard_normal((cfg.seq_len, cfg.token_dim)) for r in rngs]))
+    step = DiTStep(model, guided)
+    labels_t, d, cfg_t = torch.as_tensor(labels, dtype=torch.long), _f32([1.0 / s.head_steps]), _f32([s.cfg])
+    times = shortcut_times(s.head_steps)
+    for i, t in enumerate(times):
+        x = step(x, _f32([t]), d, labels_t, cfg_t)
+        if progress:
+            progress(i + 1, len(times))
+    return x.numpy()
+
+
+@torch.no_grad()
+def decode_tokens(cfg: ModelConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
     """Token latents (B, L, C) -> images (B, 3, H, W) float32 in [0, 1]."""
     return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).numpy()
 
 
 def generate(
-    model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
+    model: FAR | DiT, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it)."""

@@ -46,7 +46,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import PRESETS, ConfigError, FARConfig, VAEConfig
+from training.config import (
+    DIT_PRESETS,
+    PRESETS,
+    ConfigError,
+    DiTConfig,
+    FARConfig,
+    VAEConfig,
+    model_config_from_dict,
+)
 from training.data import (
     DataError,
     DataSpec,
@@ -121,12 +129,13 @@ class RunConfig:
     train: FARStageConfig = field(default_factory=FARStageConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
-    def far_config(self, **changes: Any) -> FARConfig:
+    def far_config(self, **changes: Any) -> FARConfig | DiTConfig:
         m = dict(self.model)
         name = m.pop("preset", "mnist")
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model.preset {name!r}; choose from {', '.join(PRESETS)}")
-        base = PRESETS[name].to_dict()
+        presets = {**PRESETS, **DIT_PRESETS}
+        if name not in presets:
+            raise ConfigError(f"unknown model.preset {name!r}; choose from {', '.join(presets)}")
+        base = presets[name].to_dict()
         vae = m.pop("vae", None)
         if isinstance(vae, str):
             from training.config import VAE_PRESETS
@@ -138,7 +147,7 @@ class RunConfig:
             base["vae"] = {**base["vae"], **vae}
         base.update(m)
         base.update(changes)
-        return FARConfig.from_dict(base)
+        return model_config_from_dict(base)
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "model": dict(self.model), "data": dataclasses.asdict(self.data),
@@ -722,7 +731,12 @@ def train(run: RunConfig, out: Path, resume: bool = False) -> Path:
         else:
             vae = train_vae(run, cfg, out, ctx, log, resume)
         t1 = time.time()
-        ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
+        if isinstance(cfg, DiTConfig):  # the third model kind: a diffusion transformer on the same latents
+            from training.dit_train import train_dit
+
+            ckpt = train_dit(run, cfg, vae, out, ctx, log, resume)
+        else:
+            ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
         log(stage="done", vae_seconds=t1 - t0, far_seconds=time.time() - t1, world_size=ctx.world)
         return ckpt
     finally:
