@@ -196,3 +196,13 @@ def test_train_runs_the_dit_stage(tmp_path):
     assert isinstance(ck.model, DiT) and ck.cfg.num_classes == 2
     assert [json.loads(ln)["stage"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-2:] == [
         "dit", "done"]
+
+
+def test_far_export_refuses_a_dit_checkpoint_in_one_line(tmp_path):
+    from far_export.build import BuildError, build
+
+    m = tiny_dit()
+    ck = save_checkpoint(tmp_path / "ck", m, AutoencoderKL(m.cfg.vae))
+    with pytest.raises(BuildError, match="is a DiT checkpoint: far-export builds FAR and MAR engines only"):
+        build(ck, tmp_path / "engine")
+    assert not (tmp_path / "engine").exists()
