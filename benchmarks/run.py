@@ -1,6 +1,6 @@
 """Benchmarks anyone can rerun: FAR vs MAR, runtime vs PyTorch, KV cache, precision, roofline, memory.
 
-    python benchmarks/run.py [--quick] [--json results.json] [--plots DIR] [--markdown FILE]
+    python benchmarks/run.py [--quick] [--json results.json] [--plots DIR] [--markdown FILE] [--sections ...]
 
 A script, not a test. Each comparison runs its sides in the same process,
 alternating, after a warm-up, and reports medians and ratios. Engines are built
@@ -36,10 +36,13 @@ MODELS = {  # name -> checkpoint directory
     "FAR (masked, shortcut head)": ROOT / "checkpoints/far-mnist",
     "MAR (masked, diffusion head)": ROOT / "checkpoints/mar-mnist",
     "FAR (causal, shortcut head)": ROOT / "checkpoints/far-mnist-causal",
+    "DiT (flow matching, all tokens at once)": ROOT / "checkpoints/dit-mnist",
 }
+DIT_STEPS = (4, 8, 16, 32, 64)  # the DiT's N Euler steps in the speed tables (evaluate.py measures up to 250)
 ENGINES = ROOT / "engines/bench"
 THREADS = 1  # intra-op threads of both PyTorch and ONNX Runtime (--threads)
 RESULTS = ROOT / "benchmarks/results"
+SECTIONS = ("far-vs-mar", "kv-cache", "precision", "roofline", "memory")  # --sections, in run order
 
 
 # ----------------------------------------------------------------------------
@@ -122,39 +125,59 @@ def quality_of(ckpt: Path) -> dict[str, dict]:
 
 def far_vs_mar(quick: bool, batches: list[int], reps: int) -> tuple[str, list[dict]]:
     from training.checkpoint import load_checkpoint
-    from training.sample import SamplingSettings, generate
+    from training.sample import generate, resolve_settings
 
     far, mar = MODELS["FAR (masked, shortcut head)"], MODELS["MAR (masked, diffusion head)"]
+    dit = MODELS["DiT (flow matching, all tokens at once)"]
     plans = [(far, "FAR", k) for k in (1, 2, 4, 8)] + [(mar, "MAR", n) for n in ((25, 100) if quick else (25, 50, 100))]
+    plans += [(dit, "DiT", n) for n in (DIT_STEPS[1:4] if quick else DIT_STEPS)]
     results, text = [], ""
+    refs = {ckpt: load_checkpoint(ckpt) for ckpt, _, _ in plans if ckpt.is_dir()}
+    for ckpt in {c for c, _, _ in plans} - set(refs):
+        print(f"  skip {ckpt.name}: {ckpt} missing")
     for batch in batches:
+        # every side of every plan is timed in one interleaved round per rep, so a change of load on this
+        # shared machine touches all models alike
+        sides: dict[tuple[str, int, str], Callable[[], object]] = {}
+        loop_share: dict[tuple[str, int], list[float]] = {}
+        pipes = []
         for ckpt, label, k in plans:
-            if not ckpt.is_dir():
-                print(f"  skip {label}: {ckpt} missing")
+            if ckpt not in refs:
                 continue
-            pipe = open_pipe(engine_dir(ckpt, "fp32", batch))
-            ref = load_checkpoint(ckpt)
-            classes = [i % pipe.model.num_classes for i in range(batch)]
-            s = SamplingSettings.resolve(ref.cfg, seed=0, head_steps=k)
-            loop_share = []
+            ref = refs[ckpt]
+            classes = [i % ref.cfg.num_classes for i in range(batch)]
+            s = resolve_settings(ref.cfg, seed=0, head_steps=k)
+            if label != "DiT":  # no DiT export yet: PyTorch reference only
+                pipe = open_pipe(engine_dir(ckpt, "fp32", batch))
+                pipes.append(pipe)
+                share = loop_share.setdefault((label, k), [])
 
-            def run_rt(pipe=pipe, classes=classes, k=k, loop_share=loop_share):
-                pipe.generate(classes, head_steps=k, seed=0)
-                loop_share.append(pipe.timings.loop / pipe.timings.wall)
+                def run_rt(pipe=pipe, classes=classes, k=k, share=share):
+                    pipe.generate(classes, head_steps=k, seed=0)
+                    share.append(pipe.timings.loop / pipe.timings.wall)
+
+                sides[(label, k, "runtime")] = run_rt
 
             def run_ref(ref=ref, classes=classes, s=s):
                 generate(ref.model, ref.vae, classes, s)
 
-            t = alternate({"runtime": run_rt, "pytorch": run_ref}, reps)
+            sides[(label, k, "pytorch")] = run_ref
+        t = alternate(sides, reps)
+        for ckpt, label, k in plans:
+            if ckpt not in refs:
+                continue
             q = quality_of(ckpt).get(str(k), {})
+            rt = t[(label, k, "runtime")] / batch if (label, k, "runtime") in t else None
+            pt = t[(label, k, "pytorch")] / batch
+            share = loop_share.get((label, k))
             results.append({
-                "model": label, "head_steps": k, "batch": batch,
-                "runtime_s_per_image": t["runtime"] / batch, "pytorch_s_per_image": t["pytorch"] / batch,
-                "loop_python_share": statistics.median(loop_share),
+                "model": label, "head_steps": k, "batch": batch, "runtime_s_per_image": rt, "pytorch_s_per_image": pt,
+                "loop_python_share": statistics.median(share) if share else None,
                 "accuracy": q.get("accuracy"), "frechet": q.get("frechet"),
             })
-            print(f"  {label} K={k} batch {batch}: runtime {t['runtime'] / batch * 1e3:.2f} ms/img, "
-                  f"pytorch {t['pytorch'] / batch * 1e3:.2f} ms/img", flush=True)
+            print(f"  {label} K={k} batch {batch}: runtime " + (f"{rt * 1e3:.2f} ms/img" if rt else "-")
+                  + f", pytorch {pt * 1e3:.2f} ms/img", flush=True)
+        for pipe in pipes:
             pipe.close()
     for batch in batches:
         rows = [r for r in results if r["batch"] == batch]
@@ -162,18 +185,20 @@ def far_vs_mar(quick: bool, batches: list[int], reps: int) -> tuple[str, list[di
                 for side in ("runtime", "pytorch")}
         out = []
         for r in rows:
+            rt = r["runtime_s_per_image"]
             out.append([
-                r["model"], r["head_steps"], r["runtime_s_per_image"] * 1e3, r["pytorch_s_per_image"] * 1e3,
-                r["pytorch_s_per_image"] / r["runtime_s_per_image"],
-                (base["runtime"] / r["runtime_s_per_image"]) if base["runtime"] else "-",
+                r["model"], r["head_steps"], rt * 1e3 if rt else "-", r["pytorch_s_per_image"] * 1e3,
+                r["pytorch_s_per_image"] / rt if rt else "-",
+                (base["runtime"] / rt) if base["runtime"] and rt else "-",
                 (base["pytorch"] / r["pytorch_s_per_image"]) if base["pytorch"] else "-",
-                f"{100 * r['loop_python_share']:.1f}%",
+                "-" if r["loop_python_share"] is None else f"{100 * r['loop_python_share']:.1f}%",
                 "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
                 "-" if r["frechet"] is None else r["frechet"],
             ])
         text += table(
-            f"FAR vs MAR, batch {batch} (same masked backbone and AR steps; ms per image)",
-            ["head", "K / N", "runtime (ORT fp32)", "PyTorch", "runtime speed-up", "vs MAR-100 (runtime)",
+            f"FAR vs MAR vs DiT, batch {batch} (FAR and MAR: same masked backbone and AR steps; DiT: N Euler "
+            "steps over all tokens, PyTorch only; ms per image)",
+            ["model", "K / N", "runtime (ORT fp32)", "PyTorch", "runtime speed-up", "vs MAR-100 (runtime)",
              "vs MAR-100 (PyTorch)", "loop Python share", "class acc.", "Frechet"],
             out,
         )
@@ -392,7 +417,39 @@ def plots(results: list[dict], out: Path) -> list[Path]:
         written.append(out / "quality_vs_steps.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    written += quality_vs_time(results, out)
     return written
+
+
+def quality_vs_time(results: list[dict], out: Path) -> list[Path]:
+    """Frechet distance against PyTorch ms per image, one panel per batch, one line per family (FAR's K,
+    MAR's and DiT's N beside each point): the trade-off a user deploying one of them chooses on."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["frechet"] is not None]
+    batches = sorted({r["batch"] for r in rows})
+    if not rows:
+        return []
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for model, marker in (("FAR", "o"), ("MAR", "s"), ("DiT", "^")):
+            pts = sorted((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["head_steps"])
+            if not pts:
+                continue
+            x = [r["pytorch_s_per_image"] * 1e3 for r in pts]
+            ax.plot(x, [r["frechet"] for r in pts], marker=marker, label=model)
+            for r, xi in zip(pts, x):
+                ax.annotate(str(r["head_steps"]), (xi, r["frechet"]), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7)
+        ax.set(xscale="log", xlabel="ms per image (PyTorch reference, CPU)", ylabel="Frechet distance (lower is better)",
+               title=f"Quality vs time, batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "quality_vs_time.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
 
 
 # ----------------------------------------------------------------------------
@@ -419,6 +476,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all results as JSON")
     ap.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma list of sections to run (default: all of {','.join(SECTIONS)})")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads for PyTorch and ONNX Runtime alike (default 1: stable on a shared machine)")
     args = ap.parse_args()
@@ -433,28 +492,32 @@ def main() -> None:
     info = machine()
     md = [f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
           f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and ONNX Runtime. "
-          f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}`.\n"]
+          f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
+          + (f" --sections {args.sections}" if args.sections != ",".join(SECTIONS) else "") + "`.\n"]
     results: dict[str, object] = {"machine": info, "quick": args.quick}
     t0 = time.perf_counter()
-    print("== 1+2. FAR vs MAR, runtime vs PyTorch", flush=True)
-    text, results["far_vs_mar"] = far_vs_mar(args.quick, batches, reps)
-    md.append(text)
-    print("== 3. KV cache", flush=True)
-    text, results["kv_cache"] = kv_cache(args.quick, reps)
-    md.append(text)
-    print("== 4. precision", flush=True)
-    text, results["precision"] = precision(16, reps)
-    md.append(text)
-    print("== 5. against the limit", flush=True)
-    text, results["roofline"] = roofline([1, 64] if not args.quick else [1, 16], reps)
-    md.append(text)
-    print("== 6. memory", flush=True)
-    text, results["memory"] = sample_memory()
-    md.append(text)
+    sections = {
+        "far-vs-mar": ("1+2. FAR vs MAR vs DiT, runtime vs PyTorch", "far_vs_mar",
+                       lambda: far_vs_mar(args.quick, batches, reps)),
+        "kv-cache": ("3. KV cache", "kv_cache", lambda: kv_cache(args.quick, reps)),
+        "precision": ("4. precision", "precision", lambda: precision(16, reps)),
+        "roofline": ("5. against the limit", "roofline", lambda: roofline([1, 64] if not args.quick else [1, 16], reps)),
+        "memory": ("6. memory", "memory", sample_memory),
+    }
+    chosen = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"Error: unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    for name in SECTIONS:
+        if name in chosen:
+            title, key, fn = sections[name]
+            print(f"== {title}", flush=True)
+            text, results[key] = fn()
+            md.append(text)
     results["seconds"] = time.perf_counter() - t0
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    if args.plots:
+    if args.plots and "far_vs_mar" in results:
         for p in plots(results["far_vs_mar"], args.plots):
             print(f"wrote {p}")
     if args.markdown:

@@ -216,10 +216,14 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
             raise BuildError(f"--require-engines: TensorRT plans cannot be built here: {e}") from None
 
     from training.checkpoint import checkpoint_sha256, load_checkpoint, replace_dir
+    from training.config import DiTConfig
 
     with stage(log, f"load checkpoint {checkpoint_dir}") as st:
         ckpt = load_checkpoint(checkpoint_dir)
         cfg = ckpt.cfg
+        if isinstance(cfg, DiTConfig):
+            raise BuildError(f"{checkpoint_dir} is a DiT checkpoint: far-export builds FAR and MAR engines only; "
+                             f"sample it with `python training/sample.py --checkpoint {checkpoint_dir}`")
         ckpt_sha = checkpoint_sha256(checkpoint_dir)
         st["note"] = f"{cfg.backbone} backbone, {cfg.head} head, {sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f}M params"
     guided = cfg.cfg != 1.0 if opts.cfg_guidance is None else opts.cfg_guidance

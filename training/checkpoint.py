@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from runtime.errors import FarError, first_line, regular_file
-from training.config import FARConfig, load_checkpoint_config
+from training.config import DiTConfig, FARConfig, ModelConfig, load_checkpoint_config
+from training.dit import DiT
 from training.model import FAR
 from training.vae import AutoencoderKL
 
@@ -34,13 +35,13 @@ class CheckpointError(FarError, RuntimeError):
 
 @dataclass
 class Checkpoint:
-    cfg: FARConfig
-    model: FAR
+    cfg: ModelConfig
+    model: FAR | DiT
     vae: AutoencoderKL
     path: Path | None = None
 
 
-def save_checkpoint(path: str | Path, model: FAR, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: FAR | DiT, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
     """Write a checkpoint directory atomically: into a temporary sibling, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,11 +100,11 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                               f"re-download it") from None
 
 
-def _check_shapes(cfg: FARConfig, path: Path) -> None:
+def _check_shapes(cfg: ModelConfig, path: Path) -> None:
     """The config must describe the stored weights before any memory is allocated for it: a config.json with
     huge dims would otherwise exhaust memory building the model (the model is built on the meta device here)."""
     with torch.device("meta"):
-        own = {"model": FAR(cfg).state_dict(), "vae": AutoencoderKL(cfg.vae).state_dict()}
+        own = {"model": build_model(cfg).state_dict(), "vae": AutoencoderKL(cfg.vae).state_dict()}
     for what, file in (("model", MODEL_FILE), ("vae", VAE_FILE)):
         stored = _stored_shapes(path / file)
         expected = {k: tuple(v.shape) for k, v in own[what].items()}
@@ -134,10 +135,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     cfg = load_checkpoint_config(path, CheckpointError)
     path = Path(path)
     _check_shapes(cfg, path)
-    model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+    model, vae = build_model(cfg), AutoencoderKL(cfg.vae)
     _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
     _load_into(vae, _load_safetensors(path / VAE_FILE), str(path / VAE_FILE))
     return Checkpoint(cfg, model.to(device).eval(), vae.to(device).eval(), path)
+
+
+def build_model(cfg: ModelConfig) -> FAR | DiT:
+    """The network a config describes: a DiT for a DiTConfig, else FAR."""
+    return DiT(cfg) if isinstance(cfg, DiTConfig) else FAR(cfg)
 
 
 def checkpoint_sha256(path: str | Path) -> str:

@@ -243,23 +243,27 @@ class FARConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> FARConfig:
-        path = Path(path)
-        data = read_regular(path, ConfigError, "a checkpoint directory holds config.json")  # never blocks on a FIFO
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
-            raise ConfigError(f"{path} is not valid JSON ({first_line(e)}): restore it from the run") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(_read_json_object(Path(path)))
 
 
-def load_checkpoint_config(checkpoint_dir: str | Path, error: type[FarError] = ConfigError) -> FARConfig:
-    """The config.json of a checkpoint directory, checked (torch-free: the CLIs call it before importing torch)."""
+def _read_json_object(path: Path) -> dict[str, Any]:
+    data = read_regular(path, ConfigError, "a checkpoint directory holds config.json")  # never blocks on a FIFO
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raise ConfigError(f"{path} is not valid JSON ({first_line(e)}): restore it from the run") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return raw
+
+
+def load_checkpoint_config(checkpoint_dir: str | Path, error: type[FarError] = ConfigError) -> ModelConfig:
+    """The config.json of a checkpoint directory (FAR or DiT), checked (torch-free: the CLIs call it before
+    importing torch)."""
     path = directory(checkpoint_dir, "checkpoint directory", error,
                      "give a directory with config.json, model.safetensors and vae.safetensors")
     try:
-        return FARConfig.load(path / "config.json")
+        return load_model_config(path / "config.json")
     except ConfigError as e:
         where = str(path / "config.json")
         raise error(str(e) if where in str(e) else f"{where}: {e}") from None
@@ -326,3 +330,117 @@ def preset(name: str, **changes: Any) -> FARConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name].replace(**changes)
+
+
+# ----------------------------------------------------------------------------
+# DiT: a diffusion transformer that denoises all tokens at once (the FAR paper's third system)
+# ----------------------------------------------------------------------------
+
+MODEL_KINDS = ("far", "dit")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """DiT (Peebles & Xie, arXiv 2212.09748) over the same latent tokens as FAR, trained with flow
+    matching (t = 0 noise, t = 1 data, velocity = data - noise: the shortcut head's convention) and
+    sampled with N Euler steps over the whole token grid. `config.json` says `"kind": "dit"`."""
+
+    img_size: int = 256
+    patch_size: int = 1  # latent patches per token side (as FARConfig: tokens are patchify()'s rows)
+    num_classes: int = 1000
+    width: int = 1152  # DiT's hidden_size
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    latent_scale: float = 0.2325
+    class_dropout: float = 0.1  # training: share of labels replaced by the null class (CFG)
+    # sampling defaults (overridable at run time)
+    sample_steps: int = 32  # N Euler steps over the whole grid
+    cfg: float = 1.0  # constant over the steps (no AR schedule to follow)
+    temperature: float = 1.0
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    # the FARConfig properties that the shared code (patchify, the VAE decoder step) reads
+    grid = FARConfig.grid
+    seq_len = FARConfig.seq_len
+    token_dim = FARConfig.token_dim
+    head_dim = FARConfig.head_dim
+
+    def validate(self) -> DiTConfig:
+        self.vae.validate()
+        if min(self.img_size, self.patch_size, self.num_classes, self.width, self.depth, self.num_heads) < 1:
+            raise ConfigError("dit: img_size, patch_size, num_classes, width, depth, num_heads must be >= 1")
+        if self.img_size % (self.vae.stride * self.patch_size):
+            raise ConfigError(
+                f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} x patch {self.patch_size}"
+            )
+        if self.width % self.num_heads or (self.width // self.num_heads) % 2 or self.width % 4:
+            raise ConfigError(f"dit: width {self.width} must be divisible by 4 and by num_heads {self.num_heads}")
+        if self.mlp_ratio <= 0 or self.latent_scale <= 0 or self.temperature <= 0:
+            raise ConfigError("dit: mlp_ratio, latent_scale and temperature must be > 0")
+        if not 0 <= self.class_dropout < 1:
+            raise ConfigError("dit: class_dropout must be in [0, 1)")
+        try:
+            check_euler_steps(self.sample_steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
+
+    def replace(self, **changes: Any) -> DiTConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "dit", **dataclasses.asdict(self), "config_version": CONFIG_VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
+        d = dict(d)
+        if d.pop("kind", "dit") != "dit":
+            raise ConfigError("DiTConfig.from_dict needs kind 'dit'")
+        d.pop("config_version", None)
+        vae = d.pop("vae", {})
+        if isinstance(vae, str):
+            if vae not in VAE_PRESETS:
+                raise ConfigError(f"unknown vae preset {vae!r}; choose from {', '.join(VAE_PRESETS)}")
+            vae = dataclasses.asdict(VAE_PRESETS[vae])
+        if not isinstance(vae, dict):
+            raise ConfigError(f"config key vae must be an object or a preset name, got {vae!r}")
+        return cls(vae=_build(VAEConfig, vae, "vae."), **_fields(cls, d, "")).validate()
+
+    save = FARConfig.save
+
+
+ModelConfig = FARConfig | DiTConfig  # what a checkpoint's config.json describes
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A checkpoint's config.json object: `"kind": "dit"` is a DiT, anything else (no kind) FAR."""
+    kind = d.get("kind", "far")
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"config key kind must be one of {MODEL_KINDS}, got {kind!r}")
+    if kind == "dit":
+        return DiTConfig.from_dict(d)
+    return FARConfig.from_dict({k: v for k, v in d.items() if k != "kind"})
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read a config.json (FAR or DiT) with the same one-line errors as FARConfig.load."""
+    return model_config_from_dict(_read_json_object(Path(path)))
+
+
+def check_euler_steps(steps: int) -> None:
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"DiT sampling steps must be in [1, 1000], got {steps}")
+
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    # Tests.
+    "dit-tiny": DiTConfig(img_size=16, num_classes=4, width=32, depth=2, num_heads=2, latent_scale=1.0,
+                          sample_steps=4, cfg=2.0, vae=VAE_PRESETS["tiny"]),
+    # MNIST: 5 blocks of width 128 = 1.57M parameters, the far-mnist backbone + head's 1.57M.
+    "dit-mnist": DiTConfig(img_size=32, num_classes=10, width=128, depth=5, num_heads=4, latent_scale=1.0,
+                           sample_steps=32, cfg=2.0, vae=VAE_PRESETS["small32"]),
+    # DiT-B and DiT-XL dims on ImageNet 256 with KL-16: 256 tokens of 16 channels, as DiT-*/2 on SD's VAE.
+    "dit-b": DiTConfig(width=768, depth=12, num_heads=12),
+    "dit-xl": DiTConfig(width=1152, depth=28, num_heads=16),
+}

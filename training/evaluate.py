@@ -1,11 +1,14 @@
 """Evaluate a checkpoint on the built-in MNIST digits, in-project (no Inception weights needed).
 
     python training/evaluate.py --checkpoint checkpoints/far-mnist --per-class 50
+    python training/evaluate.py --checkpoint checkpoints/far-mnist --checkpoint checkpoints/mar-mnist \
+        --checkpoint checkpoints/dit-mnist      # each table, then one side by side
 
 1. A small digit classifier trained on the 4,500 training digits (cached beside the
    data cache: `<cache-dir>/mnist/classifier.safetensors`).
 2. For each number of head steps (K = 1, 2, 4, ..., 128 for the shortcut head;
-   25/50/100 for MAR's diffusion head): class-conditional samples, their class
+   25/50/100 for MAR's diffusion head; N = 4, 8, ..., 128, 250 Euler steps for a
+   DiT): class-conditional samples, their class
    accuracy under the classifier, the Frechet distance between classifier features
    of the samples and of the 500 held-out real digits, and seconds per image.
 3. The real-vs-real floor: the same distance between training and held-out digits,
@@ -171,15 +174,32 @@ class Report:
     vae_accuracy: float
     rows: list[Row]
 
+    @property
+    def family(self) -> str:
+        """FAR, MAR or DiT, as the side-by-side table names them."""
+        if self.backbone == "dit":
+            return "DiT"
+        name = "MAR" if self.head == "mar" else "FAR"
+        return name + (" (causal)" if self.backbone == "causal" else "")
+
+    @property
+    def steps_name(self) -> str:
+        return "Euler steps N" if self.family == "DiT" else "head steps"
+
     def table(self) -> str:
+        if self.backbone == "dit":
+            model = "DiT, flow matching, N Euler steps over all tokens"
+        else:
+            model = f"{self.backbone} backbone, {self.head} head"
         lines = [
-            f"checkpoint {self.checkpoint}: {self.backbone} backbone, {self.head} head; "
+            f"checkpoint {self.checkpoint}: {model}; "
             f"{self.num_images} samples per row, cfg {self.cfg}, "
-            + (f"num_iter {self.num_iter}" if self.backbone == "masked" else "one AR step per token")
-            + f", batch {self.batch}",
+            + {"masked": f"num_iter {self.num_iter}, ", "causal": "one AR step per token, "}.get(self.backbone, "")
+            + f"batch {self.batch}",
             f"classifier accuracy on the 500 held-out real digits: {self.classifier_heldout_accuracy:.1%}",
             "",
-            "| head steps | class accuracy | Frechet distance | vs real floor | s/image |" + (" FID |" if self._fid else ""),
+            f"| {self.steps_name} | class accuracy | Frechet distance | vs real floor | s/image |"
+            + (" FID |" if self._fid else ""),
             "|---:|---:|---:|---:|---:|" + ("---:|" if self._fid else ""),
         ]
         for r in self.rows:
@@ -197,8 +217,21 @@ class Report:
         return any(r.fid is not None for r in self.rows)
 
 
+DIT_STEPS = [4, 8, 16, 32, 64, 128, 250]
+
+
 def default_head_steps(head: str, levels: int) -> list[int]:
     return [2**i for i in range(levels)] if head == "shortcut" else [25, 50, 100]
+
+
+def side_by_side(reports: list[Report]) -> str:
+    """One table over several checkpoints (FAR's K, MAR's steps, DiT's N), rows sorted by time per image."""
+    lines = ["| model | steps | class accuracy | Frechet distance | s/image |", "|---|---|---:|---:|---:|"]
+    letter = {"DiT": "N", "MAR": "steps"}
+    rows = [(r.seconds_per_image, rep.family, letter.get(rep.family, "K"), r) for rep in reports for r in rep.rows]
+    for sec, family, letter, r in sorted(rows, key=lambda x: x[0]):
+        lines.append(f"| {family} | {letter} = {r.head_steps} | {r.accuracy:.1%} | {r.frechet:.2f} | {sec:.4f} |")
+    return "\n".join(lines)
 
 
 def _fid(samples: np.ndarray, real: np.ndarray) -> float | None:
@@ -233,7 +266,8 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
              cache_dir: str | Path = "runs/cache", fid: bool = True, progress: bool = True) -> Report:
     from runtime.images import to_uint8
     from training.checkpoint import load_checkpoint
-    from training.sample import SamplingSettings, generate
+    from training.config import DiTConfig
+    from training.sample import generate, resolve_settings
 
     ckpt = load_checkpoint(checkpoint)
     mc = ckpt.cfg
@@ -242,8 +276,8 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
                         f"{mc.num_classes} classes at {mc.img_size} px")
     if per_class < 2:
         raise EvalError("per_class must be >= 2 (the Frechet distance needs a covariance)")
-    steps = head_steps or default_head_steps(mc.head, mc.shortcut_levels)
-    settings = [SamplingSettings.resolve(mc, seed=seed, head_steps=k, cfg=cfg, num_iter=num_iter) for k in steps]
+    steps = head_steps or (DIT_STEPS if isinstance(mc, DiTConfig) else default_head_steps(mc.head, mc.shortcut_levels))
+    settings = [resolve_settings(mc, seed=seed, head_steps=k, cfg=cfg, num_iter=num_iter) for k in steps]
     train = mnist_split("train", mc.img_size)
     held = mnist_split("heldout", mc.img_size)
     train_x, held_x = (train.images + 1) / 2, (held.images + 1) / 2
@@ -254,7 +288,10 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
     with torch.no_grad():  # what the VAE alone loses: reconstructions (posterior means) of the held-out digits
         rec = torch.cat([ckpt.vae(held.images[i : i + 100], sample=False)[0] for i in range(0, len(held), 100)])
     rec_pred, rec_feat = classify(clf, ((rec.float() + 1) / 2).clamp(0, 1))
+    dit = isinstance(mc, DiTConfig)
+    head, backbone = ("euler", "dit") if dit else (mc.head, mc.backbone)
     labels = [c for c in range(10) for _ in range(per_class)]
+    report_steps = "N" if dit else "K"
     rows = []
     real_u8 = to_uint8(held_x.numpy()) if fid else None
     for k, s in zip(steps, settings):
@@ -267,9 +304,9 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
                   _fid(images, real_u8) if fid else None)
         rows.append(row)
         if progress:
-            print(f"K={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, {sec:.4f} s/image", file=sys.stderr)
-    first = SamplingSettings.resolve(mc, seed=seed, cfg=cfg, num_iter=num_iter)
-    return Report(str(checkpoint), mc.head, mc.backbone, len(labels), first.cfg, first.num_iter, batch,
+            print(f"{report_steps}={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, {sec:.4f} s/image", file=sys.stderr)
+    first = resolve_settings(mc, seed=seed, cfg=cfg, num_iter=num_iter)
+    return Report(str(checkpoint), head, backbone, len(labels), first.cfg, first.num_iter, batch,
                   float((held_pred == held.labels.numpy()).mean()), floor, frechet_distance(rec_feat, held_feat),
                   float((rec_pred == held.labels.numpy()).mean()), rows)
 
@@ -296,9 +333,11 @@ def _cli():
     from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory.")
+    @click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(),
+                  help="Checkpoint directory; repeat it for one side-by-side table of several models.")
     @click.option("--head-steps", default=None, callback=_head_steps,
-                  help="Comma list of K (default: 1,2,4,...,128 for the shortcut head, 25,50,100 for MAR's).")
+                  help="Comma list of K (default: 1,2,4,...,128 for the shortcut head, 25,50,100 for MAR's, "
+                       "4,8,...,128,250 Euler steps for a DiT).")
     @click.option("--per-class", type=click.IntRange(2, 10_000), default=50, show_default=True,
                   help="Samples per class and row.")
     @click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Guidance scale (default: the checkpoint's).")
@@ -309,7 +348,7 @@ def _cli():
     @click.option("--threads", type=THREADS, default=None, help="torch CPU threads.")
     @click.option("--json", "json_out", default=None, help="Also write the report as JSON here.")
     @click.option("--no-fid", is_flag=True, help="Skip torch-fidelity even where installed.")
-    def main(checkpoint, head_steps, per_class, cfg, num_iter, batch, seed, cache_dir, threads, json_out, no_fid):
+    def main(checkpoints, head_steps, per_class, cfg, num_iter, batch, seed, cache_dir, threads, json_out, no_fid):
         """Class accuracy and classifier-feature Frechet distance of class-conditional samples."""
         if threads:
             torch.set_num_threads(threads)
@@ -317,14 +356,17 @@ def _cli():
             if json_out:
                 check_output_file(json_out, "--json")  # before the evaluation, not after it
             try:
-                report = evaluate(checkpoint, head_steps, per_class, seed, batch, cfg, num_iter, cache_dir,
-                                  fid=not no_fid)
+                reports = [evaluate(c, head_steps, per_class, seed, batch, cfg, num_iter, cache_dir, fid=not no_fid)
+                           for c in checkpoints]
             except DataError as e:
                 raise click.ClickException(str(e).splitlines()[0]) from None
-            click.echo(report.table())
+            click.echo("\n\n".join(r.table() for r in reports))
+            if len(reports) > 1:
+                click.echo("\nSide by side, fastest first:\n\n" + side_by_side(reports))
             if json_out:
+                data = asdict(reports[0]) if len(reports) == 1 else [asdict(r) for r in reports]
                 Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(Path(json_out), json.dumps(asdict(report), indent=2) + "\n")
+                write_atomic(Path(json_out), json.dumps(data, indent=2) + "\n")
 
     return main
 

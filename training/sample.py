@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # `python training/sample.py`
 import numpy as np
 import torch
 
+from runtime.errors import RequestError, sampling_numbers
 from runtime.schedule import (
     SamplingSettings,
     causal_schedule,
@@ -30,9 +31,28 @@ from runtime.schedule import (
     masked_schedule,
     shortcut_times,
 )
-from training.config import FARConfig
+from training.config import DiTConfig, ModelConfig, check_euler_steps
+from training.dit import DiT, DiTStep
 from training.model import FAR, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
+
+
+def resolve_settings(model_cfg: ModelConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
+    """SamplingSettings.resolve (runtime/schedule.py) for a FAR config; for a DiT its own rules: head_steps is N,
+    the Euler steps over the whole grid, with one CFG scale at every step and no AR steps."""
+    cfg = model_cfg  # positional-only, so that `cfg=` (the guidance scale) can be an override
+    if not isinstance(cfg, DiTConfig):
+        return SamplingSettings.resolve(cfg, seed=seed, **overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("cfg_schedule", "constant") != "constant":
+        raise RequestError("DiT uses one CFG scale at every step: cfg_schedule must be 'constant'")
+    if "num_iter" in overrides:
+        raise RequestError("DiT has no autoregressive steps: num_iter does not apply (use head_steps)")
+    values = {"head_steps": cfg.sample_steps, "cfg": cfg.cfg, "temperature": cfg.temperature, **overrides}
+    values["cfg"], values["temperature"] = sampling_numbers(values["cfg"], values["temperature"])  # no NaN/inf
+    s = SamplingSettings(seed=seed, **{**values, "cfg_schedule": "constant", "num_iter": 1})
+    check_euler_steps(s.head_steps)
+    return s
 
 
 def _f32(a: np.ndarray | list | float) -> torch.Tensor:
@@ -73,13 +93,15 @@ class _Head:
 
 @torch.no_grad()
 def sample_tokens(
-    model: FAR,
+    model: FAR | DiT,
     labels: list[int],
     s: SamplingSettings,
     first_index: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Generate token latents (B, L, C) float32 for images first_index .. first_index + B - 1."""
+    if isinstance(model, DiT):
+        return sample_dit_tokens(model, labels, s, first_index, progress)
     cfg = model.cfg
     model.eval()
     B, L, C = len(labels), cfg.seq_len, cfg.token_dim
@@ -118,13 +140,38 @@ def sample_tokens(
 
 
 @torch.no_grad()
-def decode_tokens(cfg: FARConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
+def sample_dit_tokens(
+    model: DiT,
+    labels: list[int],
+    s: SamplingSettings,
+    first_index: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """DiT: every token starts as temperature * noise (one (L, C) draw per image, the randomness
+    contract), then N Euler steps at t_k = k / N over the whole grid."""
+    cfg = model.cfg
+    model.eval()
+    guided = s.cfg != 1.0
+    rngs = [image_rng(s.seed, first_index + i) for i in range(len(labels))]
+    x = _f32(np.stack([s.temperature * r.standard_normal((cfg.seq_len, cfg.token_dim)) for r in rngs]))
+    step = DiTStep(model, guided)
+    labels_t, d, cfg_t = torch.as_tensor(labels, dtype=torch.long), _f32([1.0 / s.head_steps]), _f32([s.cfg])
+    times = shortcut_times(s.head_steps)
+    for i, t in enumerate(times):
+        x = step(x, _f32([t]), d, labels_t, cfg_t)
+        if progress:
+            progress(i + 1, len(times))
+    return x.numpy()
+
+
+@torch.no_grad()
+def decode_tokens(cfg: ModelConfig, vae: AutoencoderKL, tokens: np.ndarray) -> np.ndarray:
     """Token latents (B, L, C) -> images (B, 3, H, W) float32 in [0, 1]."""
     return VAEDecoderStep(cfg, vae.eval())(torch.as_tensor(tokens)).float().cpu().numpy()
 
 
 def generate(
-    model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
+    model: FAR | DiT, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
     progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
 ) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it).
@@ -133,7 +180,7 @@ def generate(
 
 
 def generate_batches(
-    model: FAR, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
+    model: FAR | DiT, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
     progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
 ) -> Iterator[np.ndarray]:
     """`generate`, one batch (n, H, W, 3) uint8 at a time: a large request is written as it goes."""
@@ -183,7 +230,7 @@ def _cli():
             ckpt = load_checkpoint(checkpoint)
             classes = parse_classes(req.classes, ckpt.cfg.num_classes)
             labels = request_labels(classes, req.per_class)
-            s = SamplingSettings.resolve(
+            s = resolve_settings(
                 ckpt.cfg, seed=req.seed, head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
                 temperature=req.temperature, num_iter=req.num_iter,
             )

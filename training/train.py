@@ -47,7 +47,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import PRESETS, ConfigError, FARConfig, VAEConfig
+from training.config import (
+    DIT_PRESETS,
+    PRESETS,
+    ConfigError,
+    DiTConfig,
+    FARConfig,
+    VAEConfig,
+    model_config_from_dict,
+)
 from training.data import (
     DataError,
     DataSpec,
@@ -123,12 +131,13 @@ class RunConfig:
     train: FARStageConfig = field(default_factory=FARStageConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
-    def far_config(self, **changes: Any) -> FARConfig:
+    def far_config(self, **changes: Any) -> FARConfig | DiTConfig:
         m = dict(self.model)
         name = m.pop("preset", "mnist")
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model.preset {name!r}; choose from {', '.join(PRESETS)}")
-        base = PRESETS[name].to_dict()
+        presets = {**PRESETS, **DIT_PRESETS}
+        if name not in presets:
+            raise ConfigError(f"unknown model.preset {name!r}; choose from {', '.join(presets)}")
+        base = presets[name].to_dict()
         vae = m.pop("vae", None)
         if isinstance(vae, str):
             from training.config import VAE_PRESETS
@@ -143,7 +152,7 @@ class RunConfig:
         base.update(m)
         base.update(changes)
         try:
-            return FARConfig.from_dict(base)
+            return model_config_from_dict(base)
         except ConfigError as e:
             raise ConfigError(f"[model] {e}") from None
 
@@ -1054,7 +1063,12 @@ def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, An
         t0 = time.time()
         vae = given_vae if given_vae is not None else train_vae(run, cfg, out, ctx, log, resume)
         t1 = time.time()
-        ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
+        if isinstance(cfg, DiTConfig):  # the third model kind: a diffusion transformer on the same latents
+            from training.dit_train import train_dit
+
+            ckpt = train_dit(run, cfg, vae, out, ctx, log, resume)
+        else:
+            ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
         log(stage="done", vae_seconds=t1 - t0, far_seconds=time.time() - t1, world_size=ctx.world)
         return ckpt
     finally:
