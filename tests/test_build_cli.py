@@ -181,7 +181,10 @@ def test_fp16_build_records_precision_and_falls_back_to_an_fp32_vae(built, tmp_p
 # Every shipped checkpoint builds at reduced precision
 # ----------------------------------------------------------------------------
 
-SHIPPED = sorted(p.name for p in (ROOT / "checkpoints").iterdir() if (p / "config.json").is_file())
+# The shipped checkpoints that export: a DiT (checkpoints/dit-mnist, the baseline of README's comparison)
+# has no graphs yet and `far-export build` refuses it in one line (tests/test_dit.py).
+SHIPPED = sorted(p.name for p in (ROOT / "checkpoints").iterdir()
+                 if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("kind") != "dit")
 # what makes a shipped model numerically itself; the sizes come from the tiny preset
 SAMPLING_KEYS = ("backbone", "head", "patch_size", "latent_scale", "num_iter", "head_steps", "cfg", "cfg_schedule",
                  "temperature", "diffusion_steps", "diffusion_clip_x0", "shortcut_levels")

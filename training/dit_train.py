@@ -62,8 +62,10 @@ def train_dit(run: RunConfig, cfg: DiTConfig, vae: AutoencoderKL, out: Path, ctx
         (out / "samples").mkdir(exist_ok=True)
         _save_png(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
 
+    remedy = ("start over in a new --out" + (f", or start from the last exported weights with train.init={ckpt_dir}"
+                                            if ckpt_dir.is_dir() else ""))
     stage = Stage("dit", model, lambda m, tokens, labels: m.loss(tokens, labels), batch_fn, len(cache), run.train,
-                  out / "train_state.pt", export, sample_grid)
+                  out / "train_state.pt", remedy, export, sample_grid)
     run_stage(stage, ctx, log, resume)
     return ckpt_dir
 

@@ -920,10 +920,11 @@ def check_out(out: Path, resume: bool) -> None:
                             f"empty directory")
 
 
-def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig, AutoencoderKL | None]:
+def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig | DiTConfig, AutoencoderKL | None]:
     """Everything that can be checked before any work: the run directory, the data, the given VAE and
     init weights, the model's memory, and (with resume) that the saved states fit the config.
     Returns the model config (with vae.init's VAE config) and the given VAE, if any."""
+    from training.checkpoint import build_model
     from training.data import class_folders, mnist_csv_path
 
     check_out(out, resume)
@@ -943,12 +944,12 @@ def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig, Autoe
     if run.vae.init:
         given, vae_cfg = load_vae_file(Path(run.vae.init), cfg.vae)
         cfg = cfg.replace(vae=vae_cfg)
-    if cfg.head == "mar" and cfg.diffusion_steps > MAX_DIFFUSION_STEPS:
+    if isinstance(cfg, FARConfig) and cfg.head == "mar" and cfg.diffusion_steps > MAX_DIFFUSION_STEPS:
         raise TrainingError(f"model.diffusion_steps {cfg.diffusion_steps} is beyond {MAX_DIFFUSION_STEPS} "
                             f"(MAR uses 1000): choose fewer")
     try:
         with torch.device("meta"):  # shapes only, no memory
-            model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+            model, vae = build_model(cfg), AutoencoderKL(cfg.vae)
     except (RuntimeError, ValueError, OverflowError) as e:
         raise TrainingError(f"the model dims cannot be built ({str(e).splitlines()[0]}): choose smaller ones") from None
     _check_memory(model, vae, run, cfg)
@@ -1005,7 +1006,8 @@ def _check_init(model: FAR, path: Path) -> None:
         raise TrainingError(f"train.init: {path} is not a checkpoint directory (config.json + {MODEL_FILE} + "
                             f"vae.safetensors): give one, e.g. RUN/checkpoint")
     want, saved = model.state_dict(), _safetensors_shapes(path / MODEL_FILE, "train.init")
-    if _init_head_kind(model, path) != model.cfg.head:  # another head: only the backbone must match (_init_from)
+    if isinstance(model, FAR) and _init_head_kind(model, path) != model.cfg.head:  # another head: only the
+        # backbone must match (_init_from)
         want = {k: v for k, v in want.items() if k.startswith("backbone.")}
         saved = {k: v for k, v in saved.items() if k.startswith("backbone.")}
     diff = shape_differences(want, saved)
