@@ -74,6 +74,9 @@ def test_overrides_any_key_and_resolved_config_roundtrips(tmp_path):
     assert run.train.betas == (0.8, 0.9) and run.data.source == "x"
     (tmp_path / "r.toml").write_text(dump_toml(run.to_dict()))
     assert load_run_config(tmp_path / "r.toml") == run
+    # the run config's sections go through config.json's checker: TOML ints become floats where floats are due
+    whole = load_run_config(None, ["train.lr=1", "train.betas=[0, 0.5]", "vae.kl_weight=0"])
+    assert [type(x) for x in (whole.train.lr, *whole.train.betas, whole.vae.kl_weight)] == [float] * 4
 
 
 @pytest.mark.parametrize("override, match", [
@@ -81,6 +84,8 @@ def test_overrides_any_key_and_resolved_config_roundtrips(tmp_path):
     ("model.width=7", "not divisible"),
     ("train.lr_schedule=\"step\"", "lr_schedule"),
     ("train.steps=\"many\"", "train.steps must be int"),
+    ("train.amp=1", "train.amp must be true or false"),
+    ("train.betas=[0.9, \"x\"]", "train.betas must be tuple"),
     ("nonsense", "section.key=value"),
     ("extra.key=1", "unknown config section"),
 ])

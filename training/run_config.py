@@ -17,7 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from runtime.errors import read_regular
-from training.config import PRESETS, ConfigError, FARConfig
+from training.config import PRESETS, ConfigError, FARConfig, checked_fields
 
 
 @dataclass(frozen=True)
@@ -171,25 +171,7 @@ def _check_stage(o: OptimConfig, name: str) -> None:
 def _section(cls: type, d: Any, name: str) -> Any:
     if not isinstance(d, dict):
         raise ConfigError(f"[{name}] must be a table, got {d!r}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"[{name}] keys are {', '.join(known)}")
-    out = {}
-    for k, v in d.items():
-        default = getattr(cls(), k)
-        if isinstance(default, tuple):
-            v = tuple(v) if isinstance(v, (list, tuple)) else v
-        elif isinstance(default, bool):
-            if not isinstance(v, bool):
-                raise ConfigError(f"{name}.{k} must be true or false, got {v!r}")
-        elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if type(v) is not type(default) and not (isinstance(default, tuple) and isinstance(v, tuple)):
-            raise ConfigError(f"{name}.{k} must be {type(default).__name__}, got {v!r}")
-        out[k] = v
-    return cls(**out)
+    return cls(**checked_fields(cls, d, f"{name}.", list_keys=True))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
