@@ -326,7 +326,6 @@ def _cli():
     return main
 
 
-
 def main() -> None:
     """`far-evaluate` (a console script) and `python training/evaluate.py`."""
     _cli()()

@@ -18,7 +18,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, unusable run directory, bad VAE file)."""
 
 
-
 MAX_DIFFUSION_STEPS = 100_000  # MAR trains with 1000; the head's schedule table is built on the host
 RUN_OPTIONS = "run.json"  # run-time options of the CLI (threads), reused by --resume
 RUN_FILES = ("config.toml", RUN_OPTIONS, "log.jsonl", "latents.safetensors", "train_state.pt", "vae/train_state.pt",
@@ -177,7 +176,6 @@ def check_batches(run: RunConfig, rows: int, what: str) -> None:
                                 f"of {run.data.source}: set {name}.batch_size={rows} or less")
 
 
-
 STATE_KEYS = ("stage", "step", "model", "ema", "optimizer")
 
 
@@ -215,7 +213,6 @@ def shape_differences(own: dict[str, Any], saved: dict[str, Any], first: int = 3
         return ""
     more = f"; {len(diffs) - first} more" if len(diffs) > first else ""
     return "; ".join(diffs[:first]) + more
-
 
 
 def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAEConfig]:

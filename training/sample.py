@@ -214,7 +214,6 @@ def _cli():
     return main
 
 
-
 def main() -> None:
     """`far-sample` (a console script) and `python training/sample.py`."""
     _cli()()

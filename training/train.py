@@ -17,6 +17,10 @@ Run directory:
     latents.safetensors the latent cache             samples/      sample grids during training
     checkpoint/         config.json + model.safetensors (EMA) + vae.safetensors: what far-export reads
     train_state.pt      FAR resume state (online weights, EMA, optimizer, step)
+
+This file is the loop (`run_stage`), its two stages and the CLI. Around it: training/run_config.py
+(the TOML config and its overrides), training/run_checks.py (everything checked before any work),
+training/distributed.py (DDP), training/optim.py (AdamW groups, LR schedule, EMA).
 """
 
 from __future__ import annotations
@@ -546,7 +550,6 @@ def _cli():
             click.echo(f"checkpoint: {ckpt} ({time.time() - t0:.0f} s)")
 
     return main
-
 
 
 def main() -> None:
