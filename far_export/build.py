@@ -215,7 +215,8 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
         except TensorRTUnavailable as e:
             raise BuildError(f"--require-engines: TensorRT plans cannot be built here: {e}") from None
 
-    from training.checkpoint import checkpoint_sha256, load_checkpoint, replace_dir
+    from runtime.files import replace_dir
+    from training.checkpoint import checkpoint_sha256, load_checkpoint
     from training.config import DiTConfig
 
     with stage(log, f"load checkpoint {checkpoint_dir}") as st:

@@ -25,6 +25,7 @@ from typing import Any
 from far_export.tolerances import PLAN_TOLERANCES, describe_error, error_stats, within
 from runtime.device import DeviceError, DeviceInfo, describe, import_tensorrt, probe
 from runtime.errors import FarError
+from runtime.files import write_atomic
 from runtime.manifest import (
     EngineSpec,
     GraphSpec,
@@ -33,7 +34,6 @@ from runtime.manifest import (
     ModelInfo,
     load_manifest,
     sha256_file,
-    write_atomic,
 )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import RequestError
-from runtime.manifest import write_atomic
+from runtime.files import write_atomic
 from runtime.pipeline import Pipeline, Timings
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.errors import FarError
+
 # What to do about the errors a user meets first (the rest are named and left to the CUDA docs).
 _HINTS = {
     "cudaErrorInsufficientDriver": "no NVIDIA driver is loaded, or it is older than the CUDA of the installed "
@@ -27,7 +29,7 @@ _HINTS = {
 }
 
 
-class DeviceError(RuntimeError):
+class DeviceError(FarError, RuntimeError):
     """TensorRT, the CUDA bindings or a usable GPU is missing (one line, with the CUDA error name)."""
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import MAX_GRID_IMAGES, MAX_IMAGES, RequestError, check_output_dir, check_output_file
-from runtime.manifest import write_atomic
+from runtime.files import write_atomic
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:

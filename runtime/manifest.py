@@ -12,8 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from runtime.errors import (
     sampling_numbers,
 )
 from runtime.errors import directory as check_directory
+from runtime.files import write_atomic
 from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
 SCHEMA_VERSION = 2  # 2: the "update" graph (the scatter of each AR step)
@@ -342,23 +341,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write to a temporary sibling, then rename over `path`: readers never see half a file.
-    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:

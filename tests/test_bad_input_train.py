@@ -22,11 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
+from runtime.files import WriteError
 from training import train as T
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError
 from training.data import DataError, ImageFolder
-from training.files import RunFileError
+from training.run_checks import TrainingError, check_run
+from training.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +70,7 @@ def assert_no_work(r: subprocess.CompletedProcess, out: Path) -> None:
     assert not (out / "vae").exists() and not (out / "latents.safetensors").exists()
 
 
-USER_ERRORS = (ConfigError, DataError, RunFileError, T.TrainingError)
+USER_ERRORS = (ConfigError, DataError, WriteError, TrainingError)
 
 
 def refused(via_cli: bool, out: Path, overrides: list[str], *match: str, config: Path | None = None,
@@ -82,7 +84,7 @@ def refused(via_cli: bool, out: Path, overrides: list[str], *match: str, config:
         assert_no_work(r, out)
         return line
     with pytest.raises(USER_ERRORS) as e:
-        T.check_run(T.load_run_config(config, overrides), out, resume)
+        check_run(load_run_config(config, overrides), out, resume)
     for m in match:
         assert m in str(e.value)
     return str(e.value)
@@ -155,8 +157,8 @@ CONFIG_CASES = [
 @pytest.mark.parametrize("overrides, match", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
 def test_bad_config_value(folder, tmp_path, overrides, match):
     """The whole table in-process (one torch import); the CLI path of a few of them below."""
-    with pytest.raises((ConfigError, T.TrainingError), match=re.escape(match)):
-        T.check_run(T.load_run_config(None, tiny_overrides(folder) + overrides), tmp_path / "r", resume=False)
+    with pytest.raises((ConfigError, TrainingError), match=re.escape(match)):
+        check_run(load_run_config(None, tiny_overrides(folder) + overrides), tmp_path / "r", resume=False)
     assert not (tmp_path / "r").exists()
 
 
@@ -189,7 +191,7 @@ def _fifo(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind, match", [
-    ("directory", "is a directory: give a regular file"),
+    ("directory", "is a directory, not a file"),
     ("fifo", "is not a regular file"),
     ("latin1", "is not UTF-8 text"),
     ("bad_toml", "is not valid TOML"),
@@ -327,8 +329,8 @@ def test_damaged_resume_state(base_run, tmp_path, damage):
         r = cli("--out", str(out), "--resume", "train.steps=4")
         assert_one_error(r, str(state), "start over in a new --out")
     else:
-        with pytest.raises(T.TrainingError, match=re.escape(str(state))):
-            T.check_run(T.load_run_config(out / "config.toml"), out, resume=True)
+        with pytest.raises(TrainingError, match=re.escape(str(state))):
+            check_run(load_run_config(out / "config.toml"), out, resume=True)
     assert snapshot(out) == before
 
 
@@ -337,8 +339,8 @@ def test_run_file_that_is_a_fifo_is_refused(base_run, tmp_path, name):
     out = copy_run(base_run, tmp_path / "run")
     (out / name).unlink()
     _fifo(out / name)  # appending to it would block forever
-    with pytest.raises(T.TrainingError, match=re.escape(f"{out / name} is not a regular file")):
-        T.check_run(T.load_run_config(out / "config.toml"), out, resume=True)
+    with pytest.raises(TrainingError, match=re.escape(f"{out / name} is not a regular file")):
+        check_run(load_run_config(out / "config.toml"), out, resume=True)
 
 
 def test_resume_with_other_model_dims_names_them(base_run, tmp_path):

@@ -110,6 +110,25 @@ def test_save_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+
+def test_saved_files_have_the_usual_permissions(tmp_path: Path) -> None:
+    """Protects: checkpoint and safetensors files are 0666 less the umask (safetensors alone writes 0600),
+    so another user of the machine can read a shipped checkpoint."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        model, vae = tiny_model()
+        path = save_checkpoint(tmp_path / "ckpt", model, vae, extra_files={"train_info.json": "{}"})
+        single = ck.save_tensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in [*path.iterdir(), single]} == {
+        "config.json": 0o644, "model.safetensors": 0o644, "vae.safetensors": 0o644, "train_info.json": 0o644,
+        "w.safetensors": 0o644}
+
+
 def _one_line_error(path: Path, match: str) -> str:
     with pytest.raises(CheckpointError, match=match) as e:
         load_checkpoint(path)

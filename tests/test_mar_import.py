@@ -266,7 +266,7 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
 def test_weight_decay_as_mar(head):
     """MAR's add_weight_decay exempts every diffloss parameter: so does ours for the MAR head. The shortcut
     head keeps decay on its matrices (the recipe the shipped far-mnist was trained with)."""
-    from training.train import param_groups
+    from training.optim import param_groups
 
     model = FAR(preset("tiny", head=head))
     no_decay, decay = param_groups(model, 0.02)

@@ -16,7 +16,10 @@ from training import train as T
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError
 from training.data import LatentCache, latent_scale
-from training.train import tomllib
+from training.distributed import Context, batch_indices
+from training.optim import lr_at, param_groups
+from training.run_checks import TrainingError
+from training.run_config import OptimConfig, dump_toml, load_run_config, tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,24 +56,27 @@ def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 def test_shipped_configs_parse():
     for path in sorted((ROOT / "training" / "configs").glob("*.toml")):
-        run = T.load_run_config(path)
+        run = load_run_config(path)
         run.far_config()
 
 
 def test_mnist_config_is_the_mnist_preset():
-    run = T.load_run_config(ROOT / "training" / "configs" / "mnist.toml")
+    run = load_run_config(ROOT / "training" / "configs" / "mnist.toml")
     cfg = run.far_config()
     assert (cfg.backbone, cfg.head, cfg.width, cfg.seq_len, cfg.token_dim) == ("masked", "shortcut", 128, 16, 8)
     assert run.train.betas == (0.9, 0.95) and run.train.weight_decay == 0.02
 
 
 def test_overrides_any_key_and_resolved_config_roundtrips(tmp_path):
-    run = T.load_run_config(ROOT / "training" / "configs" / "mnist.toml",
+    run = load_run_config(ROOT / "training" / "configs" / "mnist.toml",
                             ["train.lr=3e-4", "model.cfg=3.0", "model.head=mar", 'data.source="x"', "train.betas=[0.8, 0.9]"])
     assert run.train.lr == 3e-4 and run.far_config().cfg == 3.0 and run.far_config().head == "mar"
     assert run.train.betas == (0.8, 0.9) and run.data.source == "x"
-    (tmp_path / "r.toml").write_text(T.dump_toml(run.to_dict()))
-    assert T.load_run_config(tmp_path / "r.toml") == run
+    (tmp_path / "r.toml").write_text(dump_toml(run.to_dict()))
+    assert load_run_config(tmp_path / "r.toml") == run
+    # the run config's sections go through config.json's checker: TOML ints become floats where floats are due
+    whole = load_run_config(None, ["train.lr=1", "train.betas=[0, 0.5]", "vae.kl_weight=0"])
+    assert [type(x) for x in (whole.train.lr, *whole.train.betas, whole.vae.kl_weight)] == [float] * 4
 
 
 @pytest.mark.parametrize("override, match", [
@@ -78,26 +84,28 @@ def test_overrides_any_key_and_resolved_config_roundtrips(tmp_path):
     ("model.width=7", "not divisible"),
     ("train.lr_schedule=\"step\"", "lr_schedule"),
     ("train.steps=\"many\"", "train.steps must be int"),
+    ("train.amp=1", "train.amp must be true or false"),
+    ("train.betas=[0.9, \"x\"]", "train.betas must be tuple"),
     ("nonsense", "section.key=value"),
     ("extra.key=1", "unknown config section"),
 ])
 def test_bad_overrides_are_config_errors(override, match):
     with pytest.raises(ConfigError, match=match):
-        T.load_run_config(None, [override])
+        load_run_config(None, [override])
 
 
 def test_lr_schedule_and_weight_decay_groups():
-    o = T.OptimConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr=0.1)
-    assert T.lr_at(0, o) == pytest.approx(0.1) and T.lr_at(9, o) == pytest.approx(1.0)
-    assert T.lr_at(10, o) == pytest.approx(1.0) and T.lr_at(100, o) == pytest.approx(0.1)
-    assert T.lr_at(55, o) == pytest.approx(0.55)
-    c = T.OptimConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="constant")
-    assert T.lr_at(99, c) == 1.0
+    o = OptimConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr=0.1)
+    assert lr_at(0, o) == pytest.approx(0.1) and lr_at(9, o) == pytest.approx(1.0)
+    assert lr_at(10, o) == pytest.approx(1.0) and lr_at(100, o) == pytest.approx(0.1)
+    assert lr_at(55, o) == pytest.approx(0.55)
+    c = OptimConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="constant")
+    assert lr_at(99, c) == 1.0
     from training.config import preset
     from training.model import FAR
 
     model = FAR(preset("tiny"))
-    no_decay, decay = T.param_groups(model, 0.02)
+    no_decay, decay = param_groups(model, 0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith(".bias") or p.ndim == 1 for p in no_decay["params"])
     assert any("norm" in names[id(p)] for p in no_decay["params"])
@@ -106,13 +114,13 @@ def test_lr_schedule_and_weight_decay_groups():
 
 
 def test_batch_indices_cover_each_epoch_once():
-    ctx = T.Context(torch.device("cpu"))
-    rows = [i for s in range(5) for i in T.batch_indices(10, s, 2, ctx, seed=0)]
+    ctx = Context(torch.device("cpu"))
+    rows = [i for s in range(5) for i in batch_indices(10, s, 2, ctx, seed=0)]
     assert sorted(rows) == list(range(10))
-    assert T.batch_indices(10, 5, 2, ctx, 0) != T.batch_indices(10, 0, 2, ctx, 0)  # a new order per epoch
+    assert batch_indices(10, 5, 2, ctx, 0) != batch_indices(10, 0, 2, ctx, 0)  # a new order per epoch
     # two ranks split each global batch
-    r0 = T.batch_indices(10, 0, 4, T.Context(torch.device("cpu"), 0, 2), 0)
-    r1 = T.batch_indices(10, 0, 4, T.Context(torch.device("cpu"), 1, 2), 0)
+    r0 = batch_indices(10, 0, 4, Context(torch.device("cpu"), 0, 2), 0)
+    r1 = batch_indices(10, 0, 4, Context(torch.device("cpu"), 1, 2), 0)
     assert len(r0) == len(r1) == 2 and not set(r0) & set(r1)
 
 
@@ -123,7 +131,7 @@ def test_batch_indices_cover_each_epoch_once():
 
 def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
-    run = T.load_run_config(None, tiny_overrides(folder) + ["train.sample_every=4"])
+    run = load_run_config(None, tiny_overrides(folder) + ["train.sample_every=4"])
     ckpt_dir = T.train(run, out)
     ckpt = load_checkpoint(ckpt_dir)
     # the latent scale is measured on the cache (1 / std), never the preset's literal
@@ -147,9 +155,9 @@ def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
 
 def test_resume_continues_exactly(folder, tmp_path):
     const = ["train.lr_schedule=\"constant\""]  # the cosine schedule depends on train.steps
-    straight = T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
-    T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
-    resumed = T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "b",
+    straight = T.train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
+    T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
+    resumed = T.train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "b",
                       resume=True)
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
@@ -163,19 +171,19 @@ def test_resume_continues_exactly(folder, tmp_path):
 
 def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoint):
     out = tmp_path / "r"
-    T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
+    T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
     first = LatentCache.load(out / "latents.safetensors")
     given = tiny_checkpoint(tmp_path / "given")
-    T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
+    T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
             out, resume=True)
     second = LatentCache.load(out / "latents.safetensors")
     assert first.source and second.source != first.source and not torch.equal(first.mean, second.mean)
 
 
 def test_existing_run_needs_resume(folder, tmp_path):
-    T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
-    with pytest.raises(T.TrainingError, match="--resume"):
-        T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
+    T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
+    with pytest.raises(TrainingError, match="--resume"):
+        T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
 
 
 def test_interrupt_saves_checkpoint_and_state(folder, tmp_path, monkeypatch):
@@ -196,7 +204,7 @@ def test_interrupt_saves_checkpoint_and_state(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "run_stage", run_stage)
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=10) + ["train.save_every=0"]), out)
+        T.train(load_run_config(None, tiny_overrides(folder, far_steps=10) + ["train.save_every=0"]), out)
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
     assert json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == 3
     load_checkpoint(out / "checkpoint")
@@ -215,8 +223,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 
     monkeypatch.setattr(FAR, "loss", loss)
     out = tmp_path / "r"
-    with pytest.raises(T.TrainingError, match=r"loss is nan at step 2.*last good checkpoint \(step 2\)"):
-        T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=6)), out)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 2.*last good checkpoint \(step 2\)"):
+        T.train(load_run_config(None, tiny_overrides(folder, far_steps=6)), out)
     assert json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == 2
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
 
@@ -224,7 +232,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 def test_far_alone_on_a_given_vae(folder, tmp_path, tiny_checkpoint):
     given = tiny_checkpoint(tmp_path / "given")
     out = tmp_path / "r"
-    ckpt_dir = T.train(T.load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
+    ckpt_dir = T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
                        out)
     assert not (out / "vae").exists()
     got, ref = load_checkpoint(ckpt_dir).vae.state_dict(), load_checkpoint(given).vae.state_dict()
@@ -235,18 +243,18 @@ def test_fine_tune_starts_from_a_checkpoint(folder, tmp_path, tiny_checkpoint):
     given = tiny_checkpoint(tmp_path / "given", num_classes=2)
     out = tmp_path / "r"
     init = ["train.steps=1", "train.lr=0.0", f"vae.init={json.dumps(str(given))}", f"train.init={json.dumps(str(given))}"]
-    ckpt = load_checkpoint(T.train(T.load_run_config(None, tiny_overrides(folder) + init), out))
+    ckpt = load_checkpoint(T.train(load_run_config(None, tiny_overrides(folder) + init), out))
     ref = load_checkpoint(given).model.state_dict()
     assert all(torch.equal(ckpt.model.state_dict()[k], ref[k]) for k in ref)  # lr 0: the init itself
     bad = tiny_checkpoint(tmp_path / "bad", num_classes=2, width=64, num_heads=2)
-    with pytest.raises(T.TrainingError, match="train.init: .*does not match"):
-        T.train(T.load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
+    with pytest.raises(TrainingError, match="train.init: .*does not match"):
+        T.train(load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
                 tmp_path / "r2")
 
 
 @pytest.mark.parametrize("head, backbone", [("mar", "masked"), ("shortcut", "causal")])
 def test_other_heads_and_backbones_train(folder, tmp_path, head, backbone):
-    run = T.load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"model.head=\"{head}\"",
+    run = load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"model.head=\"{head}\"",
                                                                         f"model.backbone=\"{backbone}\""])
     cfg = load_checkpoint(T.train(run, tmp_path / "r")).cfg
     assert (cfg.head, cfg.backbone) == (head, backbone)

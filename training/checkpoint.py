@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from runtime.errors import FarError, first_line, regular_file
+from runtime.files import atomic_path
 from training.config import DiTConfig, FARConfig, ModelConfig, load_checkpoint_config
 from training.dit import DiT
 from training.model import FAR
@@ -42,36 +40,25 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: FAR | DiT, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a checkpoint directory atomically: into a temporary sibling, then rename over `path`."""
+    """Write a checkpoint directory atomically: into a temporary sibling, then rename over `path`
+    (a failed write leaves the old directory and no temporary one: a WriteError)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_path(path, errors=(SafetensorsError,)) as tmp:
+        tmp.mkdir()
         model.cfg.save(tmp / CONFIG_FILE)
         save_file(_contiguous(model.state_dict()), str(tmp / MODEL_FILE))
         save_file(_contiguous(vae.state_dict()), str(tmp / VAE_FILE))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename src (a mkdtemp directory) over dst with the usual permissions (0777 less the umask);
-    an existing dst is moved aside first and removed only after."""
-    umask = os.umask(0)
-    os.umask(umask)
-    src.chmod(0o777 & ~umask)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """One safetensors file, written atomically with the usual permissions (a failed write: a WriteError)."""
+    with atomic_path(path, errors=(SafetensorsError,)) as tmp:
+        save_file(_contiguous(tensors), str(tmp), metadata=metadata)
+    return path
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -236,7 +236,7 @@ class FARConfig:
             vae = dataclasses.asdict(VAE_PRESETS[vae])
         if not isinstance(vae, dict):
             raise ConfigError(f"config key vae must be an object or a preset name, got {vae!r}")
-        return cls(vae=_build(VAEConfig, vae, "vae."), **_fields(cls, d, "")).validate()
+        return cls(vae=_build(VAEConfig, vae, "vae."), **checked_fields(cls, d, "")).validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -269,23 +269,37 @@ def load_checkpoint_config(checkpoint_dir: str | Path, error: type[FarError] = C
         raise error(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
-def _fields(cls: type, d: dict[str, Any], prefix: str) -> dict[str, Any]:
+def checked_fields(cls: type, d: dict[str, Any], prefix: str, list_keys: bool = False) -> dict[str, Any]:
+    """Keyword arguments for the dataclass `cls` from a JSON or TOML table: every key known (`list_keys`:
+    the error lists the known ones), every value of its default's kind (lists become tuples, ints become
+    floats where a float is expected, a bool is never an int). The one checker of config.json and of
+    the training run config's sections."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+        keys = f"; [{prefix.rstrip('.')}] keys are {', '.join(known)}" if list_keys else ""
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}{keys}")
     out = {}
     for k, v in d.items():
-        if isinstance(v, list):
-            v = tuple(v)
         default = known[k].default
         if default is not dataclasses.MISSING:
-            if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)  # JSON writes 2.0 as 2
+            v = _as_kind(v, default)
             if not _same_kind(v, default):
-                raise ConfigError(f"config key {prefix}{k} must be {type(default).__name__}, got {v!r}")
+                kind = "true or false" if isinstance(default, bool) else type(default).__name__
+                raise ConfigError(f"config key {prefix}{k} must be {kind}, got {v!r}")
         out[k] = v
     return out
+
+
+def _as_kind(v: Any, default: Any) -> Any:
+    """JSON/TOML lists as tuples; an int where the default is a float as a float (JSON writes 2.0 as 2)."""
+    if isinstance(v, list):
+        v = tuple(v)
+    if isinstance(default, tuple) and default and isinstance(v, tuple):
+        return tuple(_as_kind(x, default[0]) for x in v)
+    if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    return v
 
 
 def _same_kind(v: Any, default: Any) -> bool:
@@ -297,7 +311,7 @@ def _same_kind(v: Any, default: Any) -> bool:
 
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
     try:
-        return cls(**_fields(cls, d, prefix))
+        return cls(**checked_fields(cls, d, prefix))
     except TypeError as e:
         raise ConfigError(f"invalid {prefix.rstrip('.')} config: {e}") from None
 
@@ -405,7 +419,7 @@ class DiTConfig:
             vae = dataclasses.asdict(VAE_PRESETS[vae])
         if not isinstance(vae, dict):
             raise ConfigError(f"config key vae must be an object or a preset name, got {vae!r}")
-        return cls(vae=_build(VAEConfig, vae, "vae."), **_fields(cls, d, "")).validate()
+        return cls(vae=_build(VAEConfig, vae, "vae."), **checked_fields(cls, d, "")).validate()
 
     save = FARConfig.save
 

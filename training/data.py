@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from runtime.errors import FarError
+
 MNIST_HELD_OUT = 500
 MNIST_SPLIT_SEED = 0
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(FarError, ValueError):
     """Missing, empty or unusable training data."""
 
 
@@ -265,13 +267,11 @@ class LatentCache:
         return mean + torch.exp(0.5 * logvar) * eps
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
+        from training.checkpoint import save_tensors
 
-        from training.files import write_atomic
-
-        tensors = {"mean": self.mean.contiguous(), "logvar": self.logvar.contiguous(), "labels": self.labels,
+        tensors = {"mean": self.mean, "logvar": self.logvar, "labels": self.labels,
                    "num_classes": torch.tensor([self.num_classes])}
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"source": self.source}))
+        save_tensors(tensors, path, metadata={"source": self.source})
 
     @classmethod
     def load(cls, path: Path) -> LatentCache:

@@ -15,9 +15,12 @@ import torch
 
 from training.config import DiTConfig
 from training.data import latent_scale
+from training.distributed import Context
 from training.dit import DiT
 from training.model import patchify
-from training.train import Context, Log, RunConfig, Stage, TrainingError, _init_from, build_cache, run_stage
+from training.run_checks import TrainingError
+from training.run_config import RunConfig
+from training.train import Log, Stage, _init_from, build_cache, run_stage
 from training.vae import AutoencoderKL
 
 

@@ -25,9 +25,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/evaluate.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -102,7 +99,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6
 
 def load_or_train_classifier(cache_dir: Path, train_images: torch.Tensor, train_labels: torch.Tensor,
                              quiet: bool = False) -> DigitClassifier:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from training.checkpoint import save_tensors
 
     path = cache_dir / "mnist" / CLASSIFIER_FILE
     clf = DigitClassifier()
@@ -116,9 +115,7 @@ def load_or_train_classifier(cache_dir: Path, train_images: torch.Tensor, train_
         print(f"training the digit classifier on {len(train_labels)} images (cached at {path})", file=sys.stderr)
     clf = train_classifier(train_images, train_labels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    save_tensors(clf.state_dict(), path)
     return clf
 
 
@@ -329,7 +326,7 @@ def _cli():
     import click
 
     from runtime.errors import MAX_CFG, check_output_file
-    from runtime.manifest import write_atomic
+    from runtime.files import write_atomic
     from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -371,5 +368,10 @@ def _cli():
     return main
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`far-evaluate` (a console script) and `python training/evaluate.py`."""
     _cli()()
+
+
+if __name__ == "__main__":
+    main()

@@ -10,12 +10,7 @@ and the same PNG for the same seed and settings.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python training/sample.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
@@ -245,5 +240,10 @@ def _cli():
     return main
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`far-sample` (a console script) and `python training/sample.py`."""
     _cli()()
+
+
+if __name__ == "__main__":
+    main()

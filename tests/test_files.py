@@ -1,0 +1,93 @@
+"""runtime/files.py, the one place for writes: a temporary sibling replaces the target only when complete,
+nothing is left behind on failure, permissions are the usual ones (0666 / 0777 less the umask, never
+0600), and a failed write is one WriteError line that names the file (a full disk as such)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import FarError
+from runtime.files import WriteError, atomic_path, replace_dir, write_atomic
+
+UMASK = 0o027  # not the common 022: the modes below come from the umask, not from a constant
+
+
+@pytest.fixture
+def umask():
+    old = os.umask(UMASK)
+    yield
+    os.umask(old)
+
+
+def mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+def test_write_atomic_text_and_bytes_with_the_usual_mode(tmp_path, umask):
+    write_atomic(tmp_path / "a.json", "{}\n")
+    write_atomic(tmp_path / "b.bin", b"\x00\x01")
+    write_atomic(tmp_path / "a.json", "new")  # replaces
+    assert (tmp_path / "a.json").read_text() == "new" and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "b.bin") == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]  # no temporary file left
+
+
+def test_a_file_made_0600_by_its_writer_gets_the_usual_mode(tmp_path, umask):
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors' writer does
+    assert mode(tmp_path / "w.safetensors") == 0o640
+
+
+@pytest.mark.parametrize("failure", ["os", "bug", "interrupt"])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, failure):
+    target = tmp_path / "state.pt"
+    target.write_text("old")
+    raised = {"os": OSError(errno.EACCES, "Permission denied"), "bug": ValueError("shape"),
+              "interrupt": KeyboardInterrupt()}[failure]
+    with pytest.raises((WriteError, ValueError, KeyboardInterrupt)) as e:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise raised
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    if failure == "os":  # OS errors become one line naming the file; anything else stays what it is
+        assert isinstance(e.value, FarError) and str(e.value) == f"cannot write {target}: Permission denied"
+    else:
+        assert e.value is raised
+
+
+def test_a_full_disk_is_named_as_such(tmp_path):
+    with pytest.raises(WriteError, match=r"cannot write .*x\.bin: the disk is full \([\d.]+ MB free\); free some"):
+        with atomic_path(tmp_path / "x.bin") as tmp:
+            tmp.write_bytes(b"1")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(WriteError, match="file size limit exceeded"):  # a writer that only has the text
+        with atomic_path(tmp_path / "x.bin", errors=(RuntimeError,)):
+            raise RuntimeError("I/O error: File too large (os error 27)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_replaces_the_old_one_whole_with_the_usual_modes(tmp_path, umask):
+    old = tmp_path / "ckpt"
+    old.mkdir()
+    (old / "stale.txt").write_text("old")
+    with atomic_path(old) as tmp:
+        tmp.mkdir()
+        (tmp / "sub").mkdir(mode=0o700)
+        os.close(os.open(tmp / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+    assert sorted(p.name for p in old.iterdir()) == ["model.safetensors", "sub"]
+    assert mode(old) == mode(old / "sub") == 0o750 and mode(old / "model.safetensors") == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # neither the temporary nor the old one is left
+
+
+def test_replace_dir_of_a_mkdtemp_directory(tmp_path, umask):
+    import tempfile
+
+    src = Path(tempfile.mkdtemp(dir=tmp_path))
+    (src / "f").write_text("x")
+    assert mode(src) == 0o700
+    replace_dir(src, tmp_path / "out")
+    assert mode(tmp_path / "out") == 0o750 and (tmp_path / "out" / "f").read_text() == "x"
