@@ -16,4 +16,5 @@ python -m pip install -q "cuda-python>=12.6,<13"
 ruff check .
 # Python 3.10 must stay supported: ruff (target py310) checks syntax, vermin the stdlib and language features.
 vermin -q --violations -t=3.10- --no-tips --eval-annotations runtime far_export training benchmarks scripts tests
-python -m pytest -q -m "not slow" "$@"
+# Two workers (the machine has 2 cores); one file per worker keeps module-scoped engines built once.
+python -m pytest -q -m "not slow" -n 2 --dist loadfile "$@"
