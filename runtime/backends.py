@@ -155,14 +155,63 @@ class OrtCall(Call):
         self._run(self._binding)
 
 
+class OrtDeviceMemory:
+    """Buffers in memory that ONNX Runtime allocates on `device` ("cuda" under a GPU provider), each with the
+    host mirror `empty` returns: the host writes the mirror and uploads, the graphs read and write the device
+    memory (views by address), and only what is downloaded comes back. On "cpu" it keeps the same discipline
+    in separate host memory, so any machine can prove that a loop uploads and downloads what it must."""
+
+    def __init__(self, ort: Any, device: str):
+        self._ort, self.device = ort, device
+        self._buffers: list[tuple[int, np.ndarray, Any]] = []  # (host address, mirror, OrtValue)
+
+    def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        if str(dtype) == "bfloat16":
+            raise BackendError("bf16 tensors cannot live in ONNX Runtime device buffers here (numpy has no bfloat16); "
+                               "use --backend trt for bf16 engines")
+        mirror = np.zeros(tuple(shape), dtype=np.dtype(dtype))
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(mirror.shape), mirror.dtype.type, self.device, 0)
+        value.update_inplace(mirror)
+        self._buffers.append((int(mirror.ctypes.data), mirror, value))
+        return mirror
+
+    def _find(self, a: np.ndarray) -> tuple[np.ndarray, Any, int]:
+        ptr = int(a.ctypes.data)
+        for host, mirror, value in self._buffers:
+            if host <= ptr and ptr + a.nbytes <= host + mirror.nbytes and a.flags.c_contiguous:
+                return mirror, value, ptr - host
+        raise BackendError("a buffer bound to a device graph must be (a contiguous view of) one from empty()")
+
+    def address(self, a: np.ndarray) -> int:
+        _, value, offset = self._find(a)
+        return int(value.data_ptr()) + offset
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> None:
+        for a in arrays:  # whole buffers: ONNX Runtime copies an OrtValue in and out whole
+            mirror, value, _ = self._find(a)
+            value.update_inplace(mirror)
+
+    def download(self, arrays: Sequence[np.ndarray]) -> None:
+        for a in arrays:
+            mirror, value, _ = self._find(a)
+            mirror[...] = value.numpy()
+
+
 class OrtGraph(Graph):
-    def __init__(self, ort: Any, session: Any, spec: GraphSpec, path: Path):
-        self._ort, self.session, self.spec = ort, session, spec
+    def __init__(self, ort: Any, session: Any, spec: GraphSpec, path: Path, memory: OrtDeviceMemory | None = None):
+        self._ort, self.session, self.spec, self._memory = ort, session, spec, memory
         _check_session_io(session, spec, path)
 
     def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
         self.check_buffers(inputs, outputs)
         binding = self.session.io_binding()
+        if self._memory is not None:  # device memory, bound by address (views of the tables too)
+            mem = self._memory
+            for name, a in inputs.items():
+                binding.bind_input(name, mem.device, 0, a.dtype.type, list(a.shape), mem.address(a))
+            for name, a in outputs.items():
+                binding.bind_output(name, mem.device, 0, a.dtype.type, list(a.shape), mem.address(a))
+            return OrtCall(self.session, binding, [])
         dtypes = {t.name: t.dtype for t in (*self.spec.inputs, *self.spec.outputs)}
         keep = []
         for names, bind in ((inputs, binding.bind_ortvalue_input), (outputs, binding.bind_ortvalue_output)):
@@ -220,7 +269,7 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, directory: Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, spin: bool = False):
+                 threads: int | None = None, spin: bool = False, device_memory: str | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -255,6 +304,22 @@ class OrtBackend(Backend):
                                        f"({e.strerror}); make the engine directory writable") from None
         self.directory, self.manifest = directory, manifest
         self._graphs: dict[str, OrtGraph] = {}
+        # Under a GPU provider the state lives in CUDA memory (bound by address, uploaded and downloaded by the
+        # pipeline); on the CPU the graphs bind the numpy buffers themselves, unless `device_memory` says where.
+        if device_memory is None and self.providers[0] in GPU_PROVIDERS:
+            device_memory = "cuda"
+        self.memory = OrtDeviceMemory(ort, device_memory) if device_memory else None
+
+    def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        return self.memory.empty(shape, dtype) if self.memory else super().empty(shape, dtype)
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> None:
+        if self.memory:
+            self.memory.upload(arrays)
+
+    def download(self, arrays: Sequence[np.ndarray]) -> None:
+        if self.memory:
+            self.memory.download(arrays)
 
     def graph(self, name: str) -> Graph:
         if name not in self._graphs:
@@ -273,11 +338,12 @@ class OrtBackend(Backend):
                     f"{fell_back[0]} was asked for but ONNX Runtime fell back to {', '.join(used)} for {spec.file} "
                     "(CUDA/cuDNN or TensorRT libraries missing?); refusing to run slowly: use --providers cpu"
                 )
-            self._graphs[name] = OrtGraph(self._ort, session, spec, path)
+            self._graphs[name] = OrtGraph(self._ort, session, spec, path, self.memory)
         return self._graphs[name]
 
     def describe(self) -> str:
-        return f"onnxruntime {self._ort.__version__} [{', '.join(self.providers)}]"
+        where = f", state in {self.memory.device} memory" if self.memory else ""
+        return f"onnxruntime {self._ort.__version__} [{', '.join(self.providers)}]{where}"
 
 
 # ----------------------------------------------------------------------------
