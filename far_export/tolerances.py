@@ -25,12 +25,14 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
     "fp16": Tolerance(max_abs=5e-2, p99_abs=1e-2),
     "bf16": Tolerance(max_abs=1e-1, p99_abs=3e-2),
+    "int8": Tolerance(max_abs=0.3, p99_abs=0.1),
 }
 # End to end against the fp32 reference sampler: decoded image in [0, 1].
 E2E_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
     "fp16": Tolerance(max_abs=0.1, p99_abs=0.02),
     "bf16": Tolerance(max_abs=0.2, p99_abs=0.05),
+    "int8": Tolerance(max_abs=1.0, p99_abs=0.5),
 }
 # A TensorRT plan against its ONNX graph on ONNX Runtime (CPU; bf16 graphs upcast to fp32). TensorRT runs
 # fp32 matmuls in TF32 on Ampere and later (10-bit mantissa), hence fp32's bound above the graph table's.
@@ -38,6 +40,7 @@ PLAN_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-2, p99_abs=2e-3),
     "fp16": Tolerance(max_abs=5e-2, p99_abs=1e-2),
     "bf16": Tolerance(max_abs=1e-1, p99_abs=3e-2),
+    "int8": Tolerance(max_abs=1e-1, p99_abs=3e-2),
 }
 
 
