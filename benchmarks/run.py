@@ -1,6 +1,6 @@
 """Benchmarks anyone can rerun: FAR vs MAR, runtime vs PyTorch, KV cache, precision, roofline, memory.
 
-    python benchmarks/run.py [--quick] [--json results.json] [--plots DIR] [--markdown FILE]
+    python benchmarks/run.py [--quick] [--sections precision,...] [--json results.json] [--plots DIR] [--markdown FILE]
 
 A script, not a test. Each comparison runs its sides in the same process,
 alternating, after a warm-up, and reports medians and ratios. Engines are built
@@ -38,6 +38,7 @@ MODELS = {  # name -> checkpoint directory
     "FAR (causal, shortcut head)": ROOT / "checkpoints/far-mnist-causal",
 }
 ENGINES = ROOT / "engines/bench"
+SECTIONS = ("far_vs_mar", "kv_cache", "precision", "roofline", "memory")
 THREADS = 1  # intra-op threads of both PyTorch and ONNX Runtime (--threads)
 RESULTS = ROOT / "benchmarks/results"
 
@@ -232,26 +233,52 @@ def kv_cache(quick: bool, reps: int) -> tuple[str, list[dict]]:
 # ----------------------------------------------------------------------------
 
 
-def precision(batch: int, reps: int) -> tuple[str, dict]:
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def engine_quality(ckpt: Path, precision: str) -> dict:
+    """The K=default row of `python training/evaluate.py --checkpoint CKPT --engine ENGINE --json
+    benchmarks/results/eval-NAME-PRECISION-engine.json` (empty when that file is missing)."""
+    f = RESULTS / f"eval-{ckpt.name}-{precision}-engine.json"
+    rows = json.loads(f.read_text()).get("rows", []) if f.is_file() else []
+    return rows[0] if rows else {}
+
+
+def precision(batches: list[int], reps: int) -> tuple[str, list[dict]]:
+    """fp32 / fp16 / int8 engines of FAR side by side per batch (interleaved, medians): ms per image,
+    speed-up over fp32, pixel difference from the fp32 engine's images, and quality of the engines' samples."""
     ckpt = MODELS["FAR (masked, shortcut head)"]
-    pipes = {p: open_pipe(engine_dir(ckpt, p, batch)) for p in ("fp32", "fp16")}
-    classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
-    imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
-    diff = np.abs(imgs["fp32"] - imgs["fp16"])
-    t = alternate({p: (lambda pipe=pipe: pipe.generate(classes, seed=0)) for p, pipe in pipes.items()}, reps)
-    res = {"batch": batch, "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
-           "fp32_ms_per_image": t["fp32"] / batch * 1e3, "fp16_ms_per_image": t["fp16"] / batch * 1e3}
+    results, rows = [], []
+    for batch in batches:
+        pipes = {p: open_pipe(engine_dir(ckpt, p, batch)) for p in PRECISIONS}
+        classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
+        imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
+        t = alternate({p: (lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0))
+                       for p, pipe in pipes.items()}, reps)
+        for p in PRECISIONS:
+            diff = np.abs(imgs[p] - imgs["fp32"])
+            q = engine_quality(ckpt, p)
+            results.append({"batch": batch, "precision": p, "ms_per_image": t[p] / batch * 1e3,
+                            "speedup_vs_fp32": t["fp32"] / t[p], "max_pixel_diff": int(diff.max()),
+                            "mean_pixel_diff": float(diff.mean()), "accuracy": q.get("accuracy"),
+                            "frechet": q.get("frechet")})
+            r = results[-1]
+            rows.append([batch, p, r["ms_per_image"], r["speedup_vs_fp32"], r["max_pixel_diff"], r["mean_pixel_diff"],
+                         "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+                         "-" if r["frechet"] is None else r["frechet"]])
+        for pipe in pipes.values():
+            pipe.close()
     text = table(
-        f"Precision: fp32 vs fp16 graphs, FAR K=default, batch {batch}, ONNX Runtime CPU",
-        ["graphs", "ms / image", "max |pixel diff| vs fp32 (0-255)", "mean |pixel diff|"],
-        [["fp32", res["fp32_ms_per_image"], 0, 0.0],
-         ["fp16", res["fp16_ms_per_image"], res["max_pixel_diff"], res["mean_pixel_diff"]]],
-    )
+        f"Precision: fp32 / fp16 / int8 engines, FAR K=default, ONNX Runtime CPU, {THREADS} thread(s)",
+        ["batch", "graphs", "ms / image", "speed-up vs fp32", "max |pixel diff| vs fp32 (0-255)", "mean |pixel diff|",
+         "class acc. (engine)", "Frechet (engine)"], rows)
     text += ("\nONNX Runtime's CPU provider has no fp16 kernels for most ops and casts to fp32, so fp16 here "
-             "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider).\n")
-    for pipe in pipes.values():
-        pipe.close()
-    return text, res
+             "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider). int8 runs "
+             "ONNX Runtime's u8 x s8 kernels (QLinearMatMul, QGemm, QLinearConv) on the weight products; quality "
+             "columns: `python training/evaluate.py --checkpoint checkpoints/far-mnist --engine "
+             "engines/bench/far-mnist-PRECISION-b64 --head-steps 4 --per-class 100 --json "
+             "benchmarks/results/eval-far-mnist-PRECISION-engine.json`.\n")
+    return text, results
 
 
 # ----------------------------------------------------------------------------
@@ -421,7 +448,12 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads for PyTorch and ONNX Runtime alike (default 1: stable on a shared machine)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma list of the sections to run (default all): {', '.join(SECTIONS)}")
     args = ap.parse_args()
+    sections = [x for x in args.sections.split(",") if x]
+    if not sections or any(x not in SECTIONS for x in sections):
+        ap.error(f"--sections takes a comma list of {', '.join(SECTIONS)}, got {args.sections!r}")
     global THREADS
     THREADS = args.threads
     torch.set_num_threads(args.threads)
@@ -433,28 +465,34 @@ def main() -> None:
     info = machine()
     md = [f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
           f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and ONNX Runtime. "
-          f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}`.\n"]
+          f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
+          f"{'' if args.sections == ','.join(SECTIONS) else ' --sections ' + args.sections}`.\n"]
     results: dict[str, object] = {"machine": info, "quick": args.quick}
     t0 = time.perf_counter()
-    print("== 1+2. FAR vs MAR, runtime vs PyTorch", flush=True)
-    text, results["far_vs_mar"] = far_vs_mar(args.quick, batches, reps)
-    md.append(text)
-    print("== 3. KV cache", flush=True)
-    text, results["kv_cache"] = kv_cache(args.quick, reps)
-    md.append(text)
-    print("== 4. precision", flush=True)
-    text, results["precision"] = precision(16, reps)
-    md.append(text)
-    print("== 5. against the limit", flush=True)
-    text, results["roofline"] = roofline([1, 64] if not args.quick else [1, 16], reps)
-    md.append(text)
-    print("== 6. memory", flush=True)
-    text, results["memory"] = sample_memory()
-    md.append(text)
+    if "far_vs_mar" in sections:
+        print("== 1+2. FAR vs MAR, runtime vs PyTorch", flush=True)
+        text, results["far_vs_mar"] = far_vs_mar(args.quick, batches, reps)
+        md.append(text)
+    if "kv_cache" in sections:
+        print("== 3. KV cache", flush=True)
+        text, results["kv_cache"] = kv_cache(args.quick, reps)
+        md.append(text)
+    if "precision" in sections:
+        print("== 4. precision", flush=True)
+        text, results["precision"] = precision(batches, reps)
+        md.append(text)
+    if "roofline" in sections:
+        print("== 5. against the limit", flush=True)
+        text, results["roofline"] = roofline([1, 64] if not args.quick else [1, 16], reps)
+        md.append(text)
+    if "memory" in sections:
+        print("== 6. memory", flush=True)
+        text, results["memory"] = sample_memory()
+        md.append(text)
     results["seconds"] = time.perf_counter() - t0
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    if args.plots:
+    if args.plots and "far_vs_mar" in results:
         for p in plots(results["far_vs_mar"], args.plots):
             print(f"wrote {p}")
     if args.markdown:
