@@ -14,7 +14,7 @@ precision and more: LayerNorm/GroupNorm statistics, attention (QK^T, mask bias, 
 activation products are not weight nodes), GELU/SiLU, residual adds, the shortcut head's timestep
 embedding (`KEEP_FP32`), and the MAR head entirely (its posterior needs eps to ~1e-4 relative, see
 far_export/export.py; the build keeps that graph fp32). TensorRT takes only symmetric (zero-point 0)
-activations: a plan built from these graphs needs `ACTIVATIONS = "s8"`.
+activations: plans need `ACTIVATIONS = "s8"` (not verified here: no TensorRT on these machines).
 
 Calibration: the fp32 graphs sample the checkpoint's classes through the runtime's own loop
 (`runtime.pipeline.Pipeline` over a `RecordingBackend`); the inputs each graph was fed become the
