@@ -231,8 +231,9 @@ def _fid(samples: np.ndarray, real: np.ndarray) -> float | None:
         return None
 
 
-def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | None) -> Any:
-    """generate(labels, settings, batch) over the runtime on an engine directory built from `checkpoint`."""
+def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | None) -> tuple[Any, int]:
+    """(generate(labels, settings, batch) over the runtime on an engine directory built from `checkpoint`,
+    the engine's batch: the most images per call)."""
     from runtime.pipeline import Pipeline
     from training.checkpoint import checkpoint_sha256
 
@@ -245,7 +246,7 @@ def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | N
         return pipe.generate(labels, head_steps=s.head_steps, cfg=s.cfg, cfg_schedule=s.cfg_schedule,
                              temperature=s.temperature, num_iter=s.num_iter, seed=s.seed, batch=min(batch, pipe.B))
 
-    return generate
+    return generate, pipe.B
 
 
 def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_class: int = 50, seed: int = 0,
@@ -261,7 +262,8 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
     ckpt = load_checkpoint(checkpoint)
     mc = ckpt.cfg
     if engine is not None:
-        sampler = _engine_sampler(engine, checkpoint, threads)
+        sampler, engine_batch = _engine_sampler(engine, checkpoint, threads)
+        batch = min(batch, engine_batch)
     else:
         def sampler(labels: list[int], s: Any, batch: int) -> np.ndarray:
             return generate(ckpt.model, ckpt.vae, labels, s, batch=batch)
