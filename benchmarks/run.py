@@ -257,26 +257,52 @@ def kv_cache(quick: bool, reps: int) -> tuple[str, list[dict]]:
 # ----------------------------------------------------------------------------
 
 
-def precision(batch: int, reps: int) -> tuple[str, dict]:
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def engine_quality(ckpt: Path, precision: str) -> dict:
+    """The K=default row of `python training/evaluate.py --checkpoint CKPT --engine ENGINE --json
+    benchmarks/results/eval-NAME-PRECISION-engine.json` (empty when that file is missing)."""
+    f = RESULTS / f"eval-{ckpt.name}-{precision}-engine.json"
+    rows = json.loads(f.read_text()).get("rows", []) if f.is_file() else []
+    return rows[0] if rows else {}
+
+
+def precision(batches: list[int], reps: int) -> tuple[str, list[dict]]:
+    """fp32 / fp16 / int8 engines of FAR side by side per batch (interleaved, medians): ms per image,
+    speed-up over fp32, pixel difference from the fp32 engine's images, and quality of the engines' samples."""
     ckpt = MODELS["FAR (masked, shortcut head)"]
-    pipes = {p: open_pipe(engine_dir(ckpt, p, batch)) for p in ("fp32", "fp16")}
-    classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
-    imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
-    diff = np.abs(imgs["fp32"] - imgs["fp16"])
-    t = alternate({p: (lambda pipe=pipe: pipe.generate(classes, seed=0)) for p, pipe in pipes.items()}, reps)
-    res = {"batch": batch, "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
-           "fp32_ms_per_image": t["fp32"] / batch * 1e3, "fp16_ms_per_image": t["fp16"] / batch * 1e3}
+    results, rows = [], []
+    for batch in batches:
+        pipes = {p: open_pipe(engine_dir(ckpt, p, batch)) for p in PRECISIONS}
+        classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
+        imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
+        t = alternate({p: (lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0))
+                       for p, pipe in pipes.items()}, reps)
+        for p in PRECISIONS:
+            diff = np.abs(imgs[p] - imgs["fp32"])
+            q = engine_quality(ckpt, p)
+            results.append({"batch": batch, "precision": p, "ms_per_image": t[p] / batch * 1e3,
+                            "speedup_vs_fp32": t["fp32"] / t[p], "max_pixel_diff": int(diff.max()),
+                            "mean_pixel_diff": float(diff.mean()), "accuracy": q.get("accuracy"),
+                            "frechet": q.get("frechet")})
+            r = results[-1]
+            rows.append([batch, p, r["ms_per_image"], r["speedup_vs_fp32"], r["max_pixel_diff"], r["mean_pixel_diff"],
+                         "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+                         "-" if r["frechet"] is None else r["frechet"]])
+        for pipe in pipes.values():
+            pipe.close()
     text = table(
-        f"Precision: fp32 vs fp16 graphs, FAR K=default, batch {batch}, ONNX Runtime CPU",
-        ["graphs", "ms / image", "max |pixel diff| vs fp32 (0-255)", "mean |pixel diff|"],
-        [["fp32", res["fp32_ms_per_image"], 0, 0.0],
-         ["fp16", res["fp16_ms_per_image"], res["max_pixel_diff"], res["mean_pixel_diff"]]],
-    )
+        f"Precision: fp32 / fp16 / int8 engines, FAR K=default, ONNX Runtime CPU, {THREADS} thread(s)",
+        ["batch", "graphs", "ms / image", "speed-up vs fp32", "max |pixel diff| vs fp32 (0-255)", "mean |pixel diff|",
+         "class acc. (engine)", "Frechet (engine)"], rows)
     text += ("\nONNX Runtime's CPU provider has no fp16 kernels for most ops and casts to fp32, so fp16 here "
-             "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider).\n")
-    for pipe in pipes.values():
-        pipe.close()
-    return text, res
+             "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider). int8 runs "
+             "ONNX Runtime's u8 x s8 kernels (QLinearMatMul, QGemm, QLinearConv) on the weight products; quality "
+             "columns: `python training/evaluate.py --checkpoint checkpoints/far-mnist --engine "
+             "engines/bench/far-mnist-PRECISION-b64 --head-steps 4 --per-class 100 --json "
+             "benchmarks/results/eval-far-mnist-PRECISION-engine.json`.\n")
+    return text, results
 
 
 # ----------------------------------------------------------------------------
@@ -500,7 +526,7 @@ def main() -> None:
         "far-vs-mar": ("1+2. FAR vs MAR vs DiT, runtime vs PyTorch", "far_vs_mar",
                        lambda: far_vs_mar(args.quick, batches, reps)),
         "kv-cache": ("3. KV cache", "kv_cache", lambda: kv_cache(args.quick, reps)),
-        "precision": ("4. precision", "precision", lambda: precision(16, reps)),
+        "precision": ("4. precision", "precision", lambda: precision(batches, reps)),
         "roofline": ("5. against the limit", "roofline", lambda: roofline([1, 64] if not args.quick else [1, 16], reps)),
         "memory": ("6. memory", "memory", sample_memory),
     }

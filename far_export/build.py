@@ -253,14 +253,21 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
     cfg: FARConfig = ckpt.cfg
     precision = opts.precision
     graph_precision = {name: "fp32" if name == "update" else precision for name in specs}
+    notes: dict[str, str] = {}
+    if precision == "int8" and cfg.head == "mar":
+        graph_precision["head"] = "fp32"
+        notes["head"] = MAR_INT8_NOTE
     modules = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision)  # what the graphs compute
     # the reference: the fp32 model (what the checkpoint means); per-precision tolerances bound the difference
-    refs = modules if precision == "fp32" else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32")
+    refs = modules if precision in ("fp32", "int8") else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32")
     feeds = {name: random_feeds(cfg, io_) for name, io_ in specs.items()}
     for name, io_ in specs.items():
         with stage(log, f"export {io_.file}") as st:
             export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
             st["note"] = f"{(tmp / io_.file).stat().st_size / 1e6:.1f} MB"
+    fp32_dir = tmp / ".fp32"  # int8: the fp32 graphs a failed quantized graph falls back to (removed below)
+    held_out = _quantize(tmp, fp32_dir, ckpt_sha, cfg, shapes, specs, graph_precision, opts, log) \
+        if precision == "int8" else {}
 
     validation: dict[str, Any] = {}
     if opts.validate or opts.end_to_end:
@@ -274,45 +281,47 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
         for name, io_ in specs.items():
             sessions[name], how = _session_for(tmp / io_.file, precision)
             if how:
-                validation.setdefault("notes", {})[name] = how
+                notes[name] = how
                 upcast.add(name)
         graphs_v: dict[str, Any] = {}
         validation["graphs"] = graphs_v
         if opts.validate:
             for name, io_ in specs.items():
-                with stage(log, f"validate {io_.file} on random inputs") as st:
+                gp = graph_precision[name]
+                # an int8 graph's activation ranges are calibrated on real inputs: random ones (other scales)
+                # would be clipped, so it is validated on real inputs of images not used for calibration
+                label = "real (held-out)" if gp == "int8" else "random"
+                vfeeds = held_out[name] if gp == "int8" else feeds[name]
+                with stage(log, f"validate {io_.file} on {label} inputs") as st:
                     try:
                         res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
-                                      feeds[name], io_.tolerances[precision], "random")
-                    except ValidationError:
-                        if name != "vae_decoder" or precision == "fp32":
+                                      vfeeds, io_.tolerances[gp], label)
+                    except ValidationError as e:
+                        if gp == "fp32" or (name != "vae_decoder" and gp != "int8"):
                             raise
-                        # the VAE may run fp32 entirely when the reduced precision does not hold
+                        # the reduced-precision graph does not hold: this graph runs fp32 entirely
                         graph_precision[name] = "fp32"
-                        modules[name] = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision, "fp32")[name]
-                        export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
+                        if gp == "int8":
+                            shutil.copyfile(fp32_dir / io_.file, tmp / io_.file)
+                            notes[name] = f"int8 failed validation, falls back to fp32: {e}"
+                        else:
+                            modules[name] = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision,
+                                                          "fp32")[name]
+                            export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
+                            notes.pop(name, None)
                         sessions[name], _ = _session_for(tmp / io_.file, "fp32")
                         upcast.discard(name)
-                        validation.get("notes", {}).pop(name, None)
                         res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
                                       feeds[name], io_.tolerances["fp32"], "random")
-                    graphs_v[name] = {"random": res}
-                    st["note"] = _worst(res)
+                        label = "random"
+                        st["note"] = "falls back to fp32; "
+                    graphs_v[name] = {label: res}
+                    st["note"] = st.get("note", "") + _worst(res)
+    shutil.rmtree(fp32_dir, ignore_errors=True)
+    if notes:
+        validation["notes"] = notes
 
-    graphs = {
-        name: GraphSpec(
-            file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
-            precision=graph_precision[name],
-            fp32_islands=fp32_islands(name, cfg) if graph_precision[name] != "fp32" else (),
-        )
-        for name, io_ in specs.items()
-    }
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
-        precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
-        graphs=graphs, validation=validation,
-    )
+    manifest = _manifest(tmp, ckpt_sha, cfg, shapes, specs, graph_precision, precision, validation)
     if opts.end_to_end:
         graphs_v_real, e2e = _end_to_end(tmp, manifest, cfg, ckpt, shapes, specs, sessions, upcast, refs, opts,
                                          graph_precision, log)
@@ -326,6 +335,65 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
     if opts.engines or opts.require_engines:
         manifest = _engines(tmp, out, manifest, opts, log)
     return load_manifest(tmp)  # re-read: what the runtime will see
+
+
+def _manifest(tmp: Path, ckpt_sha: str, cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO],
+              graph_precision: dict[str, str], precision: str, validation: dict[str, Any]) -> Manifest:
+    graphs = {
+        name: GraphSpec(
+            file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
+            precision=graph_precision[name],
+            fp32_islands=fp32_islands(name, cfg, graph_precision[name]) if graph_precision[name] != "fp32" else (),
+        )
+        for name, io_ in specs.items()
+    }
+    return Manifest(
+        schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
+        precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
+        graphs=graphs, validation=validation,
+    )
+
+
+MAR_INT8_NOTE = ("the MAR head network stays fp32 in an int8 build (an island: its DDPM posterior needs eps to "
+                 "~1e-4 relative, see far_export/export.py)")
+
+
+def _steps_per_batch(cfg: FARConfig, shapes: GraphShapes, head_steps: int) -> dict[str, int]:
+    """Calls of each graph per engine batch of the runtime's loop."""
+    steps = shapes.num_iter if cfg.backbone == "masked" else cfg.seq_len
+    return {"backbone": steps, "head": steps * head_steps, "update": steps, "vae_decoder": 1}
+
+
+def _quantize(tmp: Path, fp32_dir: Path, ckpt_sha: str, cfg: FARConfig, shapes: GraphShapes,
+              specs: dict[str, GraphIO], graph_precision: dict[str, str], opts: BuildOptions,
+              log: Log) -> dict[str, list[dict[str, Any]]]:
+    """Quantize the int8 graphs in place (fp32 copies kept in fp32_dir), calibrated on the inputs the fp32
+    graphs were fed while the runtime's loop sampled CALIBRATION_IMAGES images; returns per graph three
+    recorded inputs of one more batch (other seeds), the held-out set the quantized graphs are validated on."""
+    from far_export.quantize import CALIBRATION_IMAGES, calibration_feeds, quantize_graph
+
+    sessions = {name: ort_session(tmp / io_.file) for name, io_ in specs.items()}
+    fp32 = _manifest(tmp, ckpt_sha, cfg, shapes, specs, dict.fromkeys(specs, "fp32"), "fp32", {})
+    steps = _steps_per_batch(cfg, shapes, cfg.resolved_head_steps)
+    batches = max(1, math.ceil(CALIBRATION_IMAGES / shapes.batch))
+    seed = opts.seed + 1  # not the end-to-end check's seed
+    with stage(log, f"int8: record calibration inputs ({batches * shapes.batch} images through the fp32 graphs)"):
+        calib = calibration_feeds(SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed)
+    with stage(log, "int8: record held-out validation inputs (one more batch)"):
+        held = calibration_feeds(SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed + batches,
+                                 images=shapes.batch)
+        held = {g: [f[0], f[len(f) // 2], f[-1]] for g, f in held.items()}
+    fp32_dir.mkdir()
+    for name, io_ in specs.items():
+        if graph_precision[name] != "int8":
+            continue
+        with stage(log, f"int8: quantize {io_.file}") as st:
+            shutil.copyfile(tmp / io_.file, fp32_dir / io_.file)
+            q = quantize_graph(fp32_dir / io_.file, tmp / io_.file, calib[name])
+            kept = f", kept fp32: {', '.join(q.kept_fp32)}" if q.kept_fp32 else ""
+            st["note"] = f"{q.quantized} weight nodes int8 on {len(calib[name])} recorded inputs{kept}"
+    return held
 
 
 BF16_NOTE = ("ONNX Runtime on CPU has no bf16 kernels for this graph: validated with its bf16 weights and casts "
@@ -357,8 +425,7 @@ def _end_to_end(tmp: Path, manifest: Manifest, cfg: FARConfig, ckpt: Any, shapes
     labels = [i % cfg.num_classes for i in range(shapes.batch)]
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
-    steps = shapes.num_iter if cfg.backbone == "masked" else cfg.seq_len
-    total = {"backbone": steps, "head": steps * s.head_steps, "update": steps, "vae_decoder": 1}
+    total = _steps_per_batch(cfg, shapes, s.head_steps)
     backend = RecordingBackend(SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
                                keep=lambda graph, i: i in (0, total[graph] // 2, total[graph] - 1))
     pipe = Pipeline(tmp, backend.inner.manifest, backend)

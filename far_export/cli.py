@@ -37,7 +37,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Engine directory to write, e.g. engines/far-mnist.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 | bf16: what runs inside the graphs.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 | bf16 | int8 (QDQ, calibrated on recorded inputs): what runs inside the graphs.")
 @click.option("--batch", default=8, show_default=True, type=BATCH, help="Images per graph call (static).")
 @click.option("--cfg/--no-cfg", "cfg_guidance", default=None,
               help="Double the batch inside the graphs for classifier-free guidance. Default: on when the checkpoint's default CFG scale is not 1.")

@@ -39,9 +39,10 @@ from training.model import FAR, TokenUpdateStep, VAEDecoderStep, backbone_step, 
 from training.vae import AutoencoderKL
 
 OPSET = 18
-PRECISIONS = ("fp32", "fp16", "bf16")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# int8 graphs are exported fp32, then quantized (far_export/quantize.py)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
 GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "update": "update.onnx", "vae_decoder": "vae_decoder.onnx"}
 # What stays fp32 inside a reduced-precision graph (training/layers.py, the models' explicit casts).
 _ISLANDS = {
@@ -54,9 +55,20 @@ _ISLANDS = {
 }
 
 
-def fp32_islands(graph: str, cfg: FARConfig) -> tuple[str, ...]:
+# An int8 graph quantizes only its weight products (far_export/quantize.py); the rest is fp32.
+_INT8_ISLANDS = {
+    "backbone": ("LayerNorm", "attention (QK^T, mask bias, softmax, AV)", "GELU", "residual adds",
+                 "graph inputs/outputs"),
+    "shortcut": ("LayerNorm", "timestep embedding (sinusoid and MLP)", "SiLU", "adaLN modulation arithmetic",
+                 "Euler update", "graph inputs/outputs"),
+    "vae_decoder": ("GroupNorm", "attention logits + softmax", "SiLU", "residual adds", "graph inputs/outputs"),
+}
+
+
+def fp32_islands(graph: str, cfg: FARConfig, precision: str = "fp16") -> tuple[str, ...]:
     """What runs in fp32 inside the `graph` of a reduced-precision build."""
-    return _ISLANDS[cfg.head if graph == "head" else graph]
+    table = _INT8_ISLANDS if precision == "int8" else _ISLANDS
+    return table.get(cfg.head if graph == "head" else graph, ())
 
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file>.data` (protobuf's 2 GB)

@@ -51,7 +51,7 @@ class GraphSpec:
     sha256: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    precision: str  # what runs inside: fp32 | fp16 | bf16
+    precision: str  # what runs inside: fp32 | fp16 | bf16 | int8 (QDQ)
     fp32_islands: tuple[str, ...] = ()  # ops kept in fp32 inside a reduced-precision graph
 
 
@@ -177,7 +177,7 @@ class Manifest:
 
 
 REBUILD = "rebuild with far-export build"
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 MAX_DIM = 1 << 20  # any one static dimension
 MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: any one buffer the runtime would allocate

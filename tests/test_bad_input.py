@@ -223,7 +223,7 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
     (_set("model.latent_scale", -1.0), "latent_scale must be > 0"),
     (_set("model.cfg", "2"), "model.cfg must be a number"),
     (_set("cfg_guidance", "yes"), "cfg_guidance must be true or false"),
-    (_set("precision", "fp8"), "precision must be one of fp32, fp16, bf16"),
+    (_set("precision", "fp8"), "precision must be one of fp32, fp16, bf16, int8"),
     (_set("schema_version", 0), "schema_version must be >= 1"),
     (_set("schema_version", 1), "manifest schema 1 is older than this runtime's (2); rebuild"),
     (_set("graphs.evil", {}), "unknown graph 'evil'"),

@@ -54,6 +54,29 @@ def test_evaluate_table_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     assert report.vae_frechet >= 0.0 and 0.0 <= report.vae_accuracy <= 1.0
 
 
+@needs_mnist
+def test_evaluate_engine_scores_the_runtimes_samples(tmp_path, tiny_checkpoint):
+    """--engine: the runtime's samples from an fp32 engine score as the reference sampler's (same images to
+    fp32 rounding, same seed); an engine of another checkpoint is refused."""
+    from far_export.build import BuildOptions, build
+
+    ckpt = tiny_checkpoint(tmp_path / "ck", img_size=32, num_classes=10, patch_size=2)
+    build(ckpt, tmp_path / "eng", BuildOptions(batch=4, validate=False, end_to_end=False, engines=False),
+          log=lambda s: None)
+    torch.manual_seed(0)
+    (tmp_path / "cache" / "mnist").mkdir(parents=True)
+    save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
+    kw = dict(head_steps=[2], per_class=2, batch=10, cache_dir=tmp_path / "cache", fid=False, progress=False)
+    ref = E.evaluate(ckpt, **kw)
+    eng = E.evaluate(ckpt, engine=tmp_path / "eng", threads=1, **kw)
+    assert eng.engine == str(tmp_path / "eng") and eng.batch == 4 and ref.engine is None
+    assert eng.rows[0].accuracy == pytest.approx(ref.rows[0].accuracy, abs=0.051)  # at most one image of 20
+    assert eng.rows[0].frechet == pytest.approx(ref.rows[0].frechet, rel=0.05)
+    other = tiny_checkpoint(tmp_path / "other", img_size=32, num_classes=10, patch_size=2, seed=1)
+    with pytest.raises(E.EvalError, match="was not built from"):
+        E.evaluate(other, engine=tmp_path / "eng", **kw)
+
+
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     from click.testing import CliRunner
 

@@ -5,7 +5,8 @@
   keeps every position and masks the keys instead, which gives the same outputs on
   visible tokens with static shapes (tests/test_backbones.py checks it).
 - `CausalBackbone`: GPT-style, raster order after a class token, with a static-size
-  KV cache for sampling (position is an input, the cache is written with torch.where).
+  KV cache for sampling (position is an input; the step reads the cache and writes every block's
+  new row into it in one torch.where).
 
 Shapes: B batch, L tokens, C token channels, D width, H heads, T sequence with buffer.
 """
@@ -52,13 +53,21 @@ class Attention(nn.Module):
         return self._attend(q, k, v, bias)
 
     def forward_cached(
-        self, x: torch.Tensor, write: torch.Tensor, bias: torch.Tensor, kv: torch.Tensor
+        self, x: torch.Tensor, bias: torch.Tensor, kv: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One new position. x (B, 1, D); write (1, 1, L, 1) bool marks the cache slot to fill;
-        bias (1, 1, 1, L); kv (2, B, H, L, hd) -> output (B, 1, D), updated kv."""
+        """One new position. x (B, 1, D); bias (1, 1, 1, L): 0 on the cached positions before the new one,
+        NEG elsewhere; kv (2, B, H, L, hd) the cache, only read -> output (B, 1, D), the new position's
+        keys and values (2, B, H, 1, hd). The new position attends to the cache and to itself without
+        writing itself into a copy of the cache first."""
         q, k, v = self._qkv(x)  # (B, H, 1, hd)
-        kv = torch.where(write, torch.stack([k, v]), kv)  # broadcast the new row into its slot
-        return self._attend(q, kv[0], kv[1], bias), kv
+        q = q * self.head_dim**-0.5
+        logits = torch.cat([(q @ kv[0].transpose(-2, -1)).float() + bias,  # (B, H, 1, L) the cache
+                            (q * k).sum(-1, keepdim=True).float()], dim=-1)  # (B, H, 1, 1) itself
+        attn = self.attn_drop(softmax32(logits).to(v.dtype))  # (B, H, 1, L + 1)
+        L = kv.shape[-2]
+        out = attn[..., :L] @ kv[1] + attn[..., L:] * v  # (B, H, 1, hd)
+        B, H, T, hd = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, H * hd))), torch.stack([k, v])
 
 
 class Mlp(nn.Module):
@@ -85,10 +94,10 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), bias)
         return x + self.mlp(self.norm2(x))
 
-    def forward_cached(self, x, write, bias, kv):
-        h, kv = self.attn.forward_cached(self.norm1(x), write, bias, kv)
+    def forward_cached(self, x, bias, kv):
+        h, new_kv = self.attn.forward_cached(self.norm1(x), bias, kv)
         x = x + h
-        return x + self.mlp(self.norm2(x)), kv
+        return x + self.mlp(self.norm2(x)), new_kv
 
 
 def _blocks(cfg: FARConfig, depth: int) -> nn.ModuleList:
@@ -227,14 +236,15 @@ class CausalBackbone(_ClassEmbedding):
         onehot = (slots == pos).to(self.pos_embed_learned.dtype)  # (L,)
         x = torch.where(pos == 0, class_vec.to(prev_token.dtype), self.z_proj(prev_token))[:, None]  # (B, 1, D)
         x = self.z_proj_ln(x + (onehot @ self.pos_embed_learned[0])[None, None])
-        write = (slots == pos)[None, None, :, None]  # (1, 1, L, 1)
-        bias = torch.where(slots <= pos, 0.0, NEG)[None, None, None, :].float()  # (1, 1, 1, L)
-        new_cache = []
+        bias = torch.where(slots < pos, 0.0, NEG)[None, None, None, :].float()  # (1, 1, 1, L) the cached past
+        rows = []  # per block the new position's (2, B, H, 1, hd): the cache itself is only read
         for i, blk in enumerate(self.blocks):
-            x, kv = blk.forward_cached(x, write, bias, cache[i])
-            new_cache.append(kv)
+            x, kv = blk.forward_cached(x, bias, cache[i])
+            rows.append(kv)
         z = self.norm(x[:, 0]) + onehot @ self.diffusion_pos_embed_learned[0]  # (B, D)
-        return z, torch.stack(new_cache)
+        # one pass over the cache: every block's new row into its slot (was: a copy per block, then a stack)
+        write = (slots == pos)[None, None, None, None, :, None]  # (1, 1, 1, 1, L, 1)
+        return z, torch.where(write, torch.stack(rows), cache)
 
 
 def build_backbone(cfg: FARConfig) -> MaskedBackbone | CausalBackbone:

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,6 +171,7 @@ class Report:
     vae_frechet: float  # VAE reconstructions of the held-out digits vs the held-out digits
     vae_accuracy: float
     rows: list[Row]
+    engine: str | None = None  # samples of the runtime on this engine directory (else PyTorch's)
 
     @property
     def family(self) -> str:
@@ -192,7 +194,8 @@ class Report:
             f"checkpoint {self.checkpoint}: {model}; "
             f"{self.num_images} samples per row, cfg {self.cfg}, "
             + {"masked": f"num_iter {self.num_iter}, ", "causal": "one AR step per token, "}.get(self.backbone, "")
-            + f"batch {self.batch}",
+            + f"batch {self.batch}"
+            + (f"; samples by the runtime on {self.engine}" if self.engine else ""),
             f"classifier accuracy on the 500 held-out real digits: {self.classifier_heldout_accuracy:.1%}",
             "",
             f"| {self.steps_name} | class accuracy | Frechet distance | vs real floor | s/image |"
@@ -258,9 +261,30 @@ def _fid(samples: np.ndarray, real: np.ndarray) -> float | None:
         return None
 
 
+def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | None) -> tuple[Any, int]:
+    """(generate(labels, settings, batch) over the runtime on an engine directory built from `checkpoint`,
+    the engine's batch: the most images per call)."""
+    from runtime.pipeline import Pipeline
+    from training.checkpoint import checkpoint_sha256
+
+    pipe = Pipeline.load(engine, threads=threads)
+    if pipe.manifest.checkpoint_sha256 != checkpoint_sha256(checkpoint):
+        raise EvalError(f"--engine {engine} was not built from --checkpoint {checkpoint} (checkpoint sha256 differs); "
+                        f"pass the checkpoint it was built from or rebuild it")
+
+    def generate(labels: list[int], s: Any, batch: int) -> np.ndarray:
+        return pipe.generate(labels, head_steps=s.head_steps, cfg=s.cfg, cfg_schedule=s.cfg_schedule,
+                             temperature=s.temperature, num_iter=s.num_iter, seed=s.seed, batch=min(batch, pipe.B))
+
+    return generate, pipe.B
+
+
 def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_class: int = 50, seed: int = 0,
              batch: int = 100, cfg: float | None = None, num_iter: int | None = None,
-             cache_dir: str | Path = "runs/cache", fid: bool = True, progress: bool = True) -> Report:
+             cache_dir: str | Path = "runs/cache", fid: bool = True, progress: bool = True,
+             engine: str | Path | None = None, threads: int | None = None) -> Report:
+    """Scores samples of the PyTorch reference sampler, or with `engine` those of the runtime on that engine
+    directory (ONNX Runtime CPU, `threads` intra-op threads): what is deployed, at its precision."""
     from runtime.images import to_uint8
     from training.checkpoint import load_checkpoint
     from training.config import DiTConfig
@@ -268,6 +292,12 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
 
     ckpt = load_checkpoint(checkpoint)
     mc = ckpt.cfg
+    if engine is not None:
+        sampler, engine_batch = _engine_sampler(engine, checkpoint, threads)
+        batch = min(batch, engine_batch)
+    else:
+        def sampler(labels: list[int], s: Any, batch: int) -> np.ndarray:
+            return generate(ckpt.model, ckpt.vae, labels, s, batch=batch)
     if mc.num_classes != 10 or mc.img_size < 28:
         raise EvalError(f"evaluate.py measures MNIST models (10 classes, >= 28 px); {checkpoint} has "
                         f"{mc.num_classes} classes at {mc.img_size} px")
@@ -293,7 +323,7 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
     real_u8 = to_uint8(held_x.numpy()) if fid else None
     for k, s in zip(steps, settings):
         t = time.perf_counter()
-        images = generate(ckpt.model, ckpt.vae, labels, s, batch=batch)  # (N, H, W, 3) uint8
+        images = sampler(labels, s, batch)  # (N, H, W, 3) uint8
         sec = (time.perf_counter() - t) / len(labels)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         pred, feat = classify(clf, x)
@@ -305,7 +335,7 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
     first = resolve_settings(mc, seed=seed, cfg=cfg, num_iter=num_iter)
     return Report(str(checkpoint), head, backbone, len(labels), first.cfg, first.num_iter, batch,
                   float((held_pred == held.labels.numpy()).mean()), floor, frechet_distance(rec_feat, held_feat),
-                  float((rec_pred == held.labels.numpy()).mean()), rows)
+                  float((rec_pred == held.labels.numpy()).mean()), rows, None if engine is None else str(engine))
 
 
 def _head_steps(ctx: object, param: object, value: str | None) -> list[int] | None:
@@ -342,10 +372,14 @@ def _cli():
     @click.option("--batch", type=BATCH, default=100, show_default=True, help="Images per sampling batch.")
     @click.option("--seed", type=SEED, default=0, show_default=True)
     @click.option("--cache-dir", default="runs/cache", show_default=True, help="Where the classifier is cached.")
-    @click.option("--threads", type=THREADS, default=None, help="torch CPU threads.")
+    @click.option("--engine", type=click.Path(), default=None,
+                  help="Score the runtime's samples from this engine directory (built from --checkpoint) instead "
+                       "of PyTorch's: the quality of what is deployed, at its precision.")
+    @click.option("--threads", type=THREADS, default=None, help="torch (and with --engine ONNX Runtime) CPU threads.")
     @click.option("--json", "json_out", default=None, help="Also write the report as JSON here.")
     @click.option("--no-fid", is_flag=True, help="Skip torch-fidelity even where installed.")
-    def main(checkpoints, head_steps, per_class, cfg, num_iter, batch, seed, cache_dir, threads, json_out, no_fid):
+    def main(checkpoints, head_steps, per_class, cfg, num_iter, batch, seed, cache_dir, engine, threads, json_out,
+             no_fid):
         """Class accuracy and classifier-feature Frechet distance of class-conditional samples."""
         if threads:
             torch.set_num_threads(threads)
@@ -353,7 +387,10 @@ def _cli():
             if json_out:
                 check_output_file(json_out, "--json")  # before the evaluation, not after it
             try:
-                reports = [evaluate(c, head_steps, per_class, seed, batch, cfg, num_iter, cache_dir, fid=not no_fid)
+                if engine and len(checkpoints) > 1:
+                    raise click.UsageError("--engine scores one checkpoint's engines: give one --checkpoint")
+                reports = [evaluate(c, head_steps, per_class, seed, batch, cfg, num_iter, cache_dir, fid=not no_fid,
+                                    engine=engine, threads=threads)
                            for c in checkpoints]
             except DataError as e:
                 raise click.ClickException(str(e).splitlines()[0]) from None
