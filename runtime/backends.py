@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import FarError
+from runtime.errors import FarError, first_line
 from runtime.manifest import GraphSpec, Manifest, TensorSpec
 
 BACKENDS = ("ort", "trt")
@@ -309,6 +309,13 @@ class OrtBackend(Backend):
         if device_memory is None and self.providers[0] in GPU_PROVIDERS:
             device_memory = "cuda"
         self.memory = OrtDeviceMemory(ort, device_memory) if device_memory else None
+        if self.memory:
+            try:
+                self.memory.empty((1,), "float32")  # fails here, in one line, when this build cannot
+            except Exception as e:  # onnxruntime raises RuntimeError and its own types
+                raise BackendError(f"{self.providers[0]} was asked for but ONNX Runtime cannot allocate "
+                                   f"{device_memory} memory ({first_line(e)}): install onnxruntime-gpu with a "
+                                   f"working CUDA, or use --providers cpu") from None
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.memory.empty(shape, dtype) if self.memory else super().empty(shape, dtype)
