@@ -29,7 +29,9 @@ def main() -> None:
     ap.add_argument("--preset", default="far-b")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--num-iter", type=int, default=4, help="masked AR steps of the graphs and the end-to-end check")
+    ap.add_argument(
+        "--num-iter", type=int, default=4, help="masked AR steps of the graphs and the end-to-end check"
+    )
     ap.add_argument("--no-cfg", action="store_true", help="graphs without CFG doubling")
     ap.add_argument("--no-end-to-end", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -62,25 +64,42 @@ def main() -> None:
         vae_params = sum(p.numel() for p in vae.parameters())
         save_checkpoint(Path(tmp) / "ckpt", model, vae)
         del model, vae
-        log(f"random {args.preset} checkpoint: {params / 1e6:.1f}M params (+{vae_params / 1e6:.1f}M VAE) "
-            f"({time.perf_counter() - t0:.1f}s)")
+        log(
+            f"random {args.preset} checkpoint: {params / 1e6:.1f}M params (+{vae_params / 1e6:.1f}M VAE) "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
         t0 = time.perf_counter()
-        opts = BuildOptions(precision=args.precision, batch=args.batch, cfg_guidance=not args.no_cfg,
-                            num_iter=args.num_iter, end_to_end=not args.no_end_to_end, engines=False)
+        opts = BuildOptions(
+            precision=args.precision,
+            batch=args.batch,
+            cfg_guidance=not args.no_cfg,
+            num_iter=args.num_iter,
+            end_to_end=not args.no_end_to_end,
+            engines=False,
+        )
         manifest = build(Path(tmp) / "ckpt", Path(tmp) / "engines", opts, log=log)
         build_s = time.perf_counter() - t0
         sizes = {n: (Path(tmp) / "engines" / g.file).stat().st_size for n, g in manifest.graphs.items()}
 
     result = {
-        "preset": args.preset, "precision": args.precision, "batch": args.batch, "num_iter": args.num_iter,
-        "cfg_guidance": not args.no_cfg, "params_million": round(params / 1e6, 1),
-        "vae_params_million": round(vae_params / 1e6, 1), "build_seconds": round(build_s, 1),
+        "preset": args.preset,
+        "precision": args.precision,
+        "batch": args.batch,
+        "num_iter": args.num_iter,
+        "cfg_guidance": not args.no_cfg,
+        "params_million": round(params / 1e6, 1),
+        "vae_params_million": round(vae_params / 1e6, 1),
+        "build_seconds": round(build_s, 1),
         "export_seconds": round(sum(_secs(s) for _, s in lines if s.startswith("export ")), 1),
-        "peak_rss_gb": round(peak_rss_gb(), 2), "graph_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
-        "validation": {n: {k: {o: st["max"] for o, st in r.items()} for k, r in v.items()}
-                       for n, v in manifest.validation.get("graphs", {}).items()},
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "graph_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
+        "validation": {
+            n: {k: {o: st["max"] for o, st in r.items()} for k, r in v.items()}
+            for n, v in manifest.validation.get("graphs", {}).items()
+        },
         "end_to_end_image_max": manifest.validation.get("end_to_end", {}).get("image", {}).get("max"),
-        "stages": [s for _, s in lines], "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "stages": [s for _, s in lines],
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "stages"}, indent=2))

@@ -90,8 +90,12 @@ def engine_dir(ckpt: Path, precision: str, batch: int) -> Path:
             return out
     except Exception:  # missing or stale: rebuild
         pass
-    build(ckpt, out, BuildOptions(precision=precision, batch=batch, end_to_end=False, engines=False),
-          log=lambda s: print(f"    [build] {s}", flush=True))
+    build(
+        ckpt,
+        out,
+        BuildOptions(precision=precision, batch=batch, end_to_end=False, engines=False),
+        log=lambda s: print(f"    [build] {s}", flush=True),
+    )
     return out
 
 
@@ -129,7 +133,9 @@ def far_vs_mar(quick: bool, batches: list[int], reps: int) -> tuple[str, list[di
 
     far, mar = MODELS["FAR (masked, shortcut head)"], MODELS["MAR (masked, diffusion head)"]
     dit = MODELS["DiT (flow matching, all tokens at once)"]
-    plans = [(far, "FAR", k) for k in (1, 2, 4, 8)] + [(mar, "MAR", n) for n in ((25, 100) if quick else (25, 50, 100))]
+    plans = [(far, "FAR", k) for k in (1, 2, 4, 8)] + [
+        (mar, "MAR", n) for n in ((25, 100) if quick else (25, 50, 100))
+    ]
     plans += [(dit, "DiT", n) for n in (DIT_STEPS[1:4] if quick else DIT_STEPS)]
     results, text = [], ""
     refs = {ckpt: load_checkpoint(ckpt) for ckpt, _, _ in plans if ckpt.is_dir()}
@@ -170,36 +176,67 @@ def far_vs_mar(quick: bool, batches: list[int], reps: int) -> tuple[str, list[di
             rt = t[(label, k, "runtime")] / batch if (label, k, "runtime") in t else None
             pt = t[(label, k, "pytorch")] / batch
             share = loop_share.get((label, k))
-            results.append({
-                "model": label, "head_steps": k, "batch": batch, "runtime_s_per_image": rt, "pytorch_s_per_image": pt,
-                "loop_python_share": statistics.median(share) if share else None,
-                "accuracy": q.get("accuracy"), "frechet": q.get("frechet"),
-            })
-            print(f"  {label} K={k} batch {batch}: runtime " + (f"{rt * 1e3:.2f} ms/img" if rt else "-")
-                  + f", pytorch {pt * 1e3:.2f} ms/img", flush=True)
+            results.append(
+                {
+                    "model": label,
+                    "head_steps": k,
+                    "batch": batch,
+                    "runtime_s_per_image": rt,
+                    "pytorch_s_per_image": pt,
+                    "loop_python_share": statistics.median(share) if share else None,
+                    "accuracy": q.get("accuracy"),
+                    "frechet": q.get("frechet"),
+                }
+            )
+            print(
+                f"  {label} K={k} batch {batch}: runtime "
+                + (f"{rt * 1e3:.2f} ms/img" if rt else "-")
+                + f", pytorch {pt * 1e3:.2f} ms/img",
+                flush=True,
+            )
         for pipe in pipes:
             pipe.close()
     for batch in batches:
         rows = [r for r in results if r["batch"] == batch]
-        base = {side: next((r[f"{side}_s_per_image"] for r in rows if r["model"] == "MAR" and r["head_steps"] == 100), None)
-                for side in ("runtime", "pytorch")}
+        base = {
+            side: next(
+                (r[f"{side}_s_per_image"] for r in rows if r["model"] == "MAR" and r["head_steps"] == 100),
+                None,
+            )
+            for side in ("runtime", "pytorch")
+        }
         out = []
         for r in rows:
             rt = r["runtime_s_per_image"]
-            out.append([
-                r["model"], r["head_steps"], rt * 1e3 if rt else "-", r["pytorch_s_per_image"] * 1e3,
-                r["pytorch_s_per_image"] / rt if rt else "-",
-                (base["runtime"] / rt) if base["runtime"] and rt else "-",
-                (base["pytorch"] / r["pytorch_s_per_image"]) if base["pytorch"] else "-",
-                "-" if r["loop_python_share"] is None else f"{100 * r['loop_python_share']:.1f}%",
-                "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
-                "-" if r["frechet"] is None else r["frechet"],
-            ])
+            out.append(
+                [
+                    r["model"],
+                    r["head_steps"],
+                    rt * 1e3 if rt else "-",
+                    r["pytorch_s_per_image"] * 1e3,
+                    r["pytorch_s_per_image"] / rt if rt else "-",
+                    (base["runtime"] / rt) if base["runtime"] and rt else "-",
+                    (base["pytorch"] / r["pytorch_s_per_image"]) if base["pytorch"] else "-",
+                    "-" if r["loop_python_share"] is None else f"{100 * r['loop_python_share']:.1f}%",
+                    "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+                    "-" if r["frechet"] is None else r["frechet"],
+                ]
+            )
         text += table(
             f"FAR vs MAR vs DiT, batch {batch} (FAR and MAR: same masked backbone and AR steps; DiT: N Euler "
             "steps over all tokens, PyTorch only; ms per image)",
-            ["model", "K / N", "runtime (ORT fp32)", "PyTorch", "runtime speed-up", "vs MAR-100 (runtime)",
-             "vs MAR-100 (PyTorch)", "loop Python share", "class acc.", "Frechet"],
+            [
+                "model",
+                "K / N",
+                "runtime (ORT fp32)",
+                "PyTorch",
+                "runtime speed-up",
+                "vs MAR-100 (runtime)",
+                "vs MAR-100 (PyTorch)",
+                "loop Python share",
+                "class acc.",
+                "Frechet",
+            ],
             out,
         )
     return text, results
@@ -216,7 +253,9 @@ def _kv_cache_at(dims: str, L: int, quick: bool, reps: int) -> dict:
     from training.config import preset
 
     base = preset(dims)
-    cfg = preset(dims, backbone="causal", img_size=int(L**0.5) * base.vae.stride * base.patch_size, num_iter=1)
+    cfg = preset(
+        dims, backbone="causal", img_size=int(L**0.5) * base.vae.stride * base.patch_size, num_iter=1
+    )
     bb = CausalBackbone(cfg).eval()
     B, C = 1, cfg.token_dim
     tokens, prev = torch.randn(B, L, C), torch.randn(B, C)
@@ -236,20 +275,30 @@ def _kv_cache_at(dims: str, L: int, quick: bool, reps: int) -> dict:
     # per-token cost, averaged over positions spread across the sequence
     t: dict[str, list[float]] = {"cached": [], "recompute": []}
     for p in np.linspace(0, L - 1, 4 if quick else 8).round().astype(int):
-        m = alternate({"cached": lambda p=p: cached(int(p)), "recompute": lambda p=p: recompute(int(p))}, reps)
+        m = alternate(
+            {"cached": lambda p=p: cached(int(p)), "recompute": lambda p=p: recompute(int(p))}, reps
+        )
         for k in t:
             t[k].append(m[k])
     c, r = float(np.mean(t["cached"])), float(np.mean(t["recompute"]))
-    return {"dims": f"{dims} ({cfg.depth} blocks x {cfg.width})", "tokens": L, "cached_ms": c * 1e3,
-            "recompute_ms": r * 1e3, "ratio": r / c}
+    return {
+        "dims": f"{dims} ({cfg.depth} blocks x {cfg.width})",
+        "tokens": L,
+        "cached_ms": c * 1e3,
+        "recompute_ms": r * 1e3,
+        "ratio": r / c,
+    }
 
 
 def kv_cache(quick: bool, reps: int) -> tuple[str, list[dict]]:
     """Per-token time of the causal backbone: one cached step vs recomputing the whole prefix."""
     results = [_kv_cache_at("mnist" if quick else "far-b", L, quick, reps) for L in (64, 256)]
     rows = [[r["dims"], r["tokens"], r["cached_ms"], r["recompute_ms"], r["ratio"]] for r in results]
-    return table("KV cache: causal backbone, ms per generated token, batch 1 (PyTorch, CPU)",
-                 ["backbone dims", "tokens", "cached step", "recompute prefix", "ratio"], rows), results
+    return table(
+        "KV cache: causal backbone, ms per generated token, batch 1 (PyTorch, CPU)",
+        ["backbone dims", "tokens", "cached step", "recompute prefix", "ratio"],
+        rows,
+    ), results
 
 
 # ----------------------------------------------------------------------------
@@ -277,31 +326,65 @@ def precision(batches: list[int], reps: int) -> tuple[str, list[dict]]:
         pipes = {p: open_pipe(engine_dir(ckpt, p, batch)) for p in PRECISIONS}
         classes = [i % pipes["fp32"].model.num_classes for i in range(batch)]
         imgs = {p: pipe.generate(classes, seed=0).astype(np.int16) for p, pipe in pipes.items()}
-        t = alternate({p: (lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0))
-                       for p, pipe in pipes.items()}, reps)
+        t = alternate(
+            {
+                p: (lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0))
+                for p, pipe in pipes.items()
+            },
+            reps,
+        )
         for p in PRECISIONS:
             diff = np.abs(imgs[p] - imgs["fp32"])
             q = engine_quality(ckpt, p)
-            results.append({"batch": batch, "precision": p, "ms_per_image": t[p] / batch * 1e3,
-                            "speedup_vs_fp32": t["fp32"] / t[p], "max_pixel_diff": int(diff.max()),
-                            "mean_pixel_diff": float(diff.mean()), "accuracy": q.get("accuracy"),
-                            "frechet": q.get("frechet")})
+            results.append(
+                {
+                    "batch": batch,
+                    "precision": p,
+                    "ms_per_image": t[p] / batch * 1e3,
+                    "speedup_vs_fp32": t["fp32"] / t[p],
+                    "max_pixel_diff": int(diff.max()),
+                    "mean_pixel_diff": float(diff.mean()),
+                    "accuracy": q.get("accuracy"),
+                    "frechet": q.get("frechet"),
+                }
+            )
             r = results[-1]
-            rows.append([batch, p, r["ms_per_image"], r["speedup_vs_fp32"], r["max_pixel_diff"], r["mean_pixel_diff"],
-                         "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
-                         "-" if r["frechet"] is None else r["frechet"]])
+            rows.append(
+                [
+                    batch,
+                    p,
+                    r["ms_per_image"],
+                    r["speedup_vs_fp32"],
+                    r["max_pixel_diff"],
+                    r["mean_pixel_diff"],
+                    "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+                    "-" if r["frechet"] is None else r["frechet"],
+                ]
+            )
         for pipe in pipes.values():
             pipe.close()
     text = table(
         f"Precision: fp32 / fp16 / int8 engines, FAR K=default, ONNX Runtime CPU, {THREADS} thread(s)",
-        ["batch", "graphs", "ms / image", "speed-up vs fp32", "max |pixel diff| vs fp32 (0-255)", "mean |pixel diff|",
-         "class acc. (engine)", "Frechet (engine)"], rows)
-    text += ("\nONNX Runtime's CPU provider has no fp16 kernels for most ops and casts to fp32, so fp16 here "
-             "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider). int8 runs "
-             "ONNX Runtime's u8 x s8 kernels (QLinearMatMul, QGemm, QLinearConv) on the weight products; quality "
-             "columns: `python training/evaluate.py --checkpoint checkpoints/far-mnist --engine "
-             "engines/bench/far-mnist-PRECISION-b64 --head-steps 4 --per-class 100 --json "
-             "benchmarks/results/eval-far-mnist-PRECISION-engine.json`.\n")
+        [
+            "batch",
+            "graphs",
+            "ms / image",
+            "speed-up vs fp32",
+            "max |pixel diff| vs fp32 (0-255)",
+            "mean |pixel diff|",
+            "class acc. (engine)",
+            "Frechet (engine)",
+        ],
+        rows,
+    )
+    text += (
+        "\nONNX Runtime's CPU provider has no fp16 kernels for most ops and casts to fp32, so fp16 here "
+        "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider). int8 runs "
+        "ONNX Runtime's u8 x s8 kernels (QLinearMatMul, QGemm, QLinearConv) on the weight products; quality "
+        "columns: `python training/evaluate.py --checkpoint checkpoints/far-mnist --engine "
+        "engines/bench/far-mnist-PRECISION-b64 --head-steps 4 --per-class 100 --json "
+        "benchmarks/results/eval-far-mnist-PRECISION-engine.json`.\n"
+    )
     return text, results
 
 
@@ -322,9 +405,11 @@ def matmul_peak(reps: int = 10) -> float:
     for n in (512, 1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+            [helper.make_node("MatMul", ["a", "b"], ["c"])],
+            "matmul",
             [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in ("a", "b")],
-            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         feeds = {"a": a.numpy(), "b": b.numpy()}
@@ -348,16 +433,39 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
         per_image = (f["backbone"] * steps + f["head"] * k * steps + f["vae_decoder"]) / batch
         pipe = open_pipe(d)
         classes = [i % m.model.num_classes for i in range(batch)]
-        t = alternate({"run": lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0)}, reps)["run"] / batch
+        t = (
+            alternate({"run": lambda pipe=pipe, classes=classes: pipe.generate(classes, seed=0)}, reps)["run"]
+            / batch
+        )
         pipe.close()
         frac = per_image / t / peak
-        results.append({"batch": batch, "flops_per_image": per_image, "s_per_image": t, "peak_flops": peak,
-                        "fraction_of_peak": frac, "graph_flops": f})
-        rows.append([batch, per_image / 1e6, f["backbone"] * steps / batch / 1e6, f["head"] * k * steps / batch / 1e6,
-                     f["vae_decoder"] / batch / 1e6, t * 1e3, per_image / t / 1e9, f"{100 * frac:.1f}%"])
+        results.append(
+            {
+                "batch": batch,
+                "flops_per_image": per_image,
+                "s_per_image": t,
+                "peak_flops": peak,
+                "fraction_of_peak": frac,
+                "graph_flops": f,
+            }
+        )
+        rows.append(
+            [
+                batch,
+                per_image / 1e6,
+                f["backbone"] * steps / batch / 1e6,
+                f["head"] * k * steps / batch / 1e6,
+                f["vae_decoder"] / batch / 1e6,
+                t * 1e3,
+                per_image / t / 1e9,
+                f"{100 * frac:.1f}%",
+            ]
+        )
     text = table(
         f"Against the limit: FAR (K={k}), ONNX Runtime fp32; measured matmul peak {peak / 1e9:.0f} GFLOP/s on {THREADS} thread(s)",
-        ["batch", "MFLOP / image", "backbone", "head", "VAE", "ms / image", "GFLOP/s achieved", "of peak"], rows)
+        ["batch", "MFLOP / image", "backbone", "head", "VAE", "ms / image", "GFLOP/s achieved", "of peak"],
+        rows,
+    )
     return text, results
 
 
@@ -387,12 +495,19 @@ def sample_memory() -> tuple[str, dict]:
     d = engine_dir(MODELS["FAR (masked, shortcut head)"], "fp32", 8)
     with tempfile.TemporaryDirectory() as tmp:
         args = ["sample", str(d), "--classes", "0-9", "--per-class", "4", "--out", f"{tmp}/grid.png"]
-        subprocess.run([sys.executable, "-c", _PEAK_RSS, f"{tmp}/hwm", *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, f"{tmp}/hwm", *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         peak_mb = int(Path(f"{tmp}/hwm").read_text()) / 1024
     res = {"command": "far-export sample ENGINE --classes 0-9 --per-class 4", "peak_rss_mb": peak_mb}
-    return table("Peak memory of a `far-export sample` process (40 images, batch-8 engines, ONNX Runtime CPU)",
-                 ["command", "peak RSS (MB)"], [[f"`{res['command']}`", peak_mb]]), res
+    return table(
+        "Peak memory of a `far-export sample` process (40 images, batch-8 engines, ONNX Runtime CPU)",
+        ["command", "peak RSS (MB)"],
+        [[f"`{res['command']}`", peak_mb]],
+    ), res
 
 
 # ----------------------------------------------------------------------------
@@ -411,12 +526,24 @@ def plots(results: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for batch in sorted({r["batch"] for r in results}):
         for model, marker in (("FAR", "o"), ("MAR", "s")):
-            rows = sorted((r for r in results if r["model"] == model and r["batch"] == batch), key=lambda r: r["head_steps"])
+            rows = sorted(
+                (r for r in results if r["model"] == model and r["batch"] == batch),
+                key=lambda r: r["head_steps"],
+            )
             if rows:
-                ax.plot([r["head_steps"] for r in rows], [r["runtime_s_per_image"] * 1e3 for r in rows], marker=marker,
-                        label=f"{model} head, batch {batch}")
-    ax.set(xscale="log", yscale="log", xlabel="head steps per token (K for FAR, N for MAR)",
-           ylabel="ms per image (runtime, ORT CPU)", title="Time per image vs head steps")
+                ax.plot(
+                    [r["head_steps"] for r in rows],
+                    [r["runtime_s_per_image"] * 1e3 for r in rows],
+                    marker=marker,
+                    label=f"{model} head, batch {batch}",
+                )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="head steps per token (K for FAR, N for MAR)",
+        ylabel="ms per image (runtime, ORT CPU)",
+        title="Time per image vs head steps",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -424,8 +551,15 @@ def plots(results: list[dict], out: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    quality = [(m, q) for m, ck in (("FAR", MODELS["FAR (masked, shortcut head)"]), ("MAR", MODELS["MAR (masked, diffusion head)"]))
-               for q in [quality_of(ck)] if q]
+    quality = [
+        (m, q)
+        for m, ck in (
+            ("FAR", MODELS["FAR (masked, shortcut head)"]),
+            ("MAR", MODELS["MAR (masked, diffusion head)"]),
+        )
+        for q in [quality_of(ck)]
+        if q
+    ]
     if quality:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for model, q in quality:
@@ -434,7 +568,10 @@ def plots(results: list[dict], out: Path) -> list[Path]:
             axes[0].plot(steps, [100 * r["accuracy"] for r in rows], marker="o", label=f"{model} head")
             axes[1].plot(steps, [r["frechet"] for r in rows], marker="o", label=f"{model} head")
         axes[0].set(ylabel="class accuracy of samples (%)", title="Class accuracy vs head steps")
-        axes[1].set(ylabel="Frechet distance to held-out digits (lower is better)", title="Frechet distance vs head steps")
+        axes[1].set(
+            ylabel="Frechet distance to held-out digits (lower is better)",
+            title="Frechet distance vs head steps",
+        )
         for ax in axes:
             ax.set(xscale="log", xlabel="head steps per token")
             ax.grid(True, which="both", alpha=0.3)
@@ -459,16 +596,28 @@ def quality_vs_time(results: list[dict], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for model, marker in (("FAR", "o"), ("MAR", "s"), ("DiT", "^")):
-            pts = sorted((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["head_steps"])
+            pts = sorted(
+                (r for r in rows if r["model"] == model and r["batch"] == batch),
+                key=lambda r: r["head_steps"],
+            )
             if not pts:
                 continue
             x = [r["pytorch_s_per_image"] * 1e3 for r in pts]
             ax.plot(x, [r["frechet"] for r in pts], marker=marker, label=model)
             for r, xi in zip(pts, x):
-                ax.annotate(str(r["head_steps"]), (xi, r["frechet"]), textcoords="offset points", xytext=(3, 3),
-                            fontsize=7)
-        ax.set(xscale="log", xlabel="ms per image (PyTorch reference, CPU)", ylabel="Frechet distance (lower is better)",
-               title=f"Quality vs time, batch {batch}")
+                ax.annotate(
+                    str(r["head_steps"]),
+                    (xi, r["frechet"]),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=7,
+                )
+        ax.set(
+            xscale="log",
+            xlabel="ms per image (PyTorch reference, CPU)",
+            ylabel="Frechet distance (lower is better)",
+            title=f"Quality vs time, batch {batch}",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -492,8 +641,14 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "torch_threads": str(torch.get_num_threads())}
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+    }
 
 
 def main() -> None:
@@ -502,10 +657,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all results as JSON")
     ap.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma list of sections to run (default: all of {','.join(SECTIONS)})")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads for PyTorch and ONNX Runtime alike (default 1: stable on a shared machine)")
+    ap.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma list of sections to run (default: all of {','.join(SECTIONS)})",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads for PyTorch and ONNX Runtime alike (default 1: stable on a shared machine)",
+    )
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
@@ -516,18 +678,28 @@ def main() -> None:
     reps = 3 if args.quick else 5
     batches = [1, 16] if args.quick else [1, 16, 64]
     info = machine()
-    md = [f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
-          f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and ONNX Runtime. "
-          f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
-          + (f" --sections {args.sections}" if args.sections != ",".join(SECTIONS) else "") + "`.\n"]
+    md = [
+        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
+        f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and ONNX Runtime. "
+        f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
+        + (f" --sections {args.sections}" if args.sections != ",".join(SECTIONS) else "")
+        + "`.\n"
+    ]
     results: dict[str, object] = {"machine": info, "quick": args.quick}
     t0 = time.perf_counter()
     sections = {
-        "far-vs-mar": ("1+2. FAR vs MAR vs DiT, runtime vs PyTorch", "far_vs_mar",
-                       lambda: far_vs_mar(args.quick, batches, reps)),
+        "far-vs-mar": (
+            "1+2. FAR vs MAR vs DiT, runtime vs PyTorch",
+            "far_vs_mar",
+            lambda: far_vs_mar(args.quick, batches, reps),
+        ),
         "kv-cache": ("3. KV cache", "kv_cache", lambda: kv_cache(args.quick, reps)),
         "precision": ("4. precision", "precision", lambda: precision(batches, reps)),
-        "roofline": ("5. against the limit", "roofline", lambda: roofline([1, 64] if not args.quick else [1, 16], reps)),
+        "roofline": (
+            "5. against the limit",
+            "roofline",
+            lambda: roofline([1, 64] if not args.quick else [1, 16], reps),
+        ),
         "memory": ("6. memory", "memory", sample_memory),
     }
     chosen = [x.strip() for x in args.sections.split(",") if x.strip()]

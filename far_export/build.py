@@ -117,8 +117,10 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise BuildError(f"--out {out} is a non-empty directory without {MANIFEST}: not an engine directory to "
-                         f"replace; choose a new or empty directory")
+        raise BuildError(
+            f"--out {out} is a non-empty directory without {MANIFEST}: not an engine directory to "
+            f"replace; choose a new or empty directory"
+        )
     if checkpoint_dir is not None:
         o, c = out.resolve(), Path(checkpoint_dir).resolve()
         if o == c or o in c.parents:
@@ -139,8 +141,10 @@ def cleanup_on_signals() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise BuildInterrupted(f"build interrupted by {signal.Signals(signum).name}: its temporary files were "
-                               f"removed and no half-written output was left; run it again")
+        raise BuildInterrupted(
+            f"build interrupted by {signal.Signals(signum).name}: its temporary files were "
+            f"removed and no half-written output was left; run it again"
+        )
 
     wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
     old = {sig: signal.signal(sig, stop) for sig in wanted}
@@ -190,18 +194,34 @@ def pid_alive(pid: int) -> bool:
 
 def model_info(cfg: FARConfig, shapes: GraphShapes) -> ModelInfo:
     return ModelInfo(
-        backbone=cfg.backbone, head=cfg.head, img_size=cfg.img_size, grid=cfg.grid, seq_len=cfg.seq_len,
-        token_dim=cfg.token_dim, latent_channels=cfg.vae.embed_dim, patch_size=cfg.patch_size,
-        latent_scale=cfg.latent_scale, num_classes=cfg.num_classes, num_iter=shapes.num_iter,
-        max_query=shapes.max_query, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-        head_dim=cfg.head_dim, shortcut_levels=cfg.shortcut_levels, diffusion_steps=cfg.diffusion_steps,
-        head_steps=cfg.resolved_head_steps, cfg=cfg.cfg if shapes.guided else 1.0, cfg_schedule=cfg.cfg_schedule,
+        backbone=cfg.backbone,
+        head=cfg.head,
+        img_size=cfg.img_size,
+        grid=cfg.grid,
+        seq_len=cfg.seq_len,
+        token_dim=cfg.token_dim,
+        latent_channels=cfg.vae.embed_dim,
+        patch_size=cfg.patch_size,
+        latent_scale=cfg.latent_scale,
+        num_classes=cfg.num_classes,
+        num_iter=shapes.num_iter,
+        max_query=shapes.max_query,
+        width=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        shortcut_levels=cfg.shortcut_levels,
+        diffusion_steps=cfg.diffusion_steps,
+        head_steps=cfg.resolved_head_steps,
+        cfg=cfg.cfg if shapes.guided else 1.0,
+        cfg_schedule=cfg.cfg_schedule,
         temperature=cfg.temperature,
     )
 
 
-def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions | None = None,
-          log: Log = print) -> Manifest:
+def build(
+    checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions | None = None, log: Log = print
+) -> Manifest:
     """Build an engine directory from a checkpoint directory; returns the manifest written."""
     opts = (options or BuildOptions()).check()
     out = Path(out_dir)
@@ -223,10 +243,14 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
         ckpt = load_checkpoint(checkpoint_dir)
         cfg = ckpt.cfg
         if isinstance(cfg, DiTConfig):
-            raise BuildError(f"{checkpoint_dir} is a DiT checkpoint: far-export builds FAR and MAR engines only; "
-                             f"sample it with `python training/sample.py --checkpoint {checkpoint_dir}`")
+            raise BuildError(
+                f"{checkpoint_dir} is a DiT checkpoint: far-export builds FAR and MAR engines only; "
+                f"sample it with `python training/sample.py --checkpoint {checkpoint_dir}`"
+            )
         ckpt_sha = checkpoint_sha256(checkpoint_dir)
-        st["note"] = f"{cfg.backbone} backbone, {cfg.head} head, {sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f}M params"
+        st["note"] = (
+            f"{cfg.backbone} backbone, {cfg.head} head, {sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f}M params"
+        )
     guided = cfg.cfg != 1.0 if opts.cfg_guidance is None else opts.cfg_guidance
     try:
         shapes = GraphShapes.for_config(cfg, opts.batch, guided, opts.num_iter)
@@ -239,7 +263,9 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
         try:
             manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
-            with signals_held():  # between its two renames the old output is aside: no signal may stop it there
+            with (
+                signals_held()
+            ):  # between its two renames the old output is aside: no signal may stop it there
                 replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,8 +274,16 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, options: BuildOptions
     return manifest
 
 
-def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphShapes, specs: dict[str, GraphIO],
-                opts: BuildOptions, log: Log) -> Manifest:
+def _build_into(
+    tmp: Path,
+    out: Path,
+    ckpt: Any,
+    ckpt_sha: str,
+    shapes: GraphShapes,
+    specs: dict[str, GraphIO],
+    opts: BuildOptions,
+    log: Log,
+) -> Manifest:
     cfg: FARConfig = ckpt.cfg
     precision = opts.precision
     graph_precision = {name: "fp32" if name == "update" else precision for name in specs}
@@ -259,15 +293,22 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
         notes["head"] = MAR_INT8_NOTE
     modules = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision)  # what the graphs compute
     # the reference: the fp32 model (what the checkpoint means); per-precision tolerances bound the difference
-    refs = modules if precision in ("fp32", "int8") else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32")
+    refs = (
+        modules
+        if precision in ("fp32", "int8")
+        else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32")
+    )
     feeds = {name: random_feeds(cfg, io_) for name, io_ in specs.items()}
     for name, io_ in specs.items():
         with stage(log, f"export {io_.file}") as st:
             export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
             st["note"] = f"{(tmp / io_.file).stat().st_size / 1e6:.1f} MB"
     fp32_dir = tmp / ".fp32"  # int8: the fp32 graphs a failed quantized graph falls back to (removed below)
-    held_out = _quantize(tmp, fp32_dir, ckpt_sha, cfg, shapes, specs, graph_precision, opts, log) \
-        if precision == "int8" else {}
+    held_out = (
+        _quantize(tmp, fp32_dir, ckpt_sha, cfg, shapes, specs, graph_precision, opts, log)
+        if precision == "int8"
+        else {}
+    )
 
     validation: dict[str, Any] = {}
     if opts.validate or opts.end_to_end:
@@ -275,8 +316,11 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
 
         validation["backend"] = f"onnxruntime {ort.__version__} (CPUExecutionProvider)"
         validation["reference"] = "PyTorch fp32 modules (per graph); fp32 reference sampler (end to end)"
-        validation["tolerance"] = {"graph": vars(TOLERANCES[precision]), "end_to_end": vars(E2E_TOLERANCES[precision]),
-                                   "relative_to": "max(1, max|reference|)"}
+        validation["tolerance"] = {
+            "graph": vars(TOLERANCES[precision]),
+            "end_to_end": vars(E2E_TOLERANCES[precision]),
+            "relative_to": "max(1, max|reference|)",
+        }
         sessions, upcast = {}, set()  # upcast: bf16 graphs that ORT on CPU runs upcast to fp32
         for name, io_ in specs.items():
             sessions[name], how = _session_for(tmp / io_.file, precision)
@@ -294,8 +338,15 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                 vfeeds = held_out[name] if gp == "int8" else feeds[name]
                 with stage(log, f"validate {io_.file} on {label} inputs") as st:
                     try:
-                        res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
-                                      vfeeds, io_.tolerances[gp], label)
+                        res = compare(
+                            name,
+                            io_,
+                            ort_runner(sessions[name], io_),
+                            torch_runner(refs[name], io_),
+                            vfeeds,
+                            io_.tolerances[gp],
+                            label,
+                        )
                     except ValidationError as e:
                         if gp == "fp32" or (name != "vae_decoder" and gp != "int8"):
                             raise
@@ -305,14 +356,22 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
                             shutil.copyfile(fp32_dir / io_.file, tmp / io_.file)
                             notes[name] = f"int8 failed validation, falls back to fp32: {e}"
                         else:
-                            modules[name] = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision,
-                                                          "fp32")[name]
+                            modules[name] = graph_modules(
+                                ckpt.model, ckpt.vae, shapes.guided, precision, "fp32"
+                            )[name]
                             export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
                             notes.pop(name, None)
                         sessions[name], _ = _session_for(tmp / io_.file, "fp32")
                         upcast.discard(name)
-                        res = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
-                                      feeds[name], io_.tolerances["fp32"], "random")
+                        res = compare(
+                            name,
+                            io_,
+                            ort_runner(sessions[name], io_),
+                            torch_runner(refs[name], io_),
+                            feeds[name],
+                            io_.tolerances["fp32"],
+                            "random",
+                        )
                         label = "random"
                         st["note"] = "falls back to fp32; "
                     graphs_v[name] = {label: res}
@@ -323,8 +382,9 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
 
     manifest = _manifest(tmp, ckpt_sha, cfg, shapes, specs, graph_precision, precision, validation)
     if opts.end_to_end:
-        graphs_v_real, e2e = _end_to_end(tmp, manifest, cfg, ckpt, shapes, specs, sessions, upcast, refs, opts,
-                                         graph_precision, log)
+        graphs_v_real, e2e = _end_to_end(
+            tmp, manifest, cfg, ckpt, shapes, specs, sessions, upcast, refs, opts, graph_precision, log
+        )
         for name, res in graphs_v_real.items():
             validation["graphs"].setdefault(name, {})["real"] = res
         validation["end_to_end"] = e2e
@@ -337,26 +397,47 @@ def _build_into(tmp: Path, out: Path, ckpt: Any, ckpt_sha: str, shapes: GraphSha
     return load_manifest(tmp)  # re-read: what the runtime will see
 
 
-def _manifest(tmp: Path, ckpt_sha: str, cfg: FARConfig, shapes: GraphShapes, specs: dict[str, GraphIO],
-              graph_precision: dict[str, str], precision: str, validation: dict[str, Any]) -> Manifest:
+def _manifest(
+    tmp: Path,
+    ckpt_sha: str,
+    cfg: FARConfig,
+    shapes: GraphShapes,
+    specs: dict[str, GraphIO],
+    graph_precision: dict[str, str],
+    precision: str,
+    validation: dict[str, Any],
+) -> Manifest:
     graphs = {
         name: GraphSpec(
-            file=io_.file, sha256=sha256_file(tmp / io_.file), inputs=io_.inputs, outputs=io_.outputs,
+            file=io_.file,
+            sha256=sha256_file(tmp / io_.file),
+            inputs=io_.inputs,
+            outputs=io_.outputs,
             precision=graph_precision[name],
-            fp32_islands=fp32_islands(name, cfg, graph_precision[name]) if graph_precision[name] != "fp32" else (),
+            fp32_islands=fp32_islands(name, cfg, graph_precision[name])
+            if graph_precision[name] != "fp32"
+            else (),
         )
         for name, io_ in specs.items()
     }
     return Manifest(
-        schema_version=SCHEMA_VERSION, producer=f"far-export {__version__}",
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), checkpoint_sha256=ckpt_sha,
-        precision=precision, batch=shapes.batch, cfg_guidance=shapes.guided, model=model_info(cfg, shapes),
-        graphs=graphs, validation=validation,
+        schema_version=SCHEMA_VERSION,
+        producer=f"far-export {__version__}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        checkpoint_sha256=ckpt_sha,
+        precision=precision,
+        batch=shapes.batch,
+        cfg_guidance=shapes.guided,
+        model=model_info(cfg, shapes),
+        graphs=graphs,
+        validation=validation,
     )
 
 
-MAR_INT8_NOTE = ("the MAR head network stays fp32 in an int8 build (an island: its DDPM posterior needs eps to "
-                 "~1e-4 relative, see far_export/export.py)")
+MAR_INT8_NOTE = (
+    "the MAR head network stays fp32 in an int8 build (an island: its DDPM posterior needs eps to "
+    "~1e-4 relative, see far_export/export.py)"
+)
 
 
 def _steps_per_batch(cfg: FARConfig, shapes: GraphShapes, head_steps: int) -> dict[str, int]:
@@ -365,9 +446,17 @@ def _steps_per_batch(cfg: FARConfig, shapes: GraphShapes, head_steps: int) -> di
     return {"backbone": steps, "head": steps * head_steps, "update": steps, "vae_decoder": 1}
 
 
-def _quantize(tmp: Path, fp32_dir: Path, ckpt_sha: str, cfg: FARConfig, shapes: GraphShapes,
-              specs: dict[str, GraphIO], graph_precision: dict[str, str], opts: BuildOptions,
-              log: Log) -> dict[str, list[dict[str, Any]]]:
+def _quantize(
+    tmp: Path,
+    fp32_dir: Path,
+    ckpt_sha: str,
+    cfg: FARConfig,
+    shapes: GraphShapes,
+    specs: dict[str, GraphIO],
+    graph_precision: dict[str, str],
+    opts: BuildOptions,
+    log: Log,
+) -> dict[str, list[dict[str, Any]]]:
     """Quantize the int8 graphs in place (fp32 copies kept in fp32_dir), calibrated on the inputs the fp32
     graphs were fed while the runtime's loop sampled CALIBRATION_IMAGES images; returns per graph three
     recorded inputs of one more batch (other seeds), the held-out set the quantized graphs are validated on."""
@@ -378,11 +467,14 @@ def _quantize(tmp: Path, fp32_dir: Path, ckpt_sha: str, cfg: FARConfig, shapes: 
     steps = _steps_per_batch(cfg, shapes, cfg.resolved_head_steps)
     batches = max(1, math.ceil(CALIBRATION_IMAGES / shapes.batch))
     seed = opts.seed + 1  # not the end-to-end check's seed
-    with stage(log, f"int8: record calibration inputs ({batches * shapes.batch} images through the fp32 graphs)"):
+    with stage(
+        log, f"int8: record calibration inputs ({batches * shapes.batch} images through the fp32 graphs)"
+    ):
         calib = calibration_feeds(SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed)
     with stage(log, "int8: record held-out validation inputs (one more batch)"):
-        held = calibration_feeds(SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed + batches,
-                                 images=shapes.batch)
+        held = calibration_feeds(
+            SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed + batches, images=shapes.batch
+        )
         held = {g: [f[0], f[len(f) // 2], f[-1]] for g, f in held.items()}
     fp32_dir.mkdir()
     for name, io_ in specs.items():
@@ -396,8 +488,10 @@ def _quantize(tmp: Path, fp32_dir: Path, ckpt_sha: str, cfg: FARConfig, shapes: 
     return held
 
 
-BF16_NOTE = ("ONNX Runtime on CPU has no bf16 kernels for this graph: validated with its bf16 weights and casts "
-             "upcast to fp32 (same graph, activations in fp32)")
+BF16_NOTE = (
+    "ONNX Runtime on CPU has no bf16 kernels for this graph: validated with its bf16 weights and casts "
+    "upcast to fp32 (same graph, activations in fp32)"
+)
 
 
 def _session_for(path: Path, precision: str) -> tuple[Any, str | None]:
@@ -414,9 +508,20 @@ def _worst(res: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{k} max {v['max']:.2g} p99 {v['p99']:.2g}" for k, v in res.items())
 
 
-def _end_to_end(tmp: Path, manifest: Manifest, cfg: FARConfig, ckpt: Any, shapes: GraphShapes,
-                specs: dict[str, GraphIO], sessions: dict[str, Any], upcast: set[str], refs: dict[str, Any],
-                opts: BuildOptions, graph_precision: dict[str, str], log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+def _end_to_end(
+    tmp: Path,
+    manifest: Manifest,
+    cfg: FARConfig,
+    ckpt: Any,
+    shapes: GraphShapes,
+    specs: dict[str, GraphIO],
+    sessions: dict[str, Any],
+    upcast: set[str],
+    refs: dict[str, Any],
+    opts: BuildOptions,
+    graph_precision: dict[str, str],
+    log: Log,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The runtime's own loop over the build's sessions against the reference sampler, then every graph
     on the inputs that loop fed it (first, middle and last call of each graph)."""
     from runtime.pipeline import Pipeline
@@ -426,12 +531,20 @@ def _end_to_end(tmp: Path, manifest: Manifest, cfg: FARConfig, ckpt: Any, shapes
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
     total = _steps_per_batch(cfg, shapes, s.head_steps)
-    backend = RecordingBackend(SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
-                               keep=lambda graph, i: i in (0, total[graph] // 2, total[graph] - 1))
+    backend = RecordingBackend(
+        SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
+        keep=lambda graph, i: i in (0, total[graph] // 2, total[graph] - 1),
+    )
     pipe = Pipeline(tmp, backend.inner.manifest, backend)
     n = len(labels)
-    with stage(log, f"end to end: sample {n} image{'s' * (n != 1)} with runtime.pipeline over the graphs "
-                    f"(seed {opts.seed})"), _bar("graphs") as bar:
+    with (
+        stage(
+            log,
+            f"end to end: sample {n} image{'s' * (n != 1)} with runtime.pipeline over the graphs "
+            f"(seed {opts.seed})",
+        ),
+        _bar("graphs") as bar,
+    ):
         tokens = pipe.sample_tokens(labels, s, progress=bar)
         image = pipe.decode(tokens)
     with stage(log, "end to end: PyTorch reference sampler") as st, _bar("reference") as bar:
@@ -445,10 +558,21 @@ def _end_to_end(tmp: Path, manifest: Manifest, cfg: FARConfig, ckpt: Any, shapes
     with stage(log, "validate graphs on real inputs (recorded while sampling)") as st:
         for name, io_ in specs.items():
             tol = io_.tolerances[graph_precision[name]]
-            real[name] = compare(name, io_, ort_runner(sessions[name], io_), torch_runner(refs[name], io_),
-                                 backend.calls[name], tol, "real")
+            real[name] = compare(
+                name,
+                io_,
+                ort_runner(sessions[name], io_),
+                torch_runner(refs[name], io_),
+                backend.calls[name],
+                tol,
+                "real",
+            )
         st["note"] = "; ".join(f"{n}: {_worst(r)}" for n, r in real.items())
-    check(img, E2E_TOLERANCES[opts.precision], "end to end: the image sampled by runtime.pipeline over the graphs")
+    check(
+        img,
+        E2E_TOLERANCES[opts.precision],
+        "end to end: the image sampled by runtime.pipeline over the graphs",
+    )
     e2e["passed"] = True
     return real, e2e
 
@@ -459,6 +583,7 @@ def _bar(desc: str) -> Iterator[Callable[[int, int], None]]:
     from tqdm import tqdm
 
     with tqdm(desc=desc, unit="step", leave=False, disable=not sys.stderr.isatty()) as bar:
+
         def update(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -475,7 +600,11 @@ def _engines(tmp: Path, out: Path, manifest: Manifest, opts: BuildOptions, log: 
     except TensorRTUnavailable as e:
         if opts.require_engines:
             raise BuildError(f"TensorRT plans were not built: {e}") from None
-        checked = "validated with ONNX Runtime" if opts.validate or opts.end_to_end else "exported, not validated"
-        log(f"TensorRT plans were not built: {e} (ONNX graphs {checked}; build them on the device with "
-            f"far-export compile)")
+        checked = (
+            "validated with ONNX Runtime" if opts.validate or opts.end_to_end else "exported, not validated"
+        )
+        log(
+            f"TensorRT plans were not built: {e} (ONNX graphs {checked}; build them on the device with "
+            f"far-export compile)"
+        )
         return manifest

@@ -36,21 +36,58 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("checkpoint_dir", type=click.Path())
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="Engine directory to write, e.g. engines/far-mnist.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 | bf16 | int8 (QDQ, calibrated on recorded inputs): what runs inside the graphs.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Engine directory to write, e.g. engines/far-mnist.",
+)
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    help="fp32 | fp16 | bf16 | int8 (QDQ, calibrated on recorded inputs): what runs inside the graphs.",
+)
 @click.option("--batch", default=8, show_default=True, type=BATCH, help="Images per graph call (static).")
-@click.option("--cfg/--no-cfg", "cfg_guidance", default=None,
-              help="Double the batch inside the graphs for classifier-free guidance. Default: on when the checkpoint's default CFG scale is not 1.")
-@click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps the per-step query size is fixed for. Default: the checkpoint's.")
+@click.option(
+    "--cfg/--no-cfg",
+    "cfg_guidance",
+    default=None,
+    help="Double the batch inside the graphs for classifier-free guidance. Default: on when the checkpoint's default CFG scale is not 1.",
+)
+@click.option(
+    "--num-iter",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Masked backbone: AR steps the per-step query size is fixed for. Default: the checkpoint's.",
+)
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the end-to-end check.")
 @click.option("--no-validate", is_flag=True, help="Skip the per-graph checks against PyTorch.")
-@click.option("--no-end-to-end", is_flag=True, help="Skip the end-to-end check against the reference sampler.")
-@click.option("--engines/--no-engines", default=True, show_default=True, help="Build TensorRT plans where tensorrt and a GPU exist.")
+@click.option(
+    "--no-end-to-end", is_flag=True, help="Skip the end-to-end check against the reference sampler."
+)
+@click.option(
+    "--engines/--no-engines",
+    default=True,
+    show_default=True,
+    help="Build TensorRT plans where tensorrt and a GPU exist.",
+)
 @click.option("--require-engines", is_flag=True, help="Fail when TensorRT plans cannot be built here.")
-@click.option("--workspace-gb", default=4.0, show_default=True, type=FiniteFloat(min=0, min_open=True, max=1024),
-              help="TensorRT builder workspace limit.")
-@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
-              help="TensorRT builder optimisation level (0..5).")
+@click.option(
+    "--workspace-gb",
+    default=4.0,
+    show_default=True,
+    type=FiniteFloat(min=0, min_open=True, max=1024),
+    help="TensorRT builder workspace limit.",
+)
+@click.option(
+    "--opt-level",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 5),
+    help="TensorRT builder optimisation level (0..5).",
+)
 def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
     """Export a checkpoint to static ONNX graphs, validate them, build TensorRT plans, write the manifest."""
 
@@ -62,9 +99,16 @@ def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
         from far_export.build import build as run_build
 
         opts = BuildOptions(
-            precision=kw["precision"], batch=kw["batch"], cfg_guidance=kw["cfg_guidance"], num_iter=kw["num_iter"],
-            validate=not kw["no_validate"], end_to_end=not kw["no_end_to_end"], seed=kw["seed"],
-            engines=kw["engines"], require_engines=kw["require_engines"], workspace_gb=kw["workspace_gb"],
+            precision=kw["precision"],
+            batch=kw["batch"],
+            cfg_guidance=kw["cfg_guidance"],
+            num_iter=kw["num_iter"],
+            validate=not kw["no_validate"],
+            end_to_end=not kw["no_end_to_end"],
+            seed=kw["seed"],
+            engines=kw["engines"],
+            require_engines=kw["require_engines"],
+            workspace_gb=kw["workspace_gb"],
             opt_level=kw["opt_level"],
         )
         run_build(checkpoint_dir, out_dir, opts.check(), log=lambda s: click.echo(s))
@@ -88,10 +132,20 @@ def inspect(engine_dir: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option("--workspace-gb", default=4.0, show_default=True, type=FiniteFloat(min=0, min_open=True, max=1024),
-              help="TensorRT builder workspace limit.")
-@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
-              help="TensorRT builder optimisation level (0..5).")
+@click.option(
+    "--workspace-gb",
+    default=4.0,
+    show_default=True,
+    type=FiniteFloat(min=0, min_open=True, max=1024),
+    help="TensorRT builder workspace limit.",
+)
+@click.option(
+    "--opt-level",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 5),
+    help="TensorRT builder optimisation level (0..5).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip comparing each plan with ONNX Runtime.")
 def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: bool) -> None:
     """Build TensorRT plans from the ONNX graphs already in ENGINE_DIR (imports no torch)."""
@@ -113,14 +167,40 @@ def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: b
 @click.argument("mar_checkpoint", type=click.Path())
 @click.option("--vae", "vae_path", required=True, type=click.Path(), help="MAR's KL-16 VAE, kl16.ckpt.")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Checkpoint directory to write.")
-@click.option("--online", is_flag=True, help="Import the online weights ('model') instead of the EMA ('model_ema').")
-@click.option("--num-heads", type=click.IntRange(min=1), default=None,
-              help="Attention heads, for dims other than MAR-B/L/H (the weights do not tell).")
-@click.option("--cfg", type=float, default=None, help="Default CFG scale. Default: MAR's README (B 2.9, L 3.0, H 3.2).")
-@click.option("--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="Default: linear (MAR's README).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: 1.0 (MAR's README).")
-@click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Default AR steps. Default: 256 (MAR's README).")
-@click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Default denoising steps. Default: 100 (MAR's README).")
+@click.option(
+    "--online", is_flag=True, help="Import the online weights ('model') instead of the EMA ('model_ema')."
+)
+@click.option(
+    "--num-heads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Attention heads, for dims other than MAR-B/L/H (the weights do not tell).",
+)
+@click.option(
+    "--cfg", type=float, default=None, help="Default CFG scale. Default: MAR's README (B 2.9, L 3.0, H 3.2)."
+)
+@click.option(
+    "--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="Default: linear (MAR's README)."
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Default: 1.0 (MAR's README).",
+)
+@click.option(
+    "--num-iter",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default AR steps. Default: 256 (MAR's README).",
+)
+@click.option(
+    "--head-steps",
+    "-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Default denoising steps. Default: 100 (MAR's README).",
+)
 def import_mar(mar_checkpoint: str, vae_path: str, out_dir: str, online: bool, **kw: Any) -> None:
     """Turn MAR's checkpoint-last.pth (or a release file) + kl16.ckpt into a checkpoint directory."""
 
@@ -146,13 +226,26 @@ def _sampling_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-                     help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines."),
-        click.option("--providers", default="cpu", show_default=True,
-                     help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
-                          "that ONNX Runtime cannot use is an error, not a slow fallback."),
+        click.option(
+            "--backend",
+            type=click.Choice(["ort", "trt"]),
+            default="ort",
+            show_default=True,
+            help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines.",
+        ),
+        click.option(
+            "--providers",
+            default="cpu",
+            show_default=True,
+            help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
+            "that ONNX Runtime cannot use is an error, not a slow fallback.",
+        ),
         click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
-        click.option("--cuda-graph", is_flag=True, help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per batch)."),
+        click.option(
+            "--cuda-graph",
+            is_flag=True,
+            help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per batch).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -163,7 +256,9 @@ def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("engine_dir", type=click.Path())
 @_sampling_options()
 @_backend_options
-def sample(engine_dir: str, backend: str, providers: str, threads: int | None, cuda_graph: bool, **kw: Any) -> None:
+def sample(
+    engine_dir: str, backend: str, providers: str, threads: int | None, cuda_graph: bool, **kw: Any
+) -> None:
     """Generate images from an engine directory (flags and layout as training/sample.py's)."""
     from runtime.options import request_from_kwargs
 
@@ -175,11 +270,19 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
         from runtime.images import ImageWriter, parse_classes, request_labels
         from runtime.pipeline import Pipeline
 
-        pipe = Pipeline.load(engine_dir, backend=backend, providers=providers, threads=threads, cuda_graph=cuda_graph)
+        pipe = Pipeline.load(
+            engine_dir, backend=backend, providers=providers, threads=threads, cuda_graph=cuda_graph
+        )
         classes = parse_classes(req.classes, pipe.model.num_classes)
         labels = request_labels(classes, req.per_class)
-        pipe.settings(head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
-                      temperature=req.temperature, num_iter=req.num_iter, seed=req.seed)  # bad values fail here
+        pipe.settings(
+            head_steps=req.head_steps,
+            cfg=req.cfg,
+            cfg_schedule=req.cfg_schedule,
+            temperature=req.temperature,
+            num_iter=req.num_iter,
+            seed=req.seed,
+        )  # bad values fail here
         pipe.check_batch(req.batch)
         writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
         bars: list[tqdm] = []  # made at the first step, when the total is known
@@ -190,10 +293,17 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
             bars[0].update(done - bars[0].n)
 
         try:
-            for images in pipe.generate_batches(labels, head_steps=req.head_steps, cfg=req.cfg,
-                                                cfg_schedule=req.cfg_schedule, temperature=req.temperature,
-                                                num_iter=req.num_iter, seed=req.seed, batch=req.batch,
-                                                progress=progress):
+            for images in pipe.generate_batches(
+                labels,
+                head_steps=req.head_steps,
+                cfg=req.cfg,
+                cfg_schedule=req.cfg_schedule,
+                temperature=req.temperature,
+                num_iter=req.num_iter,
+                seed=req.seed,
+                batch=req.batch,
+                progress=progress,
+            ):
                 writer.add(images)  # written as it goes: memory stays flat however many images
         finally:
             for bar in bars:
@@ -207,11 +317,31 @@ def sample(engine_dir: str, backend: str, providers: str, threads: int | None, c
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
 @click.option("--batch", type=BATCH, default=None, help="Images per call. Default: the engine batch.")
-@click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's.")
-@click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="CFG scale. Default: the model's.")
-@click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first.")
-@click.option("--runs", default=10, show_default=True, type=click.IntRange(1, 100_000), help="Timed runs (one batch each).")
+@click.option(
+    "--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's."
+)
+@click.option(
+    "--cfg",
+    type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
+    default=None,
+    help="CFG scale. Default: the model's.",
+)
+@click.option(
+    "--num-iter",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Masked backbone: AR steps. Default: the model's.",
+)
+@click.option(
+    "--warmup", default=2, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first."
+)
+@click.option(
+    "--runs",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Timed runs (one batch each).",
+)
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result as JSON.")
 @_backend_options

@@ -43,13 +43,21 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # int8 graphs are exported fp32, then quantized (far_export/quantize.py)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
-GRAPH_FILES = {"backbone": "backbone.onnx", "head": "head.onnx", "update": "update.onnx", "vae_decoder": "vae_decoder.onnx"}
+GRAPH_FILES = {
+    "backbone": "backbone.onnx",
+    "head": "head.onnx",
+    "update": "update.onnx",
+    "vae_decoder": "vae_decoder.onnx",
+}
 # What stays fp32 inside a reduced-precision graph (training/layers.py, the models' explicit casts).
 _ISLANDS = {
     "backbone": ("LayerNorm statistics", "attention logits + mask bias + softmax", "graph inputs/outputs"),
     "shortcut": ("LayerNorm statistics", "timestep sinusoid", "graph inputs/outputs"),
-    "mar": ("diffusion head network (eps, variance)", "DDPM posterior (mean, variance, noise)",
-            "graph inputs/outputs"),
+    "mar": (
+        "diffusion head network (eps, variance)",
+        "DDPM posterior (mean, variance, noise)",
+        "graph inputs/outputs",
+    ),
     "vae_decoder": ("GroupNorm statistics", "attention logits + softmax", "graph inputs/outputs"),
     "update": (),  # always fp32: it only moves values
 }
@@ -57,11 +65,28 @@ _ISLANDS = {
 
 # An int8 graph quantizes only its weight products (far_export/quantize.py); the rest is fp32.
 _INT8_ISLANDS = {
-    "backbone": ("LayerNorm", "attention (QK^T, mask bias, softmax, AV)", "GELU", "residual adds",
-                 "graph inputs/outputs"),
-    "shortcut": ("LayerNorm", "timestep embedding (sinusoid and MLP)", "SiLU", "adaLN modulation arithmetic",
-                 "Euler update", "graph inputs/outputs"),
-    "vae_decoder": ("GroupNorm", "attention logits + softmax", "SiLU", "residual adds", "graph inputs/outputs"),
+    "backbone": (
+        "LayerNorm",
+        "attention (QK^T, mask bias, softmax, AV)",
+        "GELU",
+        "residual adds",
+        "graph inputs/outputs",
+    ),
+    "shortcut": (
+        "LayerNorm",
+        "timestep embedding (sinusoid and MLP)",
+        "SiLU",
+        "adaLN modulation arithmetic",
+        "Euler update",
+        "graph inputs/outputs",
+    ),
+    "vae_decoder": (
+        "GroupNorm",
+        "attention logits + softmax",
+        "SiLU",
+        "residual adds",
+        "graph inputs/outputs",
+    ),
 }
 
 
@@ -136,7 +161,12 @@ def graph_specs(cfg: FARConfig, shapes: GraphShapes, precision: str = "fp32") ->
         Q = shapes.max_query
         backbone = GraphIO(
             "backbone",
-            (_t("tokens", (B, L, C)), _t("mask", (B, L)), _t("labels", (B,), "int64"), _t("query", (B, Q), "int64")),
+            (
+                _t("tokens", (B, L, C)),
+                _t("mask", (B, L)),
+                _t("labels", (B,), "int64"),
+                _t("query", (B, Q), "int64"),
+            ),
             (_t("z", (g * N, D)),),
         )
     else:
@@ -144,23 +174,42 @@ def graph_specs(cfg: FARConfig, shapes: GraphShapes, precision: str = "fp32") ->
         cdt = NUMPY_NAMES[precision]
         backbone = GraphIO(
             "backbone",
-            (_t("prev_token", (B, C)), _t("pos", (1,), "int64"), _t("labels", (B,), "int64"), _t("cache", cache, cdt)),
+            (
+                _t("prev_token", (B, C)),
+                _t("pos", (1,), "int64"),
+                _t("labels", (B,), "int64"),
+                _t("cache", cache, cdt),
+            ),
             (_t("z", (g * B, D)), _t("cache_out", cache, cdt)),
         )
     cfg_in = (_t("cfg", (1,)),) if shapes.guided else ()
     if cfg.head == "shortcut":
         head_in = (_t("x", (N, C)), _t("t", (1,)), _t("d", (1,)), _t("z", (g * N, D)), *cfg_in)
     else:
-        head_in = (_t("x", (N, C)), _t("t", (1,)), _t("z", (g * N, D)), *cfg_in, _t("coef", (6,)), _t("noise", (N, C)))
+        head_in = (
+            _t("x", (N, C)),
+            _t("t", (1,)),
+            _t("z", (g * N, D)),
+            *cfg_in,
+            _t("coef", (6,)),
+            _t("noise", (N, C)),
+        )
     head = GraphIO("head", head_in, (_t("x_next", (N, C)),))
     Q = shapes.max_query
     update = GraphIO(
         "update",
-        (_t("tokens", (B, L, C)), _t("mask", (B, L)), _t("x", (N, C)), _t("query", (B, Q), "int64"),
-         _t("n", (1,), "int64")),
+        (
+            _t("tokens", (B, L, C)),
+            _t("mask", (B, L)),
+            _t("x", (N, C)),
+            _t("query", (B, Q), "int64"),
+            _t("n", (1,), "int64"),
+        ),
         (_t("tokens_out", (B, L, C)), _t("mask_out", (B, L))),
     )
-    vae = GraphIO("vae_decoder", (_t("tokens", (B, L, C)),), (_t("image", (B, 3, cfg.img_size, cfg.img_size)),))
+    vae = GraphIO(
+        "vae_decoder", (_t("tokens", (B, L, C)),), (_t("image", (B, 3, cfg.img_size, cfg.img_size)),)
+    )
     return {"backbone": backbone, "head": head, "update": update, "vae_decoder": vae}
 
 
@@ -205,8 +254,12 @@ def graph_modules(
     head = head_step(m, guided)
     if model.cfg.head == "mar":
         head = _DiffusionHeadAlwaysCfg(head, guided)
-    mods = {"backbone": backbone_step(m, guided), "head": head, "update": TokenUpdateStep(),
-            "vae_decoder": VAEDecoderStep(model.cfg, v)}
+    mods = {
+        "backbone": backbone_step(m, guided),
+        "head": head,
+        "update": TokenUpdateStep(),
+        "vae_decoder": VAEDecoderStep(model.cfg, v),
+    }
     return {k: mod.eval() for k, mod in mods.items()}
 
 
@@ -249,8 +302,14 @@ def export_graph(module: nn.Module, io_: GraphIO, path: str | Path, inputs: dict
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
-                input_names=[s.name for s in io_.inputs], output_names=[s.name for s in io_.outputs],
+                module,
+                args,
+                dynamo=True,
+                opset_version=OPSET,
+                optimize=True,
+                verbose=False,
+                input_names=[s.name for s in io_.inputs],
+                output_names=[s.name for s in io_.outputs],
             )
             program.save(str(path), external_data=nbytes > EXTERNAL_DATA_BYTES)
     except Exception as e:  # the exporter raises many types; name the graph and the first line
@@ -276,8 +335,10 @@ def _check_io(path: Path, io_: GraphIO) -> None:
 
     want_in = [(s.name, s.shape, s.dtype) for s in io_.inputs]
     want_out = [(s.name, s.shape, s.dtype) for s in io_.outputs]
-    for kind, got, want in (("inputs", describe(model.graph.input), want_in),
-                            ("outputs", describe(model.graph.output), want_out)):
+    for kind, got, want in (
+        ("inputs", describe(model.graph.input), want_in),
+        ("outputs", describe(model.graph.output), want_out),
+    ):
         if got != want:
             raise ExportError(f"the {io_.name} graph's {kind} are {got}, the contract says {want}")
 

@@ -79,10 +79,14 @@ def engine_feed(io_: GraphLike, feed: dict[str, np.ndarray]) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        raise ValueError(f"validating a plan with the bf16 input {bf16[0]!r} needs torch (numpy has no bfloat16); "
-                         "install torch or compile with --no-validate") from None
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) if k in bf16 else v
-            for k, v in feed.items()}
+        raise ValueError(
+            f"validating a plan with the bf16 input {bf16[0]!r} needs torch (numpy has no bfloat16); "
+            "install torch or compile with --no-validate"
+        ) from None
+    return {
+        k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) if k in bf16 else v
+        for k, v in feed.items()
+    }
 
 
 def _as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -130,5 +134,3 @@ def upcast_bf16(path: str | Path) -> bytes:
 
     fix_graph(model.graph)
     return model.SerializeToString()
-
-

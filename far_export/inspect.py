@@ -47,13 +47,16 @@ def lines(m: Manifest, directory: Path) -> list[str]:
     try:
         out += _validation(m.validation)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:  # hand-edited or foreign data
-        raise ManifestError(f"manifest field validation is malformed ({type(e).__name__}: {e}); "
-                            f"rebuild with far-export build") from None
+        raise ManifestError(
+            f"manifest field validation is malformed ({type(e).__name__}: {e}); rebuild with far-export build"
+        ) from None
     if m.engines:
         out.append("  TensorRT engines:")
         for name, e in m.engines.items():
-            out.append(f"    {name}: {e.file} for TensorRT {e.tensorrt_version} on {e.gpu_name} (sm {e.compute_capability}), "
-                       f"key {e.build_key[:12]}")
+            out.append(
+                f"    {name}: {e.file} for TensorRT {e.tensorrt_version} on {e.gpu_name} (sm {e.compute_capability}), "
+                f"key {e.build_key[:12]}"
+            )
     else:
         out.append("  TensorRT engines: none (build them on the device: far-export compile DIR)")
     return out
@@ -71,8 +74,10 @@ def _validation(v: dict) -> list[str]:
                 out.append(f"    {name}.{o} ({kind} inputs): {_stats(st)}")
     e2e = v.get("end_to_end")
     if e2e:
-        out.append(f"    end to end, runtime.pipeline vs reference sampler (seed {e2e['settings']['seed']}, "
-                   f"labels {e2e['labels']}): tokens {_stats(e2e['tokens'])}; image {_stats(e2e['image'])}")
+        out.append(
+            f"    end to end, runtime.pipeline vs reference sampler (seed {e2e['settings']['seed']}, "
+            f"labels {e2e['labels']}): tokens {_stats(e2e['tokens'])}; image {_stats(e2e['image'])}"
+        )
     for name, note in v.get("notes", {}).items():
         out.append(f"    note ({name}): {note}")
     return out

@@ -82,7 +82,9 @@ def _quiet() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax") -> Quantized:
+def quantize_graph(
+    src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax"
+) -> Quantized:
     """Write the QDQ int8 form of the fp32 graph `src` to `dst`, activations calibrated on `feeds`."""
     import tempfile
 
@@ -103,8 +105,11 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], met
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     if method not in methods:
         raise QuantizeError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
     if not feeds:
@@ -118,9 +123,15 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], met
             take, keep = weight_nodes(onnx.load(str(pre), load_external_data=False))
             symmetric = ACTIVATIONS == "s8"
             quantize_static(
-                str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_quantize=take, calibrate_method=methods[method],
+                str(pre),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=take,
+                calibrate_method=methods[method],
                 calibration_providers=["CPUExecutionProvider"],
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
             )
@@ -130,8 +141,14 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], met
     return Quantized(quantized=len(take), kept_fp32=tuple(keep))
 
 
-def calibration_feeds(backend: Backend, directory: Path, manifest: Manifest, steps_per_batch: dict[str, int],
-                      seed: int, images: int = CALIBRATION_IMAGES) -> dict[str, list[dict[str, np.ndarray]]]:
+def calibration_feeds(
+    backend: Backend,
+    directory: Path,
+    manifest: Manifest,
+    steps_per_batch: dict[str, int],
+    seed: int,
+    images: int = CALIBRATION_IMAGES,
+) -> dict[str, list[dict[str, np.ndarray]]]:
     """The inputs the runtime's loop feeds each graph while sampling `images` images of all classes
     (class i % num_classes, seeds seed, seed + 1, ... per batch) over `backend` (the fp32 graphs);
     at most MAX_FEEDS per graph, spread evenly over the calls."""

@@ -89,8 +89,13 @@ def plan_name(graph: str, device: DeviceInfo) -> str:
     return f"{graph}.trt{device.tensorrt_version}.plan"
 
 
-def build_plan(onnx_path: Path, plan_path: Path, settings: EngineSettings, cache_path: Path | None,
-               log: Callable[[str], None] = print) -> None:
+def build_plan(
+    onnx_path: Path,
+    plan_path: Path,
+    settings: EngineSettings,
+    cache_path: Path | None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Parse one ONNX graph into a strongly typed network and serialize its plan."""
     trt = _import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -141,7 +146,9 @@ def attach_timing_cache(config: Any, blob: bytes, log: Callable[[str], None] = p
     accepted = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
     choice = timing_cache_choice(bool(blob), accepted)
     if choice == "fresh":
-        log("timing cache: TensorRT refused the stored one (another GPU or TensorRT version); starting a fresh one")
+        log(
+            "timing cache: TensorRT refused the stored one (another GPU or TensorRT version); starting a fresh one"
+        )
         cache = config.create_timing_cache(b"")
         accepted = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
         choice = timing_cache_choice(False, accepted)
@@ -158,8 +165,9 @@ def plan_validation_missing() -> str | None:
     return ", ".join(missing) or None
 
 
-def validate_plan(onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec, model: ModelInfo,
-                  count: int = 2) -> dict[str, Any]:
+def validate_plan(
+    onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec, model: ModelInfo, count: int = 2
+) -> dict[str, Any]:
     """Run the plan (TensorRT) and the graph (ONNX Runtime on CPU; bf16 graphs upcast to fp32) on the same
     valid random inputs with polygraphy's runners; EngineBuildError when an output differs beyond the
     precision's PLAN_TOLERANCES (far_export/tolerances.py, the scheme every comparison uses)."""
@@ -174,8 +182,10 @@ def validate_plan(onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec,
     rng = np.random.Generator(np.random.PCG64(1234))
     feeds = [example_inputs(model, spec, rng) for _ in range(count)]  # bf16 inputs: bf16-exact float32
     worst: dict[str, float] = {}
-    with OnnxrtRunner(SessionFromOnnx(source, providers=["CPUExecutionProvider"])) as ort_runner, \
-            TrtRunner(EngineFromBytes(plan_path.read_bytes())) as trt_runner:
+    with (
+        OnnxrtRunner(SessionFromOnnx(source, providers=["CPUExecutionProvider"])) as ort_runner,
+        TrtRunner(EngineFromBytes(plan_path.read_bytes())) as trt_runner,
+    ):
         for feed in feeds:
             ref = ort_runner.infer(feed)
             try:
@@ -186,11 +196,18 @@ def validate_plan(onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec,
             for t in spec.outputs:
                 stats = error_stats(_float32(got[t.name]), np.asarray(ref[t.name], dtype=np.float32))
                 if not within(stats, tol):
-                    raise EngineBuildError(f"the TensorRT plan of the {graph} graph differs from ONNX Runtime in "
-                                           f"{t.name}: {describe_error(stats, tol)}")
+                    raise EngineBuildError(
+                        f"the TensorRT plan of the {graph} graph differs from ONNX Runtime in "
+                        f"{t.name}: {describe_error(stats, tol)}"
+                    )
                 worst[t.name] = max(worst.get(t.name, 0.0), stats["max"] / stats["scale"])
-    return {"tolerance": asdict(tol), "inputs": count, "passed": True, "max_rel_error": worst,
-            "compared_with": "onnxruntime CPU (polygraphy runners)"}
+    return {
+        "tolerance": asdict(tol),
+        "inputs": count,
+        "passed": True,
+        "max_rel_error": worst,
+        "compared_with": "onnxruntime CPU (polygraphy runners)",
+    }
 
 
 def _float32(a: Any) -> Any:
@@ -203,8 +220,12 @@ def _float32(a: Any) -> Any:
 
 
 def compile_engines(
-    directory: str | Path, manifest: Manifest, settings: EngineSettings | None = None,
-    previous: str | Path | None = None, validate: bool = True, log: Callable[[str], None] = print,
+    directory: str | Path,
+    manifest: Manifest,
+    settings: EngineSettings | None = None,
+    previous: str | Path | None = None,
+    validate: bool = True,
+    log: Callable[[str], None] = print,
 ) -> Manifest:
     """Build (or reuse) a plan per graph of `directory`; returns the manifest with its engines, saved.
 
@@ -218,8 +239,10 @@ def compile_engines(
     if validate:
         missing = plan_validation_missing()
         if missing:
-            log(f"plan validation skipped: {missing} not installed here (pip install polygraphy onnx onnxruntime, "
-                "or onnxruntime-gpu; on Jetson from its wheel index)")
+            log(
+                f"plan validation skipped: {missing} not installed here (pip install polygraphy onnx onnxruntime, "
+                "or onnxruntime-gpu; on Jetson from its wheel index)"
+            )
             validate = False
     cache_path = directory / timing_cache_name(device) if settings.timing_cache else None
     if cache_path is not None and previous is not None and not cache_path.exists():
@@ -242,21 +265,33 @@ def compile_engines(
                 target = plan.with_name(plan.name + ".new")
                 staged.append((target, plan))
                 build_plan(directory / g.file, target, settings, cache_path, log)
-                checks = validate_plan(directory / g.file, target, name, g, manifest.model) if validate else {}
+                checks = (
+                    validate_plan(directory / g.file, target, name, g, manifest.model) if validate else {}
+                )
             engines[name] = EngineSpec(
-                file=plan.name, sha256=sha256_file(target), tensorrt_version=device.tensorrt_version,
-                gpu_name=device.gpu_name, compute_capability=device.compute_capability, onnx_sha256=g.sha256,
-                build_key=key, settings={**settings.key_fields(), "strongly_typed": True, "validation": checks},
-                sm_count=device.sm_count, total_memory_mb=device.total_memory_mb,
+                file=plan.name,
+                sha256=sha256_file(target),
+                tensorrt_version=device.tensorrt_version,
+                gpu_name=device.gpu_name,
+                compute_capability=device.compute_capability,
+                onnx_sha256=g.sha256,
+                build_key=key,
+                settings={**settings.key_fields(), "strongly_typed": True, "validation": checks},
+                sm_count=device.sm_count,
+                total_memory_mb=device.total_memory_mb,
             )
-            log(f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} ({time.perf_counter() - t0:.1f}s)")
+            log(
+                f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} ({time.perf_counter() - t0:.1f}s)"
+            )
     except BaseException:
         for src, _ in staged:
             src.unlink(missing_ok=True)
         raise
     for src, dst in staged:
         src.replace(dst)
-    new = manifest.replace(engines=engines, timing_cache=cache_path.name if cache_path and cache_path.exists() else None)
+    new = manifest.replace(
+        engines=engines, timing_cache=cache_path.name if cache_path and cache_path.exists() else None
+    )
     new.save(directory)
     return new
 
@@ -281,8 +316,12 @@ def _reuse(old: EngineSpec | None, key: str, old_dir: Path, plan: Path) -> bool:
     return True
 
 
-def compile_directory(directory: str | Path, settings: EngineSettings | None = None, validate: bool = True,
-                      log: Callable[[str], None] = print) -> Manifest:
+def compile_directory(
+    directory: str | Path,
+    settings: EngineSettings | None = None,
+    validate: bool = True,
+    log: Callable[[str], None] = print,
+) -> Manifest:
     """`far-export compile`: plans for the graphs already in an engine directory (no torch)."""
     manifest = load_manifest(directory)
     return compile_engines(directory, manifest, settings, previous=directory, validate=validate, log=log)

@@ -59,8 +59,12 @@ def error_stats(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     if not np.all(np.isfinite(got)):
         return {"max": float("inf"), "mean": float("inf"), "p99": float("inf"), "scale": 1.0}
     scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-    return {"max": float(err.max(initial=0.0)), "mean": float(err.mean()) if err.size else 0.0,
-            "p99": float(np.percentile(err, 99)) if err.size else 0.0, "scale": scale}
+    return {
+        "max": float(err.max(initial=0.0)),
+        "mean": float(err.mean()) if err.size else 0.0,
+        "p99": float(np.percentile(err, 99)) if err.size else 0.0,
+        "scale": scale,
+    }
 
 
 def within(stats: dict[str, float], tol: Tolerance) -> bool:
@@ -69,5 +73,7 @@ def within(stats: dict[str, float], tol: Tolerance) -> bool:
 
 
 def describe_error(stats: dict[str, float], tol: Tolerance) -> str:
-    return (f"max abs error {stats['max']:.3g} (p99 {stats['p99']:.3g}, mean {stats['mean']:.3g}) > tolerance "
-            f"{tol.max_abs:g} (p99 {tol.p99_abs:g}) x scale {stats['scale']:.3g}")
+    return (
+        f"max abs error {stats['max']:.3g} (p99 {stats['p99']:.3g}, mean {stats['mean']:.3g}) > tolerance "
+        f"{tol.max_abs:g} (p99 {tol.p99_abs:g}) x scale {stats['scale']:.3g}"
+    )

@@ -104,8 +104,15 @@ def torch_runner(module: nn.Module, io_: GraphIO) -> Runner:
     return run
 
 
-def compare(name: str, io_: GraphIO, graph: Runner, reference: Runner, feeds: list[dict[str, np.ndarray]],
-            tol: Tolerance, label: str) -> dict[str, dict[str, float]]:
+def compare(
+    name: str,
+    io_: GraphIO,
+    graph: Runner,
+    reference: Runner,
+    feeds: list[dict[str, np.ndarray]],
+    tol: Tolerance,
+    label: str,
+) -> dict[str, dict[str, float]]:
     """Worst error over `feeds` per output; raises ValidationError on the first output out of tolerance."""
     worst: dict[str, dict[str, float]] = {}
     for feed in feeds:
@@ -122,7 +129,9 @@ def compare(name: str, io_: GraphIO, graph: Runner, reference: Runner, feeds: li
     return worst
 
 
-def random_feeds(cfg: FARConfig, io_: GraphIO, count: int = 2, seed: int = 1234) -> list[dict[str, np.ndarray]]:
+def random_feeds(
+    cfg: FARConfig, io_: GraphIO, count: int = 2, seed: int = 1234
+) -> list[dict[str, np.ndarray]]:
     rng = np.random.Generator(np.random.PCG64(seed))
     return [example_inputs(cfg, io_, rng) for _ in range(count)]
 
@@ -163,7 +172,8 @@ def as_run_on_cpu(manifest: Manifest, upcast: set[str]) -> Manifest:
 
     graphs = {
         name: dataclasses.replace(g, inputs=tuple(map(f32, g.inputs)), outputs=tuple(map(f32, g.outputs)))
-        if name in upcast else g
+        if name in upcast
+        else g
         for name, g in manifest.graphs.items()
     }
     return manifest.replace(graphs=graphs)

@@ -69,7 +69,10 @@ class Graph(ABC):
 
     def check_buffers(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Every graph input and output bound once, with the manifest's shape and dtype, C-contiguous."""
-        for kind, specs, arrays in (("input", self.spec.inputs, inputs), ("output", self.spec.outputs, outputs)):
+        for kind, specs, arrays in (
+            ("input", self.spec.inputs, inputs),
+            ("output", self.spec.outputs, outputs),
+        ):
             names = {t.name for t in specs}
             if set(arrays) != names:
                 raise BackendError(f"{self.spec.file}: bind {kind}s {sorted(names)}, got {sorted(arrays)}")
@@ -138,7 +141,9 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
         p = p.strip()
         full = PROVIDERS.get(p.lower(), p)
         if not full.endswith("ExecutionProvider"):
-            raise BackendError(f"unknown ONNX Runtime provider {p!r}: use {', '.join(sorted(set(PROVIDERS)))}")
+            raise BackendError(
+                f"unknown ONNX Runtime provider {p!r}: use {', '.join(sorted(set(PROVIDERS)))}"
+            )
         out.append(full)
     if not out:
         raise BackendError("no ONNX Runtime provider given: use e.g. --providers cpu or --providers cuda")
@@ -167,10 +172,14 @@ class OrtDeviceMemory:
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         if str(dtype) == "bfloat16":
-            raise BackendError("bf16 tensors cannot live in ONNX Runtime device buffers here (numpy has no bfloat16); "
-                               "use --backend trt for bf16 engines")
+            raise BackendError(
+                "bf16 tensors cannot live in ONNX Runtime device buffers here (numpy has no bfloat16); "
+                "use --backend trt for bf16 engines"
+            )
         mirror = np.zeros(tuple(shape), dtype=np.dtype(dtype))
-        value = self._ort.OrtValue.ortvalue_from_shape_and_type(list(mirror.shape), mirror.dtype.type, self.device, 0)
+        value = self._ort.OrtValue.ortvalue_from_shape_and_type(
+            list(mirror.shape), mirror.dtype.type, self.device, 0
+        )
         value.update_inplace(mirror)
         self._buffers.append((int(mirror.ctypes.data), mirror, value))
         return mirror
@@ -198,7 +207,9 @@ class OrtDeviceMemory:
 
 
 class OrtGraph(Graph):
-    def __init__(self, ort: Any, session: Any, spec: GraphSpec, path: Path, memory: OrtDeviceMemory | None = None):
+    def __init__(
+        self, ort: Any, session: Any, spec: GraphSpec, path: Path, memory: OrtDeviceMemory | None = None
+    ):
         self._ort, self.session, self.spec, self._memory = ort, session, spec, memory
         _check_session_io(session, spec, path)
 
@@ -237,10 +248,14 @@ def _check_session_io(session: Any, spec: GraphSpec, path: Path) -> None:
         want = {t.name: t.shape for t in declared}
         got = {a.name: tuple(a.shape) for a in actual}
         if set(want) != set(got):
-            raise BackendError(f"{path.name}: graph {kind} {sorted(got)} differ from the manifest's {sorted(want)}")
+            raise BackendError(
+                f"{path.name}: graph {kind} {sorted(got)} differ from the manifest's {sorted(want)}"
+            )
         for name, shape in want.items():
             if got[name] != shape:
-                raise BackendError(f"{path.name}: {name} has shape {list(got[name])}, the manifest says {list(shape)}")
+                raise BackendError(
+                    f"{path.name}: {name} has shape {list(got[name])}, the manifest says {list(shape)}"
+                )
 
 
 ORT_TRT_CACHE = "ort-trt-cache"  # inside the engine directory: the TensorRT EP's engines and timing cache
@@ -258,8 +273,12 @@ def provider_options(providers: Sequence[str], directory: Path) -> list[dict[str
     """One options dict per provider. The TensorRT EP caches its engines and timing cache inside the engine
     directory (without them it rebuilds every session: minutes on an Orin); the others take the defaults."""
     cache = str(Path(directory) / ORT_TRT_CACHE)
-    trt = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-           "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
+    trt = {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+    }
     return [dict(trt) if p == "TensorrtExecutionProvider" else {} for p in providers]
 
 
@@ -268,12 +287,21 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, directory: Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, spin: bool = False, device_memory: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        providers: Sequence[str] | str | None = None,
+        threads: int | None = None,
+        spin: bool = False,
+        device_memory: str | None = None,
+    ):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise BackendError("onnxruntime is not installed: pip install 'far-export[ort]' (or [gpu])") from None
+            raise BackendError(
+                "onnxruntime is not installed: pip install 'far-export[ort]' (or [gpu])"
+            ) from None
         self._ort = ort
         self.providers = resolve_providers(providers)
         available = ort.get_available_providers()
@@ -281,7 +309,11 @@ class OrtBackend(Backend):
         if missing:
             raise BackendError(
                 f"ONNX Runtime {ort.__version__} has no {missing[0]} (available: {', '.join(available)}); "
-                + ("install onnxruntime-gpu instead of onnxruntime" if missing[0] in GPU_PROVIDERS else "check --providers")
+                + (
+                    "install onnxruntime-gpu instead of onnxruntime"
+                    if missing[0] in GPU_PROVIDERS
+                    else "check --providers"
+                )
             )
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -300,8 +332,10 @@ class OrtBackend(Backend):
                 try:
                     (Path(directory) / ORT_TRT_CACHE).mkdir(exist_ok=True)
                 except OSError as e:
-                    raise BackendError(f"cannot create the TensorRT EP cache {directory / ORT_TRT_CACHE} "
-                                       f"({e.strerror}); make the engine directory writable") from None
+                    raise BackendError(
+                        f"cannot create the TensorRT EP cache {directory / ORT_TRT_CACHE} "
+                        f"({e.strerror}); make the engine directory writable"
+                    ) from None
         self.directory, self.manifest = directory, manifest
         self._graphs: dict[str, OrtGraph] = {}
         # Under a GPU provider the state lives in CUDA memory (bound by address, uploaded and downloaded by the
@@ -313,9 +347,11 @@ class OrtBackend(Backend):
             try:
                 self.memory.empty((1,), "float32")  # fails here, in one line, when this build cannot
             except Exception as e:  # onnxruntime raises RuntimeError and its own types
-                raise BackendError(f"{self.providers[0]} was asked for but ONNX Runtime cannot allocate "
-                                   f"{device_memory} memory ({first_line(e)}): install onnxruntime-gpu with a "
-                                   f"working CUDA, or use --providers cpu") from None
+                raise BackendError(
+                    f"{self.providers[0]} was asked for but ONNX Runtime cannot allocate "
+                    f"{device_memory} memory ({first_line(e)}): install onnxruntime-gpu with a "
+                    f"working CUDA, or use --providers cpu"
+                ) from None
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.memory.empty(shape, dtype) if self.memory else super().empty(shape, dtype)
@@ -333,11 +369,17 @@ class OrtBackend(Backend):
             spec = self.manifest.graphs[name]
             path = self.directory / spec.file
             try:
-                session = self._ort.InferenceSession(str(path), sess_options=self._opts, providers=self.providers,
-                                                     provider_options=self._provider_options)
+                session = self._ort.InferenceSession(
+                    str(path),
+                    sess_options=self._opts,
+                    providers=self.providers,
+                    provider_options=self._provider_options,
+                )
             except Exception as e:  # onnxruntime raises its own exception types for invalid files
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise BackendError(f"ONNX Runtime cannot load {path} ({first}); rebuild with far-export build") from None
+                raise BackendError(
+                    f"ONNX Runtime cannot load {path} ({first}); rebuild with far-export build"
+                ) from None
             used = session.get_providers()
             fell_back = [p for p in self.providers if p in GPU_PROVIDERS and p not in used]
             if fell_back:
@@ -358,7 +400,9 @@ class OrtBackend(Backend):
 # ----------------------------------------------------------------------------
 
 
-Keep = Callable[[str, int], bool]  # (graph name, index of the call to that graph) -> keep a copy of its inputs
+Keep = Callable[
+    [str, int], bool
+]  # (graph name, index of the call to that graph) -> keep a copy of its inputs
 
 
 class RecordingBackend(Backend):
@@ -426,8 +470,15 @@ class _RecordingCall(Call):
 # ----------------------------------------------------------------------------
 
 
-def open_backend(kind: str, directory: str | Path, manifest: Manifest, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, cuda_graph: bool = False, spin: bool = False) -> Backend:
+def open_backend(
+    kind: str,
+    directory: str | Path,
+    manifest: Manifest,
+    providers: Sequence[str] | str | None = None,
+    threads: int | None = None,
+    cuda_graph: bool = False,
+    spin: bool = False,
+) -> Backend:
     """'ort' (providers: cpu / cuda / tensorrt) or 'trt' (the manifest's TensorRT plans).
 
     ONNX Runtime's defaults: one intra-op thread per physical core (`threads` overrides), and idle threads

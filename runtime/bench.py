@@ -41,7 +41,9 @@ class BenchOptions:
 
     def check(self) -> BenchOptions:
         if not (0 <= self.warmup <= 10_000 and 1 <= self.runs <= 100_000):
-            raise RequestError(f"need 0 <= warmup <= 10000 and 1 <= runs <= 100000, got {self.warmup} and {self.runs}")
+            raise RequestError(
+                f"need 0 <= warmup <= 10000 and 1 <= runs <= 100000, got {self.warmup} and {self.runs}"
+            )
         return self
 
 
@@ -80,18 +82,29 @@ class BenchResult:
         med = self.stages_median_ms
         for k in ("backbone", "head", "update", "vae", "loop", "prepare", "wall"):
             share = f"  {100 * sh[k]:5.1f}%" if k in sh else ""
-            lines.append(f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms {med[k]:9.3f} ms{share}")
-        lines.append(f"loop Python share of wall: {100 * sh['loop']:.2f}% (mean), {100 * self.loop_share_median:.2f}% (median run)")
+            lines.append(
+                f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms {med[k]:9.3f} ms{share}"
+            )
+        lines.append(
+            f"loop Python share of wall: {100 * sh['loop']:.2f}% (mean), {100 * self.loop_share_median:.2f}% (median run)"
+        )
         lat = self.latency_ms
-        lines.append(f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; {self.images_per_s:.1f} images/s")
-        lines.append(f"calls per batch: {self.calls_per_batch['backbone']} backbone, {self.calls_per_batch['head']} head, 1 VAE")
+        lines.append(
+            f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; {self.images_per_s:.1f} images/s"
+        )
+        lines.append(
+            f"calls per batch: {self.calls_per_batch['backbone']} backbone, {self.calls_per_batch['head']} head, 1 VAE"
+        )
         mem = f"peak host RSS {self.peak_rss_mb:.0f} MB"
         if self.load_s is not None:
             mem = f"load {self.load_s:.2f} s; " + mem
         if self.device_mem_mb is not None:
-            mem += (f", system RAM in use {self.device_mem_mb:.0f} MB (integrated GPU: cudaMemGetInfo counts the "
-                    "RAM it shares with the CPU, every process included)" if self.device_mem_shared
-                    else f", device memory in use {self.device_mem_mb:.0f} MB")
+            mem += (
+                f", system RAM in use {self.device_mem_mb:.0f} MB (integrated GPU: cudaMemGetInfo counts the "
+                "RAM it shares with the CPU, every process included)"
+                if self.device_mem_shared
+                else f", device memory in use {self.device_mem_mb:.0f} MB"
+            )
         lines.append(mem)
         return "\n".join(lines)
 
@@ -100,9 +113,11 @@ class BenchResult:
         engine = self.model.get("engine_batch", self.batch)
         if self.batch >= engine:
             return []
-        return [f"WARNING: batch {self.batch} on engines built for batch {engine}: every call computes {engine} images "
-                f"({engine - self.batch} padding), so these times are those of batch {engine}; to measure batch "
-                f"{self.batch}, build with --batch {self.batch}"]
+        return [
+            f"WARNING: batch {self.batch} on engines built for batch {engine}: every call computes {engine} images "
+            f"({engine - self.batch} padding), so these times are those of batch {engine}; to measure batch "
+            f"{self.batch}, build with --batch {self.batch}"
+        ]
 
 
 def _peak_rss_mb() -> float:
@@ -118,14 +133,21 @@ def _device_mem_mb(pipe: Pipeline) -> float | None:
     return (total - free) / 2**20
 
 
-def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeline | None = None) -> BenchResult:
+def bench(
+    engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeline | None = None
+) -> BenchResult:
     """Time `Pipeline.generate` on one batch per run; returns per-stage means and latency percentiles."""
     opts = (opts or BenchOptions()).check()
     load_s = None
     if pipe is None:
         t0 = time.perf_counter()
-        pipe = Pipeline.load(engine_dir, backend=opts.backend, providers=opts.providers, threads=opts.threads,
-                             cuda_graph=opts.cuda_graph)
+        pipe = Pipeline.load(
+            engine_dir,
+            backend=opts.backend,
+            providers=opts.providers,
+            threads=opts.threads,
+            cuda_graph=opts.cuda_graph,
+        )
         load_s = time.perf_counter() - t0
     batch = pipe.check_batch(opts.batch)
     m = pipe.model
@@ -147,9 +169,20 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
     return BenchResult(
         engine_dir=str(engine_dir),
         backend=pipe.backend.describe(),
-        model={"backbone": m.backbone, "head": m.head, "img_size": m.img_size, "seq_len": m.seq_len,
-               "precision": pipe.manifest.precision, "engine_batch": pipe.B, "cfg_guidance": pipe.guided},
-        settings={"head_steps": s.head_steps, "cfg": s.cfg, "num_iter": s.num_iter if m.backbone == "masked" else m.seq_len},
+        model={
+            "backbone": m.backbone,
+            "head": m.head,
+            "img_size": m.img_size,
+            "seq_len": m.seq_len,
+            "precision": pipe.manifest.precision,
+            "engine_batch": pipe.B,
+            "cfg_guidance": pipe.guided,
+        },
+        settings={
+            "head_steps": s.head_steps,
+            "cfg": s.cfg,
+            "num_iter": s.num_iter if m.backbone == "masked" else m.seq_len,
+        },
         batch=batch,
         runs=opts.runs,
         stages_ms=mean,
@@ -157,14 +190,22 @@ def bench(engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeli
         shares={k: mean[k] / mean["wall"] for k in stages if k != "wall"},
         loop_share_median=float(np.median(per["loop"] / per["wall"])),
         images_per_s=float(batch / (wall.mean() / 1e3)),
-        latency_ms={"p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95)),
-                    "mean": float(wall.mean()), "min": float(wall.min())},
+        latency_ms={
+            "p50": float(np.percentile(wall, 50)),
+            "p95": float(np.percentile(wall, 95)),
+            "mean": float(wall.mean()),
+            "min": float(wall.min()),
+        },
         calls_per_batch={"backbone": last.backbone_calls, "head": last.head_calls},
         peak_rss_mb=_peak_rss_mb(),
         load_s=load_s,
         device_mem_mb=_device_mem_mb(pipe),
         device_mem_shared=bool(getattr(getattr(pipe.backend, "device", None), "integrated", False)),
-        host={"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()},
+        host={
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
     )
 
 

@@ -80,7 +80,9 @@ def import_cudart() -> Any:
         try:
             from cuda import cudart
         except ImportError:
-            raise DeviceError("cuda-python is not installed (pip install 'far-export[gpu]', or [jetson])") from None
+            raise DeviceError(
+                "cuda-python is not installed (pip install 'far-export[gpu]', or [jetson])"
+            ) from None
     return cudart
 
 
@@ -114,13 +116,16 @@ def probe_gpu(rt: Any, tensorrt_version: str = "") -> DeviceInfo:
         if "cudaErrorInsufficientDriver" not in str(e):
             raise
         if driver == 0:
-            raise DeviceError("CUDA cudaGetDeviceCount failed: cudaErrorInsufficientDriver; no NVIDIA driver is "
-                              "loaded (libcuda): not a GPU machine, or the driver is not installed") from None
+            raise DeviceError(
+                "CUDA cudaGetDeviceCount failed: cudaErrorInsufficientDriver; no NVIDIA driver is "
+                "loaded (libcuda): not a GPU machine, or the driver is not installed"
+            ) from None
         raise DeviceError(
             f"CUDA cudaGetDeviceCount failed: cudaErrorInsufficientDriver; the driver supports CUDA "
             f"{cuda_version(driver)}, the installed cuda-python is CUDA {cuda_version(runtime)}: "
             f"pip install 'cuda-python>={driver // 1000},<{driver // 1000 + 1}' (far-export[gpu] / [jetson] "
-            "for CUDA 12, [cuda13] for 13)") from None
+            "for CUDA 12, [cuda13] for 13)"
+        ) from None
     if count < 1:
         raise DeviceError(f"CUDA reports no GPU; {_HINTS['cudaErrorNoDevice']}")
     prop = check(rt, rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
@@ -159,20 +164,31 @@ def plan_mismatch(built: DeviceInfo, here: DeviceInfo) -> str | None:
     if built.tensorrt_version != here.tensorrt_version:
         return f"was built with TensorRT {built.tensorrt_version}, this is {here.tensorrt_version}"
     if built.compute_capability != here.compute_capability or built.gpu_name != here.gpu_name:
-        return (f"was built for {built.gpu_name} (sm {built.compute_capability}), this GPU is {here.gpu_name} "
-                f"(sm {here.compute_capability})")
+        return (
+            f"was built for {built.gpu_name} (sm {built.compute_capability}), this GPU is {here.gpu_name} "
+            f"(sm {here.compute_capability})"
+        )
     if built.sm_count and here.sm_count and built.sm_count != here.sm_count:
-        return (f"was built for a {built.gpu_name} with {built.sm_count} SMs, this one has {here.sm_count} "
-                "(another module of the same family)")
-    if built.total_memory_mb and here.total_memory_mb and abs(built.total_memory_mb - here.total_memory_mb) > (
-            built.total_memory_mb // 20):
-        return (f"was built for a {built.gpu_name} with {built.total_memory_mb} MB, this one has "
-                f"{here.total_memory_mb} MB (another module of the same family)")
+        return (
+            f"was built for a {built.gpu_name} with {built.sm_count} SMs, this one has {here.sm_count} "
+            "(another module of the same family)"
+        )
+    if (
+        built.total_memory_mb
+        and here.total_memory_mb
+        and abs(built.total_memory_mb - here.total_memory_mb) > (built.total_memory_mb // 20)
+    ):
+        return (
+            f"was built for a {built.gpu_name} with {built.total_memory_mb} MB, this one has "
+            f"{here.total_memory_mb} MB (another module of the same family)"
+        )
     return None
 
 
 def describe(d: DeviceInfo) -> str:
     """One line: GPU, SMs, memory, CUDA versions."""
     mem = f"{d.total_memory_mb} MB {'shared with the CPU (integrated GPU)' if d.integrated else 'device memory'}"
-    return (f"{d.gpu_name} (sm {d.compute_capability}, {d.sm_count} SMs, {mem}); CUDA driver {d.driver_cuda}, "
-            f"runtime {d.runtime_cuda}" + (f"; TensorRT {d.tensorrt_version}" if d.tensorrt_version else ""))
+    return (
+        f"{d.gpu_name} (sm {d.compute_capability}, {d.sm_count} SMs, {mem}); CUDA driver {d.driver_cuda}, "
+        f"runtime {d.runtime_cuda}" + (f"; TensorRT {d.tensorrt_version}" if d.tensorrt_version else "")
+    )

@@ -86,7 +86,9 @@ def regular_file(path: str | Path, error: type[FarError] = InputFileError, fix: 
     except FileNotFoundError:
         raise error(f"{path} is missing{tail}") from None
     except PermissionError:
-        raise error(f"{path} cannot be read (permission denied): fix the permissions of its directory") from None
+        raise error(
+            f"{path} cannot be read (permission denied): fix the permissions of its directory"
+        ) from None
     except OSError as e:
         raise error(f"{path} cannot be read ({e.strerror}){tail}") from None
     if stat.S_ISDIR(st.st_mode):
@@ -118,7 +120,9 @@ def directory(path: str | Path, what: str, error: type[FarError] = InputFileErro
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist{tail}") from None
     except OSError as e:
-        raise error(f"{what} {path} cannot be read ({e.strerror}): check the path and its permissions") from None
+        raise error(
+            f"{what} {path} cannot be read ({e.strerror}): check the path and its permissions"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise error(f"{what} {path} is a file, not a directory{tail}")
     if not os.access(path, os.R_OK | os.X_OK):
@@ -153,7 +157,9 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     """Refuse, before any work, an output file that would replace a directory or a special file, land in an
     engine or checkpoint directory, or sit under a path that cannot be created or written."""
     path = Path(path)
-    if len(path.name.encode()) > 200:  # the temporary sibling adds a few characters; most file systems stop at 255
+    if (
+        len(path.name.encode()) > 200
+    ):  # the temporary sibling adds a few characters; most file systems stop at 255
         raise error(f"{flag} {path.name[:20]}...: the file name is too long; use a shorter one")
     if path.is_dir():
         raise error(f"{flag} {path} is a directory: give a file name")
@@ -162,8 +168,10 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     parent = path.resolve().parent
     kind = artifact_dir(parent)
     if kind:
-        raise error(f"{flag} {path} is inside the {kind} directory {parent}: it would replace its files; "
-                    f"write outside it")
+        raise error(
+            f"{flag} {path} is inside the {kind} directory {parent}: it would replace its files; "
+            f"write outside it"
+        )
     writable_ancestor(parent, flag, path, error)
     return path
 

@@ -39,8 +39,10 @@ def request_labels(classes: list[int], per_class: int) -> list[int]:
     if per_class < 1:
         raise RequestError(f"--per-class must be >= 1, got {per_class}")
     if len(classes) * per_class > MAX_IMAGES:
-        raise RequestError(f"{len(classes)} classes x --per-class {per_class} = {len(classes) * per_class} images is "
-                           f"more than one request's limit of {MAX_IMAGES}: split it into several runs")
+        raise RequestError(
+            f"{len(classes)} classes x --per-class {per_class} = {len(classes) * per_class} images is "
+            f"more than one request's limit of {MAX_IMAGES}: split it into several runs"
+        )
     return [c for c in classes for _ in range(per_class)]
 
 
@@ -61,8 +63,17 @@ def make_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
     return grid
 
 
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
-                 ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF", ".ppm": "PPM"}
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".gif": "GIF",
+    ".ppm": "PPM",
+}
 
 
 def image_format(path: Path, flag: str = "--out") -> str:
@@ -72,7 +83,9 @@ def image_format(path: Path, flag: str = "--out") -> str:
     fmt = IMAGE_FORMATS.get(path.suffix.lower())
     if fmt is None or (fmt == "WEBP" and not features.check("webp")):
         known = ", ".join(e for e, f in IMAGE_FORMATS.items() if f != "WEBP" or features.check("webp"))
-        raise RequestError(f"{flag} {path}: unknown image extension {path.suffix or '(none)'!r}; use one of {known}")
+        raise RequestError(
+            f"{flag} {path}: unknown image extension {path.suffix or '(none)'!r}; use one of {known}"
+        )
     return fmt
 
 
@@ -100,8 +113,10 @@ class ImageWriter:
         self.fmt = image_format(self.out) if self.out else "PNG"
         self.out_dir = check_output_dir(out_dir, "--out-dir") if out_dir else None
         if self.out and len(labels) > MAX_GRID_IMAGES:
-            raise RequestError(f"a grid of {len(labels)} images is more than {MAX_GRID_IMAGES} (it is held in memory "
-                               f"whole): write them one by one with --out-dir")
+            raise RequestError(
+                f"a grid of {len(labels)} images is more than {MAX_GRID_IMAGES} (it is held in memory "
+                f"whole): write them one by one with --out-dir"
+            )
         self._grid: list[np.ndarray] = []
         self.count, self.first_path = 0, None
 
@@ -126,7 +141,9 @@ class ImageWriter:
         return f"wrote {n} images: {first}" + (f" (+{files - 1} files)" if files > 1 else "")
 
 
-def write_outputs(images: np.ndarray, labels: list[int], rows: int, out: str | None, out_dir: str | None) -> str:
+def write_outputs(
+    images: np.ndarray, labels: list[int], rows: int, out: str | None, out_dir: str | None
+) -> str:
     """Write the grid (`out`) and/or one PNG per image (`out_dir`); a one-line summary."""
     writer = ImageWriter(labels, rows, out, out_dir)
     writer.add(images)

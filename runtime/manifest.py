@@ -139,18 +139,24 @@ class Manifest:
         if version < 1:
             raise ManifestError(f"manifest schema_version must be >= 1, got {version}; {REBUILD}")
         if version < SCHEMA_VERSION:
-            raise ManifestError(f"manifest schema {version} is older than this runtime's ({SCHEMA_VERSION}); {REBUILD}")
+            raise ManifestError(
+                f"manifest schema {version} is older than this runtime's ({SCHEMA_VERSION}); {REBUILD}"
+            )
         graphs_raw = _field(d, "graphs", dict)
         unknown = sorted(set(graphs_raw) - set(GRAPHS))
         if unknown:
-            raise ManifestError(f"manifest graphs: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}")
+            raise ManifestError(
+                f"manifest graphs: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}"
+            )
         missing = [g for g in GRAPHS if g not in graphs_raw]
         if missing:
             raise ManifestError(f"manifest lists no {missing[0]!r} graph; {REBUILD}")
         engines_raw = _field(d, "engines", dict, {})
         unknown = sorted(set(engines_raw) - set(GRAPHS))
         if unknown:
-            raise ManifestError(f"manifest engines: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}")
+            raise ManifestError(
+                f"manifest engines: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}"
+            )
         timing_cache = d.get("timing_cache")
         m = cls(
             schema_version=version,
@@ -163,7 +169,10 @@ class Manifest:
             model=_model(_field(d, "model", dict)),
             graphs={k: _graph(_field(graphs_raw, k, dict, where="graphs."), f"graphs.{k}") for k in GRAPHS},
             validation=_field(d, "validation", dict, {}),
-            engines={k: _engine(_field(engines_raw, k, dict, where="engines."), f"engines.{k}") for k in engines_raw},
+            engines={
+                k: _engine(_field(engines_raw, k, dict, where="engines."), f"engines.{k}")
+                for k in engines_raw
+            },
             timing_cache=None if timing_cache is None else _file_name(timing_cache, "timing_cache"),
         )
         _check_sizes(m)
@@ -191,16 +200,28 @@ def _field(d: dict[str, Any], key: str, kind: type, default: Any = _MISSING, whe
             return default
         raise ManifestError(f"manifest field {where}{key} is missing; {REBUILD}")
     v = d[key]
-    ok = (type(v) in (int, float) if kind is float else isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
+    ok = (
+        type(v) in (int, float)
+        if kind is float
+        else isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+    )
     if not ok:
-        raise ManifestError(f"manifest field {where}{key} must be {_KINDS.get(kind, kind.__name__)}, got {v!r}; {REBUILD}")
+        raise ManifestError(
+            f"manifest field {where}{key} must be {_KINDS.get(kind, kind.__name__)}, got {v!r}; {REBUILD}"
+        )
     if kind is float and not math.isfinite(v):
         raise ManifestError(f"manifest field {where}{key} must be a finite number, got {v}; {REBUILD}")
     return float(v) if kind is float else v
 
 
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
-          list: "a list"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def _int(d: dict[str, Any], key: str, lo: int, hi: int, where: str = "") -> int:
@@ -213,23 +234,41 @@ def _int(d: dict[str, Any], key: str, lo: int, hi: int, where: str = "") -> int:
 def _choice(d: dict[str, Any], key: str, choices: tuple[str, ...], where: str = "") -> str:
     v = _field(d, key, str, where=where)
     if v not in choices:
-        raise ManifestError(f"manifest field {where}{key} must be one of {', '.join(choices)}, got {v!r}; {REBUILD}")
+        raise ManifestError(
+            f"manifest field {where}{key} must be one of {', '.join(choices)}, got {v!r}; {REBUILD}"
+        )
     return v
 
 
 def _file_name(v: Any, where: str) -> str:
     """A plain file name inside the engine directory: no directories, no '..', not absolute, not hidden."""
     if not isinstance(v, str) or not v or v != Path(v).name or v.startswith(".") or "\\" in v or "\x00" in v:
-        raise ManifestError(f"manifest field {where} must be a plain file name inside the engine directory, "
-                            f"got {v!r}; {REBUILD}")
+        raise ManifestError(
+            f"manifest field {where} must be a plain file name inside the engine directory, "
+            f"got {v!r}; {REBUILD}"
+        )
     return v
 
 
 MODEL_CHOICES = {"backbone": ("masked", "causal"), "head": ("shortcut", "mar"), "cfg_schedule": CFG_SCHEDULES}
-MODEL_LIMITS = {"img_size": 16384, "grid": 1024, "seq_len": 1 << 20, "token_dim": 1 << 16, "latent_channels": 1 << 16,
-                "patch_size": 1024, "num_classes": 1 << 24, "num_iter": 1 << 20, "max_query": 1 << 20,
-                "width": 1 << 16, "depth": 1024, "num_heads": 1024, "head_dim": 1 << 16, "shortcut_levels": 16,
-                "diffusion_steps": 100_000, "head_steps": 100_000}
+MODEL_LIMITS = {
+    "img_size": 16384,
+    "grid": 1024,
+    "seq_len": 1 << 20,
+    "token_dim": 1 << 16,
+    "latent_channels": 1 << 16,
+    "patch_size": 1024,
+    "num_classes": 1 << 24,
+    "num_iter": 1 << 20,
+    "max_query": 1 << 20,
+    "width": 1 << 16,
+    "depth": 1024,
+    "num_heads": 1024,
+    "head_dim": 1 << 16,
+    "shortcut_levels": 16,
+    "diffusion_steps": 100_000,
+    "head_steps": 100_000,
+}
 
 
 def _model(d: dict[str, Any]) -> ModelInfo:
@@ -249,8 +288,10 @@ def _model(d: dict[str, Any]) -> ModelInfo:
     m = ModelInfo(**values)
     checks = [
         (m.seq_len == m.grid**2, f"seq_len {m.seq_len} is not grid^2 = {m.grid**2}"),
-        (m.token_dim == m.latent_channels * m.patch_size**2,
-         f"token_dim {m.token_dim} is not latent_channels x patch_size^2 = {m.latent_channels * m.patch_size**2}"),
+        (
+            m.token_dim == m.latent_channels * m.patch_size**2,
+            f"token_dim {m.token_dim} is not latent_channels x patch_size^2 = {m.latent_channels * m.patch_size**2}",
+        ),
         (m.num_iter <= m.seq_len, f"num_iter {m.num_iter} is more than seq_len {m.seq_len}"),
         (m.max_query <= m.seq_len, f"max_query {m.max_query} is more than seq_len {m.seq_len}"),
         (m.img_size % m.grid == 0, f"img_size {m.img_size} is not a multiple of grid {m.grid}"),
@@ -274,9 +315,14 @@ def _tensor(d: Any, where: str) -> TensorSpec:
         raise ManifestError(f"manifest field {where} must be an object, got {d!r}; {REBUILD}")
     shape = _field(d, "shape", list, where=where + ".")
     if any(type(s) is not int or not 1 <= s <= MAX_DIM for s in shape):
-        raise ManifestError(f"manifest field {where}.shape must list dimensions in [1, {MAX_DIM}], got {shape}; {REBUILD}")
-    return TensorSpec(name=_field(d, "name", str, where=where + "."), shape=tuple(shape),
-                      dtype=_choice(d, "dtype", DTYPES, where + "."))
+        raise ManifestError(
+            f"manifest field {where}.shape must list dimensions in [1, {MAX_DIM}], got {shape}; {REBUILD}"
+        )
+    return TensorSpec(
+        name=_field(d, "name", str, where=where + "."),
+        shape=tuple(shape),
+        dtype=_choice(d, "dtype", DTYPES, where + "."),
+    )
 
 
 def _tensors(d: dict[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
@@ -301,10 +347,13 @@ def _graph(d: dict[str, Any], where: str) -> GraphSpec:
 def _engine(d: dict[str, Any], where: str) -> EngineSpec:
     w = where + "."
     return EngineSpec(
-        file=_file_name(d.get("file"), w + "file"), sha256=_field(d, "sha256", str, where=w),
-        tensorrt_version=_field(d, "tensorrt_version", str, where=w), gpu_name=_field(d, "gpu_name", str, where=w),
+        file=_file_name(d.get("file"), w + "file"),
+        sha256=_field(d, "sha256", str, where=w),
+        tensorrt_version=_field(d, "tensorrt_version", str, where=w),
+        gpu_name=_field(d, "gpu_name", str, where=w),
         compute_capability=_field(d, "compute_capability", str, where=w),
-        onnx_sha256=_field(d, "onnx_sha256", str, where=w), build_key=_field(d, "build_key", str, where=w),
+        onnx_sha256=_field(d, "onnx_sha256", str, where=w),
+        build_key=_field(d, "build_key", str, where=w),
         settings=_field(d, "settings", dict, {}, where=w),
         # absent from plans recorded before they were: 0 = unknown, not compared
         sm_count=_int({"sm_count": 0, **d}, "sm_count", 0, 100_000, where=w),
@@ -326,8 +375,10 @@ def _check_sizes(m: Manifest) -> None:
             sizes[f"{g.file}:{t.name}"] = math.prod(t.shape) * 4
     for what, n in sizes.items():
         if n > MAX_TENSOR_BYTES:
-            raise ManifestError(f"manifest: the {what} buffer would take {n / 2**30:.0f} GiB (limit "
-                                f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB): batch or shapes are not sane; {REBUILD}")
+            raise ManifestError(
+                f"manifest: the {what} buffer would take {n / 2**30:.0f} GiB (limit "
+                f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB): batch or shapes are not sane; {REBUILD}"
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -346,7 +397,9 @@ def sha256_file(path: str | Path) -> str:
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory's manifest; every graph file must be a regular file inside the
     directory (symlinks resolved); with `verify`, its sha256 must match."""
-    directory = check_directory(directory, "engine directory", ManifestError, "build it with far-export build")
+    directory = check_directory(
+        directory, "engine directory", ManifestError, "build it with far-export build"
+    )
     path = directory / MANIFEST
     raw_bytes = read_regular(path, ManifestError, "not an engine directory (build one with far-export build)")
     try:
@@ -359,7 +412,9 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     for name, g in manifest.graphs.items():
         f = graph_path(directory, g.file, name)
         if verify and sha256_file(f) != g.sha256:
-            raise ManifestError(f"graph file {f} ({name}) does not match its sha256 in the manifest: corrupt or replaced")
+            raise ManifestError(
+                f"graph file {f} ({name}) does not match its sha256 in the manifest: corrupt or replaced"
+            )
     return manifest
 
 

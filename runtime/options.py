@@ -65,18 +65,68 @@ class SampleRequest:
 
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--classes", default="0-9", show_default=True, help="Class ids: '0-9', '1,3,7', '0-2,5'."),
-        click.option("--per-class", default=1, show_default=True, type=click.IntRange(min=1), help="Images per class (one grid row per class)."),
-        click.option("--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). Default: the model's."),
-        click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Classifier-free guidance scale. Default: the model's."),
-        click.option("--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="CFG schedule over AR steps. Default: the model's."),
-        click.option("--temperature", type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE), default=None, help="Sampling temperature. Default: the model's."),
-        click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked backbone: AR steps. Default: the model's (engines fix it at build time)."),
-        click.option("--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."),
-        click.option("--batch", type=BATCH, default=None, help="Images per forward pass. Default: 64 (reference) / the engine batch (runtime)."),
-        click.option("--out", type=click.Path(), default=None,
-                     help="Write a grid picture, one row per class, in the format its extension names (.png, .jpg, .webp, ...)."),
-        click.option("--out-dir", type=click.Path(), default=None, help="Write one PNG per image: <index>_class<k>.png."),
+        click.option(
+            "--classes", default="0-9", show_default=True, help="Class ids: '0-9', '1,3,7', '0-2,5'."
+        ),
+        click.option(
+            "--per-class",
+            default=1,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Images per class (one grid row per class).",
+        ),
+        click.option(
+            "--head-steps",
+            "-k",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). Default: the model's.",
+        ),
+        click.option(
+            "--cfg",
+            type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
+            default=None,
+            help="Classifier-free guidance scale. Default: the model's.",
+        ),
+        click.option(
+            "--cfg-schedule",
+            type=click.Choice(CFG_SCHEDULES),
+            default=None,
+            help="CFG schedule over AR steps. Default: the model's.",
+        ),
+        click.option(
+            "--temperature",
+            type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE),
+            default=None,
+            help="Sampling temperature. Default: the model's.",
+        ),
+        click.option(
+            "--num-iter",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Masked backbone: AR steps. Default: the model's (engines fix it at build time).",
+        ),
+        click.option(
+            "--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."
+        ),
+        click.option(
+            "--batch",
+            type=BATCH,
+            default=None,
+            help="Images per forward pass. Default: 64 (reference) / the engine batch (runtime).",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(),
+            default=None,
+            help="Write a grid picture, one row per class, in the format its extension names (.png, .jpg, .webp, ...).",
+        ),
+        click.option(
+            "--out-dir",
+            type=click.Path(),
+            default=None,
+            help="Write one PNG per image: <index>_class<k>.png.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -142,15 +142,29 @@ class Pipeline:
 
     # -- loading ----------------------------------------------------------------
     @classmethod
-    def load(cls, directory: str | Path, backend: str = "ort", providers: Sequence[str] | str | None = None,
-             threads: int | None = None, cuda_graph: bool = False, verify: bool = True,
-             spin: bool = False) -> Pipeline:
+    def load(
+        cls,
+        directory: str | Path,
+        backend: str = "ort",
+        providers: Sequence[str] | str | None = None,
+        threads: int | None = None,
+        cuda_graph: bool = False,
+        verify: bool = True,
+        spin: bool = False,
+    ) -> Pipeline:
         """Open an engine directory: its manifest (schema; with `verify`, the sha256 of every graph),
         then the backend."""
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
-        be = open_backend(backend, directory, manifest, providers=providers, threads=threads, cuda_graph=cuda_graph,
-                          spin=spin)
+        be = open_backend(
+            backend,
+            directory,
+            manifest,
+            providers=providers,
+            threads=threads,
+            cuda_graph=cuda_graph,
+            spin=spin,
+        )
         return cls(directory, manifest, be)
 
     @property
@@ -168,33 +182,55 @@ class Pipeline:
         return self._spec(graph, name).shape
 
     # -- requests ---------------------------------------------------------------
-    def settings(self, head_steps: int | None = None, cfg: float | None = None, cfg_schedule: str | None = None,
-                 temperature: float | None = None, num_iter: int | None = None, seed: int = 0) -> Settings:
+    def settings(
+        self,
+        head_steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        num_iter: int | None = None,
+        seed: int = 0,
+    ) -> Settings:
         """Fill defaults from the manifest (runtime/schedule.py's one resolver) and check the request against
         what the engines were built for."""
         m = self.model
-        s = Settings.resolve(m, seed=seed, head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
-                             temperature=temperature, num_iter=num_iter)
+        s = Settings.resolve(
+            m,
+            seed=seed,
+            head_steps=head_steps,
+            cfg=cfg,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            num_iter=num_iter,
+        )
         if s.cfg != 1.0 and not self.guided:
-            raise RequestError(f"these engines were built without CFG guidance: use cfg 1.0 (got {s.cfg}) "
-                               "or rebuild with guidance")
+            raise RequestError(
+                f"these engines were built without CFG guidance: use cfg 1.0 (got {s.cfg}) "
+                "or rebuild with guidance"
+            )
         if m.backbone == "masked":
             need = max_tokens_per_step(m.seq_len, s.num_iter)
             if need > self.Q:
-                raise RequestError(f"num_iter {s.num_iter} predicts up to {need} tokens per step but the engines "
-                                   f"query at most {self.Q}; use num_iter >= {m.num_iter} or rebuild")
+                raise RequestError(
+                    f"num_iter {s.num_iter} predicts up to {need} tokens per step but the engines "
+                    f"query at most {self.Q}; use num_iter >= {m.num_iter} or rebuild"
+                )
         return s
 
     def check_labels(self, classes: Sequence[int]) -> list[int]:
         if len(classes) > MAX_IMAGES:
-            raise RequestError(f"{len(classes)} images in one request is more than {MAX_IMAGES}: split it into "
-                               f"several requests")
+            raise RequestError(
+                f"{len(classes)} images in one request is more than {MAX_IMAGES}: split it into "
+                f"several requests"
+            )
         labels = [int(c) for c in classes]
         if not labels:
             raise RequestError("no class given: nothing to generate")
         bad = [c for c in labels if not 0 <= c < self.model.num_classes]
         if bad:
-            raise RequestError(f"class id {bad[0]} is out of range: this model has classes 0..{self.model.num_classes - 1}")
+            raise RequestError(
+                f"class id {bad[0]} is out of range: this model has classes 0..{self.model.num_classes - 1}"
+            )
         return labels
 
     def check_batch(self, batch: int | None) -> int:
@@ -202,27 +238,51 @@ class Pipeline:
             return self.B
         batch = int(batch)
         if batch > self.B:
-            raise RequestError(f"batch {batch} is larger than the engines were built for ({self.B}); "
-                               f"use a batch <= {self.B} or rebuild with --batch {batch}")
+            raise RequestError(
+                f"batch {batch} is larger than the engines were built for ({self.B}); "
+                f"use a batch <= {self.B} or rebuild with --batch {batch}"
+            )
         if batch < 1:
             raise RequestError(f"batch must be >= 1, got {batch}")
         return batch
 
     # -- the public API ---------------------------------------------------------
-    def generate(self, classes: Sequence[int], head_steps: int | None = None, cfg: float | None = None,
-                 cfg_schedule: str | None = None, temperature: float | None = None, num_iter: int | None = None,
-                 seed: int = 0, batch: int | None = None, progress: Progress | None = None) -> np.ndarray:
+    def generate(
+        self,
+        classes: Sequence[int],
+        head_steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        num_iter: int | None = None,
+        seed: int = 0,
+        batch: int | None = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
         """Images (len(classes), H, W, 3) uint8; image i has class classes[i] and draws from PCG64([seed, i]).
 
         `batch` images go through the engines at a time (default and maximum: the engine
         batch; the last chunk is padded). `progress(done, total)` counts AR steps."""
-        return np.concatenate(list(self.generate_batches(classes, head_steps, cfg, cfg_schedule, temperature,
-                                                         num_iter, seed, batch, progress)))
+        return np.concatenate(
+            list(
+                self.generate_batches(
+                    classes, head_steps, cfg, cfg_schedule, temperature, num_iter, seed, batch, progress
+                )
+            )
+        )
 
-    def generate_batches(self, classes: Sequence[int], head_steps: int | None = None, cfg: float | None = None,
-                         cfg_schedule: str | None = None, temperature: float | None = None,
-                         num_iter: int | None = None, seed: int = 0, batch: int | None = None,
-                         progress: Progress | None = None) -> Iterator[np.ndarray]:
+    def generate_batches(
+        self,
+        classes: Sequence[int],
+        head_steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        num_iter: int | None = None,
+        seed: int = 0,
+        batch: int | None = None,
+        progress: Progress | None = None,
+    ) -> Iterator[np.ndarray]:
         """`generate`, one chunk of `batch` images (n, H, W, 3) uint8 at a time, so that a large request is
         written as it goes with flat memory. Everything is checked before the first image."""
         labels = self.check_labels(classes)
@@ -246,8 +306,13 @@ class Pipeline:
             t.wall = time.perf_counter() - start
             yield to_uint8(self.image[: len(chunk)])
 
-    def sample_tokens(self, labels: Sequence[int], settings: Settings, first_index: int = 0,
-                      progress: Progress | None = None) -> np.ndarray:
+    def sample_tokens(
+        self,
+        labels: Sequence[int],
+        settings: Settings,
+        first_index: int = 0,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
         """Token latents (n, L, C) float32 for at most one engine batch of images first_index.. (the
         runtime's counterpart of training.sample.sample_tokens)."""
         labels = self.check_labels(labels)
@@ -285,14 +350,24 @@ class Pipeline:
         key = (s.num_iter if m.backbone == "masked" else 0, s.head_steps)
         if key in self._plans:
             return self._plans[key]
-        new, B, N, C, L, K, Q = self.backend.empty, self.B, self.N, m.token_dim, m.seq_len, s.head_steps, self.Q
+        new, B, N, C, L, K, Q = (
+            self.backend.empty,
+            self.B,
+            self.N,
+            m.token_dim,
+            m.seq_len,
+            s.head_steps,
+            self.Q,
+        )
         masked, mar = m.backbone == "masked", m.head == "mar"
         schedule = masked_schedule(L, s.num_iter) if masked else causal_schedule(L)
         S = len(schedule)
         need = S * N * C * 4 * (K + 1 if m.head == "mar" else 1)  # x0 and the MAR head's noise, per batch
         if need > MAX_PLAN_BYTES:
-            raise RequestError(f"{S} AR steps x {K} head steps need {need / 2**30:.1f} GiB of noise buffers "
-                               f"(limit {MAX_PLAN_BYTES / 2**30:.0f} GiB): use fewer head steps or a smaller batch")
+            raise RequestError(
+                f"{S} AR steps x {K} head steps need {need / 2**30:.1f} GiB of noise buffers "
+                f"(limit {MAX_PLAN_BYTES / 2**30:.0f} GiB): use fewer head steps or a smaller batch"
+            )
 
         # per-batch tables (filled by _draw) and per-plan constants
         x0 = new((S, N, C), "float32")
@@ -320,15 +395,19 @@ class Pipeline:
             mask, mask_next = self._mask[i % 2], self._mask[(i + 1) % 2]
             if masked:
                 backbone = self._backbone.bind(
-                    {"tokens": tokens, "mask": mask, "labels": self.labels, "query": query[i]}, {"z": self._z})
+                    {"tokens": tokens, "mask": mask, "labels": self.labels, "query": query[i]}, {"z": self._z}
+                )
             else:  # the previous step's head output is the previous token (ignored at position 0)
                 cache, cache_next = self._cache[i % 2], self._cache[(i + 1) % 2]
                 backbone = self._backbone.bind(
                     {"prev_token": x_out, "pos": pos[i], "labels": self.labels, "cache": cache},
-                    {"z": self._z, "cache_out": cache_next})
+                    {"z": self._z, "cache_out": cache_next},
+                )
             heads = []
             for k in range(K):
-                x, y = (x0[i], self._xb) if k == 0 else ((self._xb, self._xa) if k % 2 else (self._xa, self._xb))
+                x, y = (
+                    (x0[i], self._xb) if k == 0 else ((self._xb, self._xa) if k % 2 else (self._xa, self._xb))
+                )
                 feeds = {"x": x, "t": times[k], "z": self._z}
                 if self.guided:
                     feeds["cfg"] = cfg_values[i]
@@ -339,17 +418,24 @@ class Pipeline:
                 heads.append(self._head.bind(feeds, {"x_next": y}))
             update = self._update.bind(
                 {"tokens": tokens, "mask": mask, "x": x_out, "query": query[i], "n": count[i]},
-                {"tokens_out": tokens_next, "mask_out": mask_next})
+                {"tokens_out": tokens_next, "mask_out": mask_next},
+            )
             steps_calls.append([backbone, *heads, update])
         tables = [x0, query, cfg_values, count, pos, times, self.labels, self._tokens[0], self._mask[0]]
         tables += [step_noise, coef] if mar else [d]
         if not masked:
             tables.append(self._cache[0])
         plan = _Plan(
-            schedule=schedule, steps=steps_calls,
+            schedule=schedule,
+            steps=steps_calls,
             loop=self.backend.sequence([c for step in steps_calls for c in step]),
-            vae=self._vae_calls[S % 2], tokens_out=self._tokens[S % 2], tables=tables,
-            x0=x0, step_noise=step_noise, query=query, cfg_values=cfg_values,
+            vae=self._vae_calls[S % 2],
+            tokens_out=self._tokens[S % 2],
+            tables=tables,
+            x0=x0,
+            step_noise=step_noise,
+            query=query,
+            cfg_values=cfg_values,
         )
         self._plans[key] = plan
         return plan
@@ -397,8 +483,9 @@ class Pipeline:
                 plan.step_noise[:, :, len(labels) * Q :] = 0.0
 
     # -- the AR loop --------------------------------------------------------------
-    def _sample(self, plan: _Plan, labels: list[int], s: Settings, first_index: int,
-                progress: Progress | None) -> None:
+    def _sample(
+        self, plan: _Plan, labels: list[int], s: Settings, first_index: int, progress: Progress | None
+    ) -> None:
         """One batch: fill and upload the tables, then run the steps. Between steps nothing but calls run:
         no numpy, no copy to or from the host (the state lives where the graphs run)."""
         t = self.timings

@@ -68,13 +68,22 @@ class SamplingSettings:
     seed: int = 0
 
     @classmethod
-    def resolve(cls, model: SamplingModel, /, seed: int = 0, head_steps: int | None = None, cfg: float | None = None,
-                cfg_schedule: str | None = None, temperature: float | None = None,
-                num_iter: int | None = None) -> SamplingSettings:
+    def resolve(
+        cls,
+        model: SamplingModel,
+        /,
+        seed: int = 0,
+        head_steps: int | None = None,
+        cfg: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        num_iter: int | None = None,
+    ) -> SamplingSettings:
         """The one resolver: the model's defaults (from its config or manifest), overridden by what the request
         gives, every value checked (RequestError). `model` is positional-only, so `cfg=` is the guidance scale."""
-        cfg, temperature = sampling_numbers(model.cfg if cfg is None else cfg,
-                                            model.temperature if temperature is None else temperature)
+        cfg, temperature = sampling_numbers(
+            model.cfg if cfg is None else cfg, model.temperature if temperature is None else temperature
+        )
         s = cls(
             head_steps=model.resolved_head_steps if head_steps is None else int(head_steps),
             cfg=cfg,
@@ -189,7 +198,10 @@ def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     return np.array(
-        [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)],
+        [
+            min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+            for i in range(num_steps)
+        ],
         dtype=np.float64,
     )
 

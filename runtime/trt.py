@@ -43,15 +43,18 @@ class EngineMismatchError(BackendError):
 
 def built_for(spec: EngineSpec) -> DeviceInfo:
     """The device a plan was built for, as its manifest entry records it."""
-    return DeviceInfo(spec.tensorrt_version, spec.gpu_name, spec.compute_capability, spec.sm_count,
-                      spec.total_memory_mb)
+    return DeviceInfo(
+        spec.tensorrt_version, spec.gpu_name, spec.compute_capability, spec.sm_count, spec.total_memory_mb
+    )
 
 
 def check_engine(graph: str, spec: EngineSpec, device: DeviceInfo) -> None:
     """Refuse a plan built for another TensorRT version, GPU, compute capability, SM count or memory size."""
     why = plan_mismatch(built_for(spec), device)
     if why:
-        raise EngineMismatchError(f"{spec.file} ({graph}) {why}; rebuild the plans here with far-export compile")
+        raise EngineMismatchError(
+            f"{spec.file} ({graph}) {why}; rebuild the plans here with far-export compile"
+        )
 
 
 def check_engines(manifest: Manifest, device: DeviceInfo) -> None:
@@ -163,8 +166,10 @@ class TrtSequence(Call):
         for call in self._calls:
             call.run()
         be.cuda.sync(be.stream)
-        be.cuda.check(rt.cudaStreamBeginCapture(be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-                      "cudaStreamBeginCapture")
+        be.cuda.check(
+            rt.cudaStreamBeginCapture(be.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            "cudaStreamBeginCapture",
+        )
         try:
             for call in self._calls:
                 call.run()
@@ -198,7 +203,9 @@ class TrtGraph(Graph):
             raise BackendError(f"TensorRT could not deserialize {path}: corrupt, or built by another version")
         self.context = self.engine.create_execution_context()
         if self.context is None:  # TensorRT returns None (and logs why) when it cannot allocate the context
-            raise BackendError(f"TensorRT could not create an execution context for {path.name} (out of device memory?)")
+            raise BackendError(
+                f"TensorRT could not create an execution context for {path.name} (out of device memory?)"
+            )
         io = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         want = {t.name: t for t in (*self.spec.inputs, *self.spec.outputs)}
         if io != set(want):
@@ -208,7 +215,9 @@ class TrtGraph(Graph):
             dt = self.engine.get_tensor_dtype(name)
             dtype = "bfloat16" if dt == trt.DataType.BF16 else np.dtype(trt.nptype(dt)).name
             if shape != t.shape or dtype != t.dtype:
-                raise BackendError(f"{path.name}: {name} is {dtype}{list(shape)}, the manifest says {t.dtype}{list(t.shape)}")
+                raise BackendError(
+                    f"{path.name}: {name} is {dtype}{list(shape)}, the manifest says {t.dtype}{list(t.shape)}"
+                )
 
     def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Call:
         self.check_buffers(inputs, outputs)
@@ -227,8 +236,9 @@ class TrtBackend(Backend):
         try:
             self.trt = import_tensorrt()
         except DeviceError as e:
-            raise BackendError(f"{e} (pip install 'far-export[gpu]', or JetPack's python3-libnvinfer); "
-                               "use --backend ort") from None
+            raise BackendError(
+                f"{e} (pip install 'far-export[gpu]', or JetPack's python3-libnvinfer); use --backend ort"
+            ) from None
         self.cuda = _Cuda()
         device = self.cuda.device(str(self.trt.__version__))
         check_engines(manifest, device)
@@ -237,13 +247,17 @@ class TrtBackend(Backend):
             if not plan.is_file():
                 raise BackendError(f"TensorRT plan {plan} ({g}) is missing; rebuild with far-export compile")
             if sha256_file(plan) != manifest.engines[g].sha256:
-                raise BackendError(f"TensorRT plan {plan} ({g}) does not match its sha256 in the manifest: corrupt or replaced")
+                raise BackendError(
+                    f"TensorRT plan {plan} ({g}) does not match its sha256 in the manifest: corrupt or replaced"
+                )
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.stream = self.cuda.stream()
         self.stream_handle = stream_handle(self.stream)
         self.device = device
         self._graphs: dict[str, TrtGraph] = {}
-        self._buffers: list[tuple[int, int, int, np.ndarray]] = []  # (host ptr, nbytes, device ptr, host array)
+        self._buffers: list[
+            tuple[int, int, int, np.ndarray]
+        ] = []  # (host ptr, nbytes, device ptr, host array)
         self._sequences: list[TrtSequence] = []
 
     @property
@@ -288,9 +302,13 @@ class TrtBackend(Backend):
         for a in arrays:
             dev, host = self.address(a), _host_pointer(a)
             if kind == "up":
-                self.cuda.copy_async(dev, host, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
+                self.cuda.copy_async(
+                    dev, host, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+                )
             else:
-                self.cuda.copy_async(host, dev, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream)
+                self.cuda.copy_async(
+                    host, dev, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+                )
 
     def upload(self, arrays: Sequence[np.ndarray]) -> None:
         """Enqueue host -> device copies (pinned memory: asynchronous; the host leaves these buffers alone
@@ -308,8 +326,10 @@ class TrtBackend(Backend):
 
     def describe(self) -> str:
         d = self.device
-        return f"TensorRT {d.tensorrt_version} on {d.gpu_name} (sm {d.compute_capability}, {d.sm_count} SMs)" + (
-            ", CUDA graphs" if self.cuda_graph else "")
+        return (
+            f"TensorRT {d.tensorrt_version} on {d.gpu_name} (sm {d.compute_capability}, {d.sm_count} SMs)"
+            + (", CUDA graphs" if self.cuda_graph else "")
+        )
 
     def close(self) -> None:
         """CUDA graphs first, then the contexts and engines that their launches use, then the memory they

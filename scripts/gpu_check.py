@@ -53,8 +53,11 @@ def cuda_or_reason() -> tuple[Any, str | None]:
 def env() -> bool:
     smi = shutil.which("nvidia-smi")
     if smi:
-        q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True)
+        q = subprocess.run(
+            [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         _say("ok" if q.returncode == 0 else "skipped", f"nvidia-smi: {(q.stdout or q.stderr).strip()}")
     else:
         _say("skipped", "nvidia-smi: not installed (no NVIDIA driver, or a Jetson: see tegrastats)")
@@ -68,7 +71,9 @@ def env() -> bool:
                 extra = f", CUDA {mod.version.cuda}, cuda available: {mod.cuda.is_available()}"
             _say("ok", f"import {module} {getattr(mod, '__version__', '?')}{extra}")
         except Exception as e:  # ImportError, or PyPI's tensorrt stub failing to fetch its libraries
-            _say("skipped", f"import {module}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _say(
+                "skipped", f"import {module}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
     rt, why = cuda_or_reason()
     if rt is None:
         _say("skipped", f"CUDA device: {why}")
@@ -96,8 +101,13 @@ class StubContext:
     def execute_async_v3(self, stream_handle: int) -> bool:
         cuda = self.backend.cuda
         assert stream_handle == self.backend.stream_handle
-        cuda.copy_async(self.addresses[self.dst], self.addresses[self.src], self.nbytes,
-                        cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.backend.stream)
+        cuda.copy_async(
+            self.addresses[self.dst],
+            self.addresses[self.src],
+            self.nbytes,
+            cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+            self.backend.stream,
+        )
         return True
 
 
@@ -110,7 +120,9 @@ def stub_backend(cuda_graph: bool) -> Any:
         def __init__(self, backend: Any, shape: tuple[int, ...]):
             t = lambda n: TensorSpec(n, shape, "float32")  # noqa: E731
             self.backend = backend
-            self.spec = GraphSpec(file="stub.plan", sha256="", inputs=(t("x"),), outputs=(t("y"),), precision="fp32")
+            self.spec = GraphSpec(
+                file="stub.plan", sha256="", inputs=(t("x"),), outputs=(t("y"),), precision="fp32"
+            )
             self.context = StubContext(backend, "x", "y", int(np.prod(shape)) * 4)
 
     class StubBackend(TrtBackend):
@@ -154,8 +166,11 @@ def stub_check(replays: int = 5, shape: tuple[int, ...] = (16, 4096)) -> bool:
                 if np.any(y):
                     raise BackendError(f"run {i}: the intermediate buffer came back to the host")
             ms = (time.perf_counter() - t0) * 1e3 / replays
-            _say("ok", f"{what}, {replays} runs: output == fresh input, intermediate stayed on the device, "
-                       f"{ms:.3f} ms/run ({x.nbytes >> 10} KiB up and down)")
+            _say(
+                "ok",
+                f"{what}, {replays} runs: output == fresh input, intermediate stayed on the device, "
+                f"{ms:.3f} ms/run ({x.nbytes >> 10} KiB up and down)",
+            )
         except BackendError as e:
             ok = False
             _say("FAILED", f"{what}: {e}")
@@ -196,8 +211,11 @@ def timing(batches: tuple[int, ...] = (1, 16, 64)) -> bool:
                 generate(ckpt.model, ckpt.vae, labels, s, device="cuda", bf16=bf16)
                 torch.cuda.synchronize()
                 row.append(f"batch {b}: {(time.perf_counter() - t0) * 1e3 / b:.1f} ms/image")
-            _say("ok", f"{name} ({ckpt.cfg.head} head, {s.head_steps} steps), {'bf16' if bf16 else 'fp32'}, "
-                       f"{torch.cuda.get_device_name()}: " + "; ".join(row))
+            _say(
+                "ok",
+                f"{name} ({ckpt.cfg.head} head, {s.head_steps} steps), {'bf16' if bf16 else 'fp32'}, "
+                f"{torch.cuda.get_device_name()}: " + "; ".join(row),
+            )
     return True
 
 

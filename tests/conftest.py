@@ -63,10 +63,10 @@ def to_mar_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         if k.startswith("backbone."):
-            out[k[len("backbone."):]] = v.clone()
+            out[k[len("backbone.") :]] = v.clone()
         else:
             assert k.startswith("head.net.")
-            out["diffloss." + k[len("head."):]] = v.clone()
+            out["diffloss." + k[len("head.") :]] = v.clone()
     return out
 
 
@@ -83,4 +83,3 @@ def one_thread() -> Any:
 def tiny_checkpoint() -> Callable[..., Path]:
     """Factory: `tiny_checkpoint(dir, backbone="masked", head="shortcut", seed=0, **config_changes) -> dir`."""
     return make_tiny_checkpoint
-

@@ -47,7 +47,9 @@ FP16_MODULE = 5e-2
 
 
 def _array(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor (this module does not import torch: the runtime's tests run without)
+    if hasattr(
+        x, "detach"
+    ):  # a torch tensor (this module does not import torch: the runtime's tests run without)
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
 

@@ -17,8 +17,15 @@ import pytest
 _BUILT: dict[tuple, tuple[Path, Path]] = {}
 
 
-def built_engines(tmp_path_factory: pytest.TempPathFactory, backbone: str = "masked", head: str = "shortcut",
-                  precision: str = "fp32", batch: int = 2, guided: bool = True, **changes) -> tuple[Path, Path]:
+def built_engines(
+    tmp_path_factory: pytest.TempPathFactory,
+    backbone: str = "masked",
+    head: str = "shortcut",
+    precision: str = "fp32",
+    batch: int = 2,
+    guided: bool = True,
+    **changes,
+) -> tuple[Path, Path]:
     """(checkpoint dir, engine dir), cached for the session; `changes` go to the tiny config."""
     key = (backbone, head, precision, batch, guided, tuple(sorted(changes.items())))
     if key not in _BUILT:
@@ -30,8 +37,14 @@ def built_engines(tmp_path_factory: pytest.TempPathFactory, backbone: str = "mas
         ckpt = root / "ckpt"
         if not ckpt.exists():
             make_tiny_checkpoint(ckpt, backbone, head, seed=0, **changes)
-        opts = BuildOptions(precision=precision, batch=batch, cfg_guidance=guided, validate=False, end_to_end=False,
-                            engines=False)
+        opts = BuildOptions(
+            precision=precision,
+            batch=batch,
+            cfg_guidance=guided,
+            validate=False,
+            end_to_end=False,
+            engines=False,
+        )
         build(ckpt, root / "engines", opts, log=lambda s: None)
         _BUILT[key] = (ckpt, root / "engines")
     return _BUILT[key]

@@ -47,7 +47,9 @@ def mar_forward_mae_decoder(bb: MaskedBackbone, x: torch.Tensor, mask: torch.Ten
     mask_with_buffer = torch.cat([torch.zeros(x.size(0), bb.buffer_size), mask], dim=1)
     mask_tokens = bb.mask_token.repeat(mask_with_buffer.shape[0], mask_with_buffer.shape[1], 1).to(x.dtype)
     x_after_pad = mask_tokens.clone()
-    x_after_pad[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+    x_after_pad[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(
+        x.shape[0] * x.shape[1], x.shape[2]
+    )
     x = x_after_pad + bb.decoder_pos_embed_learned
     for block in bb.decoder_blocks:
         x = _plain_block(block, x)
@@ -93,7 +95,9 @@ def test_masked_backbone_unknown_tokens_do_not_leak() -> None:
     other = torch.where(mask[..., None] > 0, torch.randn(B, L, C) * 10, tokens)
     cv = bb.class_vector(torch.tensor([1, 2]))
     with torch.no_grad():
-        assert_close_to_scale(bb(other, mask, cv), bb(tokens, mask, cv), FP32, "z with garbage at unknown positions")
+        assert_close_to_scale(
+            bb(other, mask, cv), bb(tokens, mask, cv), FP32, "z with garbage at unknown positions"
+        )
 
 
 def test_masked_step_gathers_queries_and_doubles_for_cfg() -> None:
@@ -205,7 +209,12 @@ def test_fp16_step_modules_run(backbone: str) -> None:
         if backbone == "masked":
             args = (torch.randn(B, L, C), _mask_with(B, L, 30, 0), labels, torch.tensor([[1, 2], [3, 4]]))
         else:
-            args = (torch.randn(B, C), torch.tensor([3]), labels, torch.zeros(model.backbone.cache_shape(2 * B)))
+            args = (
+                torch.randn(B, C),
+                torch.tensor([3]),
+                labels,
+                torch.zeros(model.backbone.cache_shape(2 * B)),
+            )
         ref = backbone_step(model, True)(*args)
         half = model.half()
         if backbone == "causal":

@@ -66,7 +66,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def run(cmd: list[Any], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def expect_error(cmd: list[Any], match: str, cwd: Path, watch: list[Path], timeout: float = 300) -> str:
@@ -102,35 +104,41 @@ def _fill(args: list[str], ws: dict[str, Path]) -> list[str]:
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--cfg", "nan"], "not a finite number"),
-    (["--cfg", "inf"], "not a finite number"),
-    (["--cfg", "-inf"], "not a finite number"),
-    (["--temperature", "inf"], "not a finite number"),
-    (["--temperature", "nan"], "not a finite number"),
-    (["--out", "{eng}/manifest.json"], "inside the engine directory"),
-    (["--out", "{eng}/backbone.png"], "inside the engine directory"),
-    (["--out", "{ckpt}/grid.png"], "inside the checkpoint directory"),
-    (["--out-dir", "{eng}"], "is an engine directory"),
-    (["--out-dir", "{ckpt}"], "is a checkpoint directory"),
-    (["--out", "x.txt"], "unknown image extension '.txt'"),
-    (["--out", "grid"], "unknown image extension"),
-    (["--out", "afile/x.png"], "is a file, not a directory"),
-    (["--out", "adir"], "is a directory: give a file name"),
-    (["--out-dir", "afile"], "is a file, not a directory"),
-    (["--out", "x.png", "--per-class", "1000000000"], "more than one request's limit"),
-    (["--out", "x.png", "--classes", "0-9999999999"], "class id 4 is out of range: this model has classes 0..3"),
-    (["--out", "x.png", "--per-class", "2000"], "write them one by one with --out-dir"),
-    (["--out", "x.png", "--seed", "-1"], "Invalid value for '--seed'"),
-    (["--out", "x.png", "--batch", "0"], "Invalid value for '--batch'"),
-    (["--out", "x.png", "--batch", "999999999"], "Invalid value for '--batch'"),
-    (["--out", "x.png", "--threads", "0"], "Invalid value for '--threads'"),
-    (["--out", "x.png", "--threads", "-1"], "Invalid value for '--threads'"),
-    (["--out", "x.png", "--threads", "999999"], "Invalid value for '--threads'"),
-    (["--out", "x.png", "-k", "999999"], "head steps must be a power of two"),
-    (["--out", "x.png", "--num-iter", "999999999"], "num_iter must be in [1, 64]"),
-    (["--out", "x.png", "--per-class", "0"], "Invalid value for '--per-class'"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--cfg", "nan"], "not a finite number"),
+        (["--cfg", "inf"], "not a finite number"),
+        (["--cfg", "-inf"], "not a finite number"),
+        (["--temperature", "inf"], "not a finite number"),
+        (["--temperature", "nan"], "not a finite number"),
+        (["--out", "{eng}/manifest.json"], "inside the engine directory"),
+        (["--out", "{eng}/backbone.png"], "inside the engine directory"),
+        (["--out", "{ckpt}/grid.png"], "inside the checkpoint directory"),
+        (["--out-dir", "{eng}"], "is an engine directory"),
+        (["--out-dir", "{ckpt}"], "is a checkpoint directory"),
+        (["--out", "x.txt"], "unknown image extension '.txt'"),
+        (["--out", "grid"], "unknown image extension"),
+        (["--out", "afile/x.png"], "is a file, not a directory"),
+        (["--out", "adir"], "is a directory: give a file name"),
+        (["--out-dir", "afile"], "is a file, not a directory"),
+        (["--out", "x.png", "--per-class", "1000000000"], "more than one request's limit"),
+        (
+            ["--out", "x.png", "--classes", "0-9999999999"],
+            "class id 4 is out of range: this model has classes 0..3",
+        ),
+        (["--out", "x.png", "--per-class", "2000"], "write them one by one with --out-dir"),
+        (["--out", "x.png", "--seed", "-1"], "Invalid value for '--seed'"),
+        (["--out", "x.png", "--batch", "0"], "Invalid value for '--batch'"),
+        (["--out", "x.png", "--batch", "999999999"], "Invalid value for '--batch'"),
+        (["--out", "x.png", "--threads", "0"], "Invalid value for '--threads'"),
+        (["--out", "x.png", "--threads", "-1"], "Invalid value for '--threads'"),
+        (["--out", "x.png", "--threads", "999999"], "Invalid value for '--threads'"),
+        (["--out", "x.png", "-k", "999999"], "head steps must be a power of two"),
+        (["--out", "x.png", "--num-iter", "999999999"], "num_iter must be in [1, 64]"),
+        (["--out", "x.png", "--per-class", "0"], "Invalid value for '--per-class'"),
+    ],
+)
 def test_sample_flags(ws, args, match):
     cmd = [*FAR, "sample", ws["eng"], "--classes", "0-3", "--threads", "1", *_fill(args, ws)]
     if "--out" not in args and "--out-dir" not in args:
@@ -138,35 +146,51 @@ def test_sample_flags(ws, args, match):
     expect_error(cmd, match, ws["tmp"], [ws["eng"], ws["ckpt"], ws["tmp"]])
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc (Linux): a directory nothing can be written in")
+@pytest.mark.skipif(
+    not Path("/proc").is_dir(), reason="needs /proc (Linux): a directory nothing can be written in"
+)
 def test_sample_unwritable_out_fails_before_work(ws):
-    expect_error([*FAR, "sample", ws["eng"], "--classes", "0-3", "--out", "/proc/x.png"], "cannot write in /proc",
-                 ws["tmp"], [ws["eng"], ws["tmp"]])
+    expect_error(
+        [*FAR, "sample", ws["eng"], "--classes", "0-3", "--out", "/proc/x.png"],
+        "cannot write in /proc",
+        ws["tmp"],
+        [ws["eng"], ws["tmp"]],
+    )
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--cfg", "nan"], "not a finite number"),
-    (["--cfg", "inf"], "not a finite number"),
-    (["--json", "{eng}/manifest.json"], "inside the engine directory"),
-    (["--json", "adir"], "is a directory"),
-    (["--runs", "0"], "Invalid value for '--runs'"),
-    (["--warmup", "999999999"], "Invalid value for '--warmup'"),
-    (["--runs", "999999999"], "Invalid value for '--runs'"),
-    (["--batch", "999999999"], "Invalid value for '--batch'"),
-    (["--head-steps", "999999"], "head steps must be a power of two"),
-    (["--seed", "-1"], "Invalid value for '--seed'"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--cfg", "nan"], "not a finite number"),
+        (["--cfg", "inf"], "not a finite number"),
+        (["--json", "{eng}/manifest.json"], "inside the engine directory"),
+        (["--json", "adir"], "is a directory"),
+        (["--runs", "0"], "Invalid value for '--runs'"),
+        (["--warmup", "999999999"], "Invalid value for '--warmup'"),
+        (["--runs", "999999999"], "Invalid value for '--runs'"),
+        (["--batch", "999999999"], "Invalid value for '--batch'"),
+        (["--head-steps", "999999"], "head steps must be a power of two"),
+        (["--seed", "-1"], "Invalid value for '--seed'"),
+    ],
+)
 def test_bench_flags(ws, args, match):
-    expect_error([*FAR, "bench", ws["eng"], "--runs", "1", "--warmup", "0", "--threads", "1", *_fill(args, ws)],
-                 match, ws["tmp"], [ws["eng"], ws["tmp"]])
+    expect_error(
+        [*FAR, "bench", ws["eng"], "--runs", "1", "--warmup", "0", "--threads", "1", *_fill(args, ws)],
+        match,
+        ws["tmp"],
+        [ws["eng"], ws["tmp"]],
+    )
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--workspace-gb", "nan"], "not a finite number"),
-    (["--workspace-gb", "inf"], "not a finite number"),
-    (["--workspace-gb", "0"], "Invalid value for '--workspace-gb'"),
-    (["--opt-level", "9"], "Invalid value for '--opt-level'"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--workspace-gb", "nan"], "not a finite number"),
+        (["--workspace-gb", "inf"], "not a finite number"),
+        (["--workspace-gb", "0"], "Invalid value for '--workspace-gb'"),
+        (["--opt-level", "9"], "Invalid value for '--opt-level'"),
+    ],
+)
 def test_compile_flags(ws, args, match):
     expect_error([*FAR, "compile", ws["eng"], *args], match, ws["tmp"], [ws["eng"], ws["tmp"]])
 
@@ -192,52 +216,67 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
         for k in parents:
             d = d[int(k)] if isinstance(d, list) else d[k]
         d[last] = value
+
     return edit
 
 
-@pytest.mark.parametrize("command,edit,match", [
-    ("sample", _set("model.num_classes", "ten"), "model.num_classes must be an integer"),
-    ("sample", _set("model.head_steps", None), "model.head_steps must be an integer"),
-    ("sample", _set("graphs", "x"), "graphs must be an object"),
-    ("sample", _set("batch", 1e12), "batch must be an integer"),
-    ("inspect", _set("model.num_classes", 0), "model.num_classes must be in [1,"),
-    ("inspect", _set("batch", 10**12), "batch must be in [1, 4096]"),
-    ("inspect", _set("batch", -4), "batch must be in [1, 4096]"),
-    ("sample", _set("model.cfg", float("nan")), "model.cfg must be a finite number"),
-    ("inspect", _set("model.temperature", float("inf")), "model.temperature must be a finite number"),
-    ("sample", _set("graphs.head.file", "/etc/passwd"), "must be a plain file name inside the engine directory"),
-    ("inspect", _set("graphs.head.file", "../x/head.onnx"), "must be a plain file name inside the engine directory"),
-])
+@pytest.mark.parametrize(
+    "command,edit,match",
+    [
+        ("sample", _set("model.num_classes", "ten"), "model.num_classes must be an integer"),
+        ("sample", _set("model.head_steps", None), "model.head_steps must be an integer"),
+        ("sample", _set("graphs", "x"), "graphs must be an object"),
+        ("sample", _set("batch", 1e12), "batch must be an integer"),
+        ("inspect", _set("model.num_classes", 0), "model.num_classes must be in [1,"),
+        ("inspect", _set("batch", 10**12), "batch must be in [1, 4096]"),
+        ("inspect", _set("batch", -4), "batch must be in [1, 4096]"),
+        ("sample", _set("model.cfg", float("nan")), "model.cfg must be a finite number"),
+        ("inspect", _set("model.temperature", float("inf")), "model.temperature must be a finite number"),
+        (
+            "sample",
+            _set("graphs.head.file", "/etc/passwd"),
+            "must be a plain file name inside the engine directory",
+        ),
+        (
+            "inspect",
+            _set("graphs.head.file", "../x/head.onnx"),
+            "must be a plain file name inside the engine directory",
+        ),
+    ],
+)
 def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
     eng = _copy_engine(ws, edit)
     extra = ["--classes", "0", "--out", "x.png"] if command == "sample" else []
     expect_error([*FAR, command, eng, *extra], match, ws["tmp"], [ws["tmp"]])
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda d: [d], "must hold a JSON object, got list"),
-    (_set("model", None), "model must be an object"),
-    (_set("model.backbone", "rnn"), "model.backbone must be one of masked, causal"),
-    (_set("model.img_size", 10**9), "model.img_size must be in"),
-    (_set("model.seq_len", 17), "seq_len 17 is not grid^2"),
-    (_set("model.latent_scale", -1.0), "latent_scale must be > 0"),
-    (_set("model.cfg", "2"), "model.cfg must be a number"),
-    (_set("cfg_guidance", "yes"), "cfg_guidance must be true or false"),
-    (_set("precision", "fp8"), "precision must be one of fp32, fp16, bf16, int8"),
-    (_set("schema_version", 0), "schema_version must be >= 1"),
-    (_set("schema_version", 1), "manifest schema 1 is older than this runtime's (2); rebuild"),
-    (_set("graphs.evil", {}), "unknown graph 'evil'"),
-    (_set("engines", {"../../evil": {}}), "unknown graph '../../evil'"),
-    (_set("engines", {"head": {"file": "../head.plan"}}), "engines.head.file must be a plain file name"),
-    (_set("timing_cache", "../timing.cache"), "timing_cache must be a plain file name"),
-    (_set("graphs.head.inputs", "x"), "graphs.head.inputs must be a list"),
-    (_set("graphs.head.inputs.0.shape", [-1, 4]), "shape must list dimensions in [1,"),
-    (_set("graphs.head.inputs.0.shape", [2**19, 2**19]), "buffer would take"),
-    (_set("graphs.head.inputs.0.dtype", "float128"), "dtype must be one of"),
-    (_set("validation", []), "validation must be an object"),
-    (_set("validation.graphs", "x"), "validation is malformed"),
-    (_set("validation.end_to_end", {"settings": 3}), "validation is malformed"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: [d], "must hold a JSON object, got list"),
+        (_set("model", None), "model must be an object"),
+        (_set("model.backbone", "rnn"), "model.backbone must be one of masked, causal"),
+        (_set("model.img_size", 10**9), "model.img_size must be in"),
+        (_set("model.seq_len", 17), "seq_len 17 is not grid^2"),
+        (_set("model.latent_scale", -1.0), "latent_scale must be > 0"),
+        (_set("model.cfg", "2"), "model.cfg must be a number"),
+        (_set("cfg_guidance", "yes"), "cfg_guidance must be true or false"),
+        (_set("precision", "fp8"), "precision must be one of fp32, fp16, bf16, int8"),
+        (_set("schema_version", 0), "schema_version must be >= 1"),
+        (_set("schema_version", 1), "manifest schema 1 is older than this runtime's (2); rebuild"),
+        (_set("graphs.evil", {}), "unknown graph 'evil'"),
+        (_set("engines", {"../../evil": {}}), "unknown graph '../../evil'"),
+        (_set("engines", {"head": {"file": "../head.plan"}}), "engines.head.file must be a plain file name"),
+        (_set("timing_cache", "../timing.cache"), "timing_cache must be a plain file name"),
+        (_set("graphs.head.inputs", "x"), "graphs.head.inputs must be a list"),
+        (_set("graphs.head.inputs.0.shape", [-1, 4]), "shape must list dimensions in [1,"),
+        (_set("graphs.head.inputs.0.shape", [2**19, 2**19]), "buffer would take"),
+        (_set("graphs.head.inputs.0.dtype", "float128"), "dtype must be one of"),
+        (_set("validation", []), "validation must be an object"),
+        (_set("validation.graphs", "x"), "validation is malformed"),
+        (_set("validation.end_to_end", {"settings": 3}), "validation is malformed"),
+    ],
+)
 def test_manifest_validated_as_data(ws, edit, match):
     eng = _copy_engine(ws, edit)
     expect_error([*FAR, "inspect", eng], match, ws["tmp"], [ws["tmp"]])
@@ -249,12 +288,15 @@ def test_compile_refuses_crafted_graph_names(ws):
     expect_error([*FAR, "compile", eng], "unknown graph '../../evil'", ws["tmp"], [ws["tmp"]])
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "is not valid JSON"),
-    (b"\xff\xfe{}", "is not valid JSON"),
-    (b"[" * 100000, "is not valid JSON"),
-    (b'{"schema_version": 2}', "manifest field graphs is missing"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "is not valid JSON"),
+        (b"\xff\xfe{}", "is not valid JSON"),
+        (b"[" * 100000, "is not valid JSON"),
+        (b'{"schema_version": 2}', "manifest field graphs is missing"),
+    ],
+)
 def test_unreadable_manifests(ws, content, match):
     eng = _copy_engine(ws)
     (eng / "manifest.json").write_bytes(content)
@@ -263,8 +305,12 @@ def test_unreadable_manifests(ws, content, match):
 
 def test_engine_directory_kinds(ws):
     w = [ws["tmp"]]
-    expect_error([*FAR, "sample", ws["tmp"] / "afile", "--out", "x.png"], "afile is a file, not a directory",
-                 ws["tmp"], w)
+    expect_error(
+        [*FAR, "sample", ws["tmp"] / "afile", "--out", "x.png"],
+        "afile is a file, not a directory",
+        ws["tmp"],
+        w,
+    )
     expect_error([*FAR, "inspect", ws["tmp"] / "none"], "does not exist", ws["tmp"], w)
     expect_error([*FAR, "inspect", ws["tmp"] / "adir"], "manifest.json is missing", ws["tmp"], w)
 
@@ -281,8 +327,12 @@ def test_graph_symlink_out_of_the_directory(ws):
     outside = ws["tmp"] / "outside.onnx"
     shutil.move(eng / "head.onnx", outside)
     (eng / "head.onnx").symlink_to(outside)  # same bytes, same sha256: only the location is wrong
-    expect_error([*FAR, "sample", eng, "--classes", "0", "--out", "x.png"], "points outside the engine directory",
-                 ws["tmp"], [ws["tmp"]])
+    expect_error(
+        [*FAR, "sample", eng, "--classes", "0", "--out", "x.png"],
+        "points outside the engine directory",
+        ws["tmp"],
+        [ws["tmp"]],
+    )
 
 
 def test_graph_file_that_is_a_directory(ws):
@@ -299,8 +349,24 @@ def test_graph_file_that_is_a_directory(ws):
 
 def test_output_format_follows_the_extension(ws):
     t = ws["tmp"]
-    r = run([*FAR, "sample", ws["eng"], "--classes", "0-3", "--threads", "1", "--out", "g.jpg", "--out-dir", "each",
-             "--batch", "1"], t)
+    r = run(
+        [
+            *FAR,
+            "sample",
+            ws["eng"],
+            "--classes",
+            "0-3",
+            "--threads",
+            "1",
+            "--out",
+            "g.jpg",
+            "--out-dir",
+            "each",
+            "--batch",
+            "1",
+        ],
+        t,
+    )
     assert r.returncode == 0, r.stderr
     assert (t / "g.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
     assert sorted(p.name for p in (t / "each").iterdir()) == [f"{i:05d}_class{i}.png" for i in range(4)]
@@ -321,30 +387,47 @@ def _copy_ckpt(ws: dict[str, Path], **config: Any) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("config,flags,match", [
-    ({"cfg": float("nan")}, ["--no-validate"], "cfg must be a finite number"),
-    ({"temperature": float("inf")}, ["--no-validate"], "temperature must be a finite number"),
-    ({"cfg": float("nan")}, [], "cfg must be a finite number"),  # not blamed on a graph that differs
-    ({"latent_scale": float("-inf")}, [], "latent_scale must be a finite number"),
-    ({"width": 10**6}, [], "width 1000000 is larger than any model"),
-    ({"num_classes": "ten"}, [], "num_classes must be int"),
-    ({"vae": [1]}, [], "vae must be an object or a preset name"),
-])
+@pytest.mark.parametrize(
+    "config,flags,match",
+    [
+        ({"cfg": float("nan")}, ["--no-validate"], "cfg must be a finite number"),
+        ({"temperature": float("inf")}, ["--no-validate"], "temperature must be a finite number"),
+        ({"cfg": float("nan")}, [], "cfg must be a finite number"),  # not blamed on a graph that differs
+        ({"latent_scale": float("-inf")}, [], "latent_scale must be a finite number"),
+        ({"width": 10**6}, [], "width 1000000 is larger than any model"),
+        ({"num_classes": "ten"}, [], "num_classes must be int"),
+        ({"vae": [1]}, [], "vae must be an object or a preset name"),
+    ],
+)
 def test_build_refuses_bad_configs(ws, config, flags, match):
     ckpt = _copy_ckpt(ws, **config)
     expect_error([*FAR, "build", ckpt, "--out", "out", "--no-engines", *flags], match, ws["tmp"], [ws["tmp"]])
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--seed", "-1"], "Invalid value for '--seed'"),
-    (["--workspace-gb", "nan"], "not a finite number"),
-    (["--batch", "999999999"], "Invalid value for '--batch'"),
-    (["--num-iter", "0"], "Invalid value for '--num-iter'"),
-    (["--out", "{ckpt}"], "not an engine directory to replace"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--seed", "-1"], "Invalid value for '--seed'"),
+        (["--workspace-gb", "nan"], "not a finite number"),
+        (["--batch", "999999999"], "Invalid value for '--batch'"),
+        (["--num-iter", "0"], "Invalid value for '--num-iter'"),
+        (["--out", "{ckpt}"], "not an engine directory to replace"),
+    ],
+)
 def test_build_flags_fail_before_work(ws, args, match):
-    expect_error([*FAR, "build", ws["ckpt"], "--no-engines", *_fill(args, ws), *(["--out", "o"] * ("--out" not in args))],
-                 match, ws["tmp"], [ws["tmp"], ws["ckpt"]])
+    expect_error(
+        [
+            *FAR,
+            "build",
+            ws["ckpt"],
+            "--no-engines",
+            *_fill(args, ws),
+            *(["--out", "o"] * ("--out" not in args)),
+        ],
+        match,
+        ws["tmp"],
+        [ws["tmp"], ws["ckpt"]],
+    )
 
 
 def test_build_checkpoint_kinds(ws):
@@ -364,38 +447,72 @@ def test_build_weights_file_kinds(ws):
     ckpt = _copy_ckpt(ws)
     (ckpt / "vae.safetensors").unlink()
     (ckpt / "vae.safetensors").mkdir()
-    expect_error([*FAR, "build", ckpt, "--out", "o", "--no-engines"], "vae.safetensors is a directory, not a file",
-                 ws["tmp"], [ws["tmp"]])
+    expect_error(
+        [*FAR, "build", ckpt, "--out", "o", "--no-engines"],
+        "vae.safetensors is a directory, not a file",
+        ws["tmp"],
+        [ws["tmp"]],
+    )
     shutil.rmtree(ckpt)
-    ckpt = _copy_ckpt(ws, width=8192, head_width=8192)  # ~10 GB of weights if built: checked on the meta device
-    expect_error([*FAR, "build", ckpt, "--out", "o", "--no-engines"], "model.safetensors does not match its config",
-                 ws["tmp"], [ws["tmp"]])
+    ckpt = _copy_ckpt(
+        ws, width=8192, head_width=8192
+    )  # ~10 GB of weights if built: checked on the meta device
+    expect_error(
+        [*FAR, "build", ckpt, "--out", "o", "--no-engines"],
+        "model.safetensors does not match its config",
+        ws["tmp"],
+        [ws["tmp"]],
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_weights_say_permission_denied(ws):
     ckpt = _copy_ckpt(ws)
     (ckpt / "vae.safetensors").chmod(0)
-    expect_error([*FAR, "build", ckpt, "--out", "o", "--no-engines"], "permission denied", ws["tmp"], [ws["tmp"]])
+    expect_error(
+        [*FAR, "build", ckpt, "--out", "o", "--no-engines"], "permission denied", ws["tmp"], [ws["tmp"]]
+    )
 
 
 def test_reference_sampler_refuses_before_work(ws):
     t, ckpt = ws["tmp"], ws["ckpt"]
-    expect_error([*SAMPLE, "--checkpoint", ckpt, "--classes", "0-3", "--out", ckpt / "config.json"],
-                 "inside the checkpoint directory", t, [t, ckpt])
-    expect_error([*SAMPLE, "--checkpoint", _copy_ckpt(ws, temperature=float("inf")), "--classes", "0", "--out",
-                  "x.png"], "temperature must be a finite number", t, [t, ckpt])
+    expect_error(
+        [*SAMPLE, "--checkpoint", ckpt, "--classes", "0-3", "--out", ckpt / "config.json"],
+        "inside the checkpoint directory",
+        t,
+        [t, ckpt],
+    )
+    expect_error(
+        [
+            *SAMPLE,
+            "--checkpoint",
+            _copy_ckpt(ws, temperature=float("inf")),
+            "--classes",
+            "0",
+            "--out",
+            "x.png",
+        ],
+        "temperature must be a finite number",
+        t,
+        [t, ckpt],
+    )
 
 
 def test_reference_sampler_flags(ws):
     t = ws["tmp"]
-    expect_error([*SAMPLE, "--checkpoint", ws["ckpt"], "--cfg", "nan", "--out", "x.png"], "not a finite number", t, [t])
+    expect_error(
+        [*SAMPLE, "--checkpoint", ws["ckpt"], "--cfg", "nan", "--out", "x.png"], "not a finite number", t, [t]
+    )
 
 
 def test_evaluate_checks_its_output_first(ws):
     t, ckpt = ws["tmp"], ws["ckpt"]
-    expect_error([*EVALUATE, "--checkpoint", ckpt, "--json", ckpt / "report.json"], "inside the checkpoint directory",
-                 t, [t, ckpt])
+    expect_error(
+        [*EVALUATE, "--checkpoint", ckpt, "--json", ckpt / "report.json"],
+        "inside the checkpoint directory",
+        t,
+        [t, ckpt],
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -404,8 +521,14 @@ def test_evaluate_checks_its_output_first(ws):
 
 
 def _start_build(ckpt: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([*FAR, "build", str(ckpt), "--out", "out", "--no-engines", "--batch", "1"], cwd=cwd,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*FAR, "build", str(ckpt), "--out", "out", "--no-engines", "--batch", "1"],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_temp(cwd: Path, proc: subprocess.Popen, timeout: float = 240) -> list[Path]:

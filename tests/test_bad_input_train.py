@@ -39,8 +39,14 @@ from test_train import tiny_overrides  # noqa: E402
 def cli(*args: str, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, on one thread unless args say otherwise."""
     threads = [] if "--threads" in args else ["--threads", "1"]
-    return subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *threads, *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train.py"), *threads, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -73,12 +79,24 @@ def assert_no_work(r: subprocess.CompletedProcess, out: Path) -> None:
 USER_ERRORS = (ConfigError, DataError, WriteError, TrainingError)
 
 
-def refused(via_cli: bool, out: Path, overrides: list[str], *match: str, config: Path | None = None,
-            resume: bool = False, timeout: int = 120) -> str:
+def refused(
+    via_cli: bool,
+    out: Path,
+    overrides: list[str],
+    *match: str,
+    config: Path | None = None,
+    resume: bool = False,
+    timeout: int = 120,
+) -> str:
     """A case refused before any work: via the CLI (a subprocess), or in-process through the same
     checks (`load_run_config` + `check_run`) for the variants of a kind the CLI already covers."""
     if via_cli:
-        args = ["--out", str(out), *(["--resume"] if resume else []), *(["--config", str(config)] if config else [])]
+        args = [
+            "--out",
+            str(out),
+            *(["--resume"] if resume else []),
+            *(["--config", str(config)] if config else []),
+        ]
         r = cli(*args, *overrides, timeout=timeout)
         line = assert_one_error(r, *match)
         assert_no_work(r, out)
@@ -127,7 +145,7 @@ CONFIG_CASES = [
     (["train.ema_decay=1.0"], "train.ema_decay must be in [0, 1)"),
     (["train.weight_decay=-0.1"], "train.weight_decay must be a number >= 0"),
     (["train.min_lr=1.0"], "train.min_lr must be in [0, lr"),
-    (["train.steps=\"abc\""], "train.steps must be int, got 'abc'"),
+    (['train.steps="abc"'], "train.steps must be int, got 'abc'"),
     (["train.steps=1.5"], "train.steps must be int, got 1.5"),
     (["train.steps=0"], "train.steps must be an int >= 1"),
     (["vae.batch_size=-4"], "vae.batch_size must be an int >= 1"),
@@ -139,18 +157,26 @@ CONFIG_CASES = [
     (["train.nope=1"], "unknown config key(s): train.nope; [train] keys are steps"),
     (["extra.key=1"], "unknown config section(s): extra"),
     (["train.lr.x=1"], "train.lr must be float"),
-    (["model=\"x\""], "[model] must be a table"),
+    (['model="x"'], "[model] must be a table"),
     (["model.vae=5"], "model.vae must be a VAE preset name or a table"),
     (["model.nope=1"], "[model] unknown config key(s): nope"),
     (["model.width=7"], "[model] width 7 not divisible"),
     (["model.num_classes=1"], "the data has 2 classes but model.num_classes = 1"),
-    (["device=\"tpu\""], "device must be"),
-    (["data.source=\"\""], "data.source must be"),
-    (["model.width=16384", "model.enc_depth=256"], "GB to train"),  # within the config's limits, not in memory
-    (["model.width=4611686018427387904"], "width 4611686018427387904 is larger than any model this code builds"),
-    (["model.head=\"mar\"", "model.diffusion_steps=1000000000"],
-     "diffusion_steps 1000000000 is larger than any model this code builds"),
-    (["train.lr_schedule=\"step\""], "train.lr_schedule must be"),
+    (['device="tpu"'], "device must be"),
+    (['data.source=""'], "data.source must be"),
+    (
+        ["model.width=16384", "model.enc_depth=256"],
+        "GB to train",
+    ),  # within the config's limits, not in memory
+    (
+        ["model.width=4611686018427387904"],
+        "width 4611686018427387904 is larger than any model this code builds",
+    ),
+    (
+        ['model.head="mar"', "model.diffusion_steps=1000000000"],
+        "diffusion_steps 1000000000 is larger than any model this code builds",
+    ),
+    (['train.lr_schedule="step"'], "train.lr_schedule must be"),
 ]
 
 
@@ -162,8 +188,11 @@ def test_bad_config_value(folder, tmp_path, overrides, match):
     assert not (tmp_path / "r").exists()
 
 
-CLI_CASES = [c for c in CONFIG_CASES if c[0][0] in ("train.lr=nan", "train.lr=-1", "train.steps=\"abc\"",
-                                                     "model.width=16384")]
+CLI_CASES = [
+    c
+    for c in CONFIG_CASES
+    if c[0][0] in ("train.lr=nan", "train.lr=-1", 'train.steps="abc"', "model.width=16384")
+]
 
 
 @pytest.mark.parametrize("overrides, match", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
@@ -181,7 +210,9 @@ def test_bad_threads(folder, tmp_path):
     assert_one_error(r, "--threads must be an int in [1, ", "got -1")
     assert not (tmp_path / "r").exists()
     for threads in (0, 100000):
-        with pytest.raises(ConfigError, match=re.escape(f"--threads must be an int in [1, {len(os.sched_getaffinity(0))}]")):
+        with pytest.raises(
+            ConfigError, match=re.escape(f"--threads must be an int in [1, {len(os.sched_getaffinity(0))}]")
+        ):
             T.set_threads(threads)
 
 
@@ -190,13 +221,16 @@ def _fifo(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("directory", "is a directory, not a file"),
-    ("fifo", "is not a regular file"),
-    ("latin1", "is not UTF-8 text"),
-    ("bad_toml", "is not valid TOML"),
-    ("missing", "not found"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("directory", "is a directory, not a file"),
+        ("fifo", "is not a regular file"),
+        ("latin1", "is not UTF-8 text"),
+        ("bad_toml", "is not valid TOML"),
+        ("missing", "not found"),
+    ],
+)
 def test_bad_config_file(folder, tmp_path, kind, match):
     path = tmp_path / "c.toml"
     if kind == "directory":
@@ -246,11 +280,14 @@ def test_out_never_writes_into_checkpoints_engines_or_foreign_dirs(folder, tmp_p
     assert where in ("checkpoint", "engine", "foreign") or not out.exists()
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("empty", "has no class folders"),
-    ("file", "is not a directory"),
-    ("missing", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("empty", "has no class folders"),
+        ("file", "is not a directory"),
+        ("missing", "does not exist"),
+    ],
+)
 def test_bad_data_dir(tmp_path, kind, match):
     data = tmp_path / "d"
     if kind == "empty":
@@ -261,14 +298,17 @@ def test_bad_data_dir(tmp_path, kind, match):
 
 
 def test_mnist_with_a_preset_too_small_for_it(tmp_path):
-    refused(False, tmp_path / "r", ["model.preset=\"tiny\"", "train.steps=1"], "model.img_size must be >= 28")
+    refused(False, tmp_path / "r", ['model.preset="tiny"', "train.steps=1"], "model.img_size must be >= 28")
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("missing", "does not exist"),
-    ("junk", "is not a readable safetensors file"),
-    ("fifo", "is not a regular file"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("missing", "does not exist"),
+        ("junk", "is not a readable safetensors file"),
+        ("fifo", "is not a regular file"),
+    ],
+)
 def test_bad_vae_file(folder, tmp_path, kind, match):
     path = tmp_path / "vae.safetensors"
     if kind == "junk":
@@ -281,12 +321,15 @@ def test_bad_vae_file(folder, tmp_path, kind, match):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("missing", "is not a checkpoint directory"),
-    ("file", "is not a checkpoint directory"),
-    ("no_weights", "is missing or not a regular file"),
-    ("other_dims", "does not match the model config"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("missing", "is not a checkpoint directory"),
+        ("file", "is not a checkpoint directory"),
+        ("no_weights", "is missing or not a regular file"),
+        ("other_dims", "does not match the model config"),
+    ],
+)
 def test_bad_train_init(folder, tmp_path, tiny_checkpoint, kind, match):
     init = tmp_path / "init"
     if kind == "file":
@@ -309,8 +352,14 @@ def test_bad_train_init(folder, tmp_path, tiny_checkpoint, kind, match):
 def test_resume_without_a_run_is_an_error(folder, tmp_path):
     (tmp_path / "typo").mkdir()
     for out in (tmp_path / "typo", tmp_path / "missing"):
-        refused(out.name == "typo", out, tiny_overrides(folder), f"--resume: {out} holds no run",
-                "leave out --resume", resume=True)
+        refused(
+            out.name == "typo",
+            out,
+            tiny_overrides(folder),
+            f"--resume: {out} holds no run",
+            "leave out --resume",
+            resume=True,
+        )
     assert not (tmp_path / "missing").exists() and not any((tmp_path / "typo").iterdir())
 
 
@@ -347,8 +396,13 @@ def test_resume_with_other_model_dims_names_them(base_run, tmp_path):
     out = copy_run(base_run, tmp_path / "run")
     before = snapshot(out)
     r = cli("--out", str(out), "--resume", "model.width=64", "model.head_width=48")
-    line = assert_one_error(r, "train_state.pt was trained with other model dims", "saved (", "config (",
-                            "resume with the run's own model settings")
+    line = assert_one_error(
+        r,
+        "train_state.pt was trained with other model dims",
+        "saved (",
+        "config (",
+        "resume with the run's own model settings",
+    )
     assert "64" in line and "more" in line
     assert_no_work(r, tmp_path / "nothing")
     assert snapshot(out) == before
@@ -357,8 +411,13 @@ def test_resume_with_other_model_dims_names_them(base_run, tmp_path):
 def test_resume_reuses_threads_and_logs_one_start(base_run, tmp_path):
     out = copy_run(base_run, tmp_path / "run")
     assert json.loads((out / "run.json").read_text())["threads"] == 1
-    r = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), "--out", str(out), "--resume",
-                        "train.steps=3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train.py"), "--out", str(out), "--resume", "train.steps=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert f"resuming with --threads 1 (from {out / 'run.json'})" in r.stderr
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -396,10 +455,13 @@ def test_corrupt_images_are_skipped_with_a_warning_naming_each(folder, tmp_path)
     load_checkpoint(out / "checkpoint")
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("all_corrupt", "holds no readable images"),
-    ("empty_class", "class folder"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("all_corrupt", "holds no readable images"),
+        ("empty_class", "class folder"),
+    ],
+)
 def test_unusable_image_folder(folder, tmp_path, kind, match):
     if kind == "all_corrupt":
         for p in folder.rglob("*.png"):

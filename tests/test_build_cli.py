@@ -41,7 +41,12 @@ def test_build_writes_a_valid_manifest(built):
     m = load_manifest(out)  # verifies every graph's sha256
     assert set(m.graphs) == set(GRAPHS) and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
     assert m.model.max_query == max_tokens_per_step(cfg.seq_len, cfg.num_iter)
-    assert (m.model.num_iter, m.model.seq_len, m.model.token_dim, m.model.cfg) == (cfg.num_iter, cfg.seq_len, cfg.token_dim, cfg.cfg)
+    assert (m.model.num_iter, m.model.seq_len, m.model.token_dim, m.model.cfg) == (
+        cfg.num_iter,
+        cfg.seq_len,
+        cfg.token_dim,
+        cfg.cfg,
+    )
     v = m.validation
     assert v["passed"] and v["end_to_end"]["passed"]
     assert v["end_to_end"]["image"]["max"] < 1e-4  # fp32 graphs sample the reference's image
@@ -59,8 +64,14 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
     _, out, _ = built
     res = _invoke("inspect", out)
     assert res.exit_code == 0, res.output
-    for word in ("backbone.onnx", "query int64[2,", "x_next float32", "image float32[2,3,16,16]", "end to end",
-                 "TensorRT engines: none"):
+    for word in (
+        "backbone.onnx",
+        "query int64[2,",
+        "x_next float32",
+        "image float32[2,3,16,16]",
+        "end to end",
+        "TensorRT engines: none",
+    ):
         assert word in res.output
     res = _invoke("inspect", out, "--json")
     assert json.loads(res.output)["graphs"]["head"]["file"] == "head.onnx"
@@ -148,7 +159,9 @@ def test_compile_imports_no_torch_and_says_why_no_plans(built):
         import tensorrt  # noqa: F401
     except Exception:
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert proc.stdout.strip().startswith("Error: ") and "tensorrt" in proc.stdout, proc.stdout + proc.stderr
+        assert proc.stdout.strip().startswith("Error: ") and "tensorrt" in proc.stdout, (
+            proc.stdout + proc.stderr
+        )
         assert "Traceback" not in proc.stdout + proc.stderr
     else:
         pytest.skip("tensorrt is installed here: tests/test_tensorrt.py covers compile")
@@ -172,7 +185,10 @@ def test_fp16_build_records_precision_and_falls_back_to_an_fp32_vae(built, tmp_p
     assert res.exit_code == 0, res.output
     m = load_manifest(tmp_path / "eng16")
     assert m.precision == "fp16"
-    assert m.graphs["backbone"].precision == "fp16" and "LayerNorm statistics" in m.graphs["backbone"].fp32_islands
+    assert (
+        m.graphs["backbone"].precision == "fp16"
+        and "LayerNorm statistics" in m.graphs["backbone"].fp32_islands
+    )
     assert m.graphs["vae_decoder"].precision == "fp32" and m.graphs["vae_decoder"].fp32_islands == ()
     assert m.validation["end_to_end"]["image"]["max"] < 0.05
 
@@ -183,11 +199,26 @@ def test_fp16_build_records_precision_and_falls_back_to_an_fp32_vae(built, tmp_p
 
 # The shipped checkpoints that export: a DiT (checkpoints/dit-mnist, the baseline of README's comparison)
 # has no graphs yet and `far-export build` refuses it in one line (tests/test_dit.py).
-SHIPPED = sorted(p.name for p in (ROOT / "checkpoints").iterdir()
-                 if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("kind") != "dit")
+SHIPPED = sorted(
+    p.name
+    for p in (ROOT / "checkpoints").iterdir()
+    if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("kind") != "dit"
+)
 # what makes a shipped model numerically itself; the sizes come from the tiny preset
-SAMPLING_KEYS = ("backbone", "head", "patch_size", "latent_scale", "num_iter", "head_steps", "cfg", "cfg_schedule",
-                 "temperature", "diffusion_steps", "diffusion_clip_x0", "shortcut_levels")
+SAMPLING_KEYS = (
+    "backbone",
+    "head",
+    "patch_size",
+    "latent_scale",
+    "num_iter",
+    "head_steps",
+    "cfg",
+    "cfg_schedule",
+    "temperature",
+    "diffusion_steps",
+    "diffusion_clip_x0",
+    "shortcut_levels",
+)
 
 
 def _build_reduced(ckpt: Path, out: Path, precision: str, *flags: str) -> None:
@@ -195,8 +226,13 @@ def _build_reduced(ckpt: Path, out: Path, precision: str, *flags: str) -> None:
     assert res.exit_code == 0, res.output
     m = load_manifest(out)
     assert m.precision == precision and m.validation["passed"] and m.validation["end_to_end"]["passed"]
-    if m.model.head == "mar" and precision == "int8":  # the whole MAR head stays fp32, and the manifest says so
-        assert m.graphs["head"].precision == "fp32" and "MAR head network stays fp32" in m.validation["notes"]["head"]
+    if (
+        m.model.head == "mar" and precision == "int8"
+    ):  # the whole MAR head stays fp32, and the manifest says so
+        assert (
+            m.graphs["head"].precision == "fp32"
+            and "MAR head network stays fp32" in m.validation["notes"]["head"]
+        )
     elif m.model.head == "mar":  # the diffusion head's network is an fp32 island (far_export/export.py)
         assert "diffusion head network (eps, variance)" in m.graphs["head"].fp32_islands
 

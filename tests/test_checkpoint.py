@@ -37,17 +37,27 @@ def _outputs(model, vae) -> list[torch.Tensor]:
     with torch.no_grad():
         if cfg.backbone == "masked":
             mask = (torch.rand(B, L, generator=g) > 0.5).float()
-            z = backbone_step(model, True)(torch.randn(B, L, C, generator=g), mask, labels, torch.tensor([[0, 5], [7, 9]]))
+            z = backbone_step(model, True)(
+                torch.randn(B, L, C, generator=g), mask, labels, torch.tensor([[0, 5], [7, 9]])
+            )
         else:
             cache = torch.randn(model.backbone.cache_shape(2 * B), generator=g)
-            z = backbone_step(model, True)(torch.randn(B, C, generator=g), torch.tensor([3]), labels, cache)[0]
+            z = backbone_step(model, True)(torch.randn(B, C, generator=g), torch.tensor([3]), labels, cache)[
+                0
+            ]
         N = z.shape[0] // 2
         x = torch.randn(N, C, generator=g)
         if cfg.head == "shortcut":
             h = head_step(model, True)(x, torch.tensor([0.5]), torch.tensor([0.25]), z, torch.tensor([2.0]))
         else:
-            h = head_step(model, True)(x, torch.tensor([500]), z, torch.tensor([2.0]), torch.rand(6, generator=g),
-                                       torch.randn(N, C, generator=g))
+            h = head_step(model, True)(
+                x,
+                torch.tensor([500]),
+                z,
+                torch.tensor([2.0]),
+                torch.rand(6, generator=g),
+                torch.randn(N, C, generator=g),
+            )
         img = vae.decode(torch.randn(1, cfg.vae.embed_dim, cfg.grid, cfg.grid, generator=g))
     return [z, h, img]
 
@@ -58,7 +68,9 @@ def _outputs(model, vae) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(("backbone", "head"), [("masked", "shortcut"), ("causal", "mar")])
-def test_round_trip_without_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backbone: str, head: str) -> None:
+def test_round_trip_without_pickle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backbone: str, head: str
+) -> None:
     """Protects the checkpoint contract: config.json + safetensors, self-describing, loaded without pickle."""
     model, vae = tiny_model(backbone, head, seed=1)
     path = save_checkpoint(tmp_path / "ckpt", model, vae)
@@ -110,7 +122,6 @@ def test_save_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
-
 def test_saved_files_have_the_usual_permissions(tmp_path: Path) -> None:
     """Protects: checkpoint and safetensors files are 0666 less the umask (safetensors alone writes 0600),
     so another user of the machine can read a shipped checkpoint."""
@@ -125,8 +136,12 @@ def test_saved_files_have_the_usual_permissions(tmp_path: Path) -> None:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in [*path.iterdir(), single]} == {
-        "config.json": 0o644, "model.safetensors": 0o644, "vae.safetensors": 0o644, "train_info.json": 0o644,
-        "w.safetensors": 0o644}
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+        "vae.safetensors": 0o644,
+        "train_info.json": 0o644,
+        "w.safetensors": 0o644,
+    }
 
 
 def _one_line_error(path: Path, match: str) -> str:
@@ -197,13 +212,28 @@ def test_checkpoint_errors(tmp_path: Path, tiny_checkpoint) -> None:
 def test_mar_names_are_mars() -> None:
     model, _ = tiny_model("masked", "mar")
     names = set(to_mar_names(model.state_dict()))
-    for k in ("class_emb.weight", "fake_latent", "z_proj.weight", "z_proj_ln.weight", "encoder_pos_embed_learned",
-              "encoder_blocks.0.attn.qkv.weight", "encoder_blocks.0.mlp.fc2.bias", "encoder_norm.weight",
-              "decoder_embed.weight", "mask_token", "decoder_pos_embed_learned", "decoder_blocks.0.norm2.bias",
-              "decoder_norm.weight", "diffusion_pos_embed_learned",
-              "diffloss.net.time_embed.mlp.0.weight", "diffloss.net.cond_embed.weight",
-              "diffloss.net.input_proj.weight", "diffloss.net.res_blocks.1.adaLN_modulation.1.weight",
-              "diffloss.net.final_layer.linear.weight", "diffloss.net.final_layer.adaLN_modulation.1.bias"):
+    for k in (
+        "class_emb.weight",
+        "fake_latent",
+        "z_proj.weight",
+        "z_proj_ln.weight",
+        "encoder_pos_embed_learned",
+        "encoder_blocks.0.attn.qkv.weight",
+        "encoder_blocks.0.mlp.fc2.bias",
+        "encoder_norm.weight",
+        "decoder_embed.weight",
+        "mask_token",
+        "decoder_pos_embed_learned",
+        "decoder_blocks.0.norm2.bias",
+        "decoder_norm.weight",
+        "diffusion_pos_embed_learned",
+        "diffloss.net.time_embed.mlp.0.weight",
+        "diffloss.net.cond_embed.weight",
+        "diffloss.net.input_proj.weight",
+        "diffloss.net.res_blocks.1.adaLN_modulation.1.weight",
+        "diffloss.net.final_layer.linear.weight",
+        "diffloss.net.final_layer.adaLN_modulation.1.bias",
+    ):
         assert k in names, k
 
 
@@ -212,12 +242,17 @@ def test_load_mar_checkpoint_and_kl16(tmp_path: Path) -> None:
     weights_only=True and give the same outputs as the model that was saved."""
     ema, vae = tiny_model("masked", "mar", seed=4)
     online, _ = tiny_model("masked", "mar", seed=5)
-    torch.save({
-        "model": to_mar_names(online.state_dict()),
-        "model_ema": to_mar_names(ema.state_dict()),
-        "epoch": 399,
-        "args": argparse.Namespace(model="mar_base", diffloss_d=6, cfg=2.9),  # MAR's main_mar.py saves its args
-    }, tmp_path / "checkpoint-last.pth")
+    torch.save(
+        {
+            "model": to_mar_names(online.state_dict()),
+            "model_ema": to_mar_names(ema.state_dict()),
+            "epoch": 399,
+            "args": argparse.Namespace(
+                model="mar_base", diffloss_d=6, cfg=2.9
+            ),  # MAR's main_mar.py saves its args
+        },
+        tmp_path / "checkpoint-last.pth",
+    )
     vsd = vae.state_dict()
     torch.save({"model": {**vsd, "loss.logvar": torch.zeros(())}}, tmp_path / "kl16.ckpt")
 

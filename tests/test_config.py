@@ -13,8 +13,17 @@ from training.config import CONFIG_VERSION, PRESETS, VAE_PRESETS, ConfigError, F
 def test_presets_validate_and_have_mar_dims() -> None:
     for name, cfg in PRESETS.items():
         assert cfg.validate() is cfg, name
-    dims = {n: (PRESETS[n].width, PRESETS[n].enc_depth, PRESETS[n].dec_depth, PRESETS[n].num_heads,
-                PRESETS[n].head_depth, PRESETS[n].head_width) for n in ("far-b", "far-l", "far-h")}
+    dims = {
+        n: (
+            PRESETS[n].width,
+            PRESETS[n].enc_depth,
+            PRESETS[n].dec_depth,
+            PRESETS[n].num_heads,
+            PRESETS[n].head_depth,
+            PRESETS[n].head_width,
+        )
+        for n in ("far-b", "far-l", "far-h")
+    }
     assert dims == {
         "far-b": (768, 12, 12, 12, 6, 1024),
         "far-l": (1024, 16, 16, 16, 8, 1280),
@@ -119,7 +128,10 @@ def test_preset_errors() -> None:
         ({"backbone": 1}, "config key backbone must be str"),
         ({"vae": "huge"}, "unknown vae preset 'huge'"),
         ({"vae": [1, 2]}, "config key vae must be an object"),
-        ({"vae": {**PRESETS["tiny"].to_dict()["vae"], "ch_mult": [1, "2"]}}, "config key vae.ch_mult must be tuple"),
+        (
+            {"vae": {**PRESETS["tiny"].to_dict()["vae"], "ch_mult": [1, "2"]}},
+            "config key vae.ch_mult must be tuple",
+        ),
     ],
 )
 def test_wrong_types_raise_config_error(change: dict, match: str) -> None:

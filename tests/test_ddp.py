@@ -19,23 +19,50 @@ from test_data import write_image_folder  # noqa: E402
 from test_train import tiny_overrides  # noqa: E402
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo"
+)
 def test_two_gloo_ranks_stay_in_sync(tmp_path):
     data = write_image_folder(tmp_path / "data", classes=2, per_class=4, size=16)
     out = tmp_path / "run"
-    args = tiny_overrides(data, far_steps=3, vae_steps=2) + ["vae.check_sync_every=1", "train.check_sync_every=1"]
+    args = tiny_overrides(data, far_steps=3, vae_steps=2) + [
+        "vae.check_sync_every=1",
+        "train.check_sync_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-         str(ROOT / "training" / "train.py"), "--out", str(out), *args],
-        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "training" / "train.py"),
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     syncs = [rec for rec in log if "sync_spread" in rec]
     # every step of both stages (plus the final check) compared the two ranks' weights
     assert [(rec["stage"], rec["step"]) for rec in syncs] == [
-        ("vae", 1), ("vae", 2), ("vae", 2), ("far", 1), ("far", 2), ("far", 3), ("far", 3)
+        ("vae", 1),
+        ("vae", 2),
+        ("vae", 2),
+        ("far", 1),
+        ("far", 2),
+        ("far", 3),
+        ("far", 3),
     ]
     for rec in syncs:
         a, b = rec["sync_checksums"]

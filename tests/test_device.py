@@ -39,8 +39,14 @@ class _Runtime:
         return self.count_error, self.count
 
     def cudaGetDeviceProperties(self, i):
-        return 0, SimpleNamespace(name=b"Orin\x00\x00junk", major=8, minor=7, multiProcessorCount=16,
-                                  totalGlobalMem=62_841 << 20, integrated=1)
+        return 0, SimpleNamespace(
+            name=b"Orin\x00\x00junk",
+            major=8,
+            minor=7,
+            multiProcessorCount=16,
+            totalGlobalMem=62_841 << 20,
+            integrated=1,
+        )
 
     def cudaDriverGetVersion(self):
         return 0, self.driver
@@ -51,8 +57,11 @@ class _Runtime:
 
 def test_cuda_errors_are_reported_by_name_with_the_fix():
     # cuda-python 13 on JetPack 6's driver (CUDA 12.2)
-    with pytest.raises(DeviceError, match=r"cudaErrorInsufficientDriver; the driver supports CUDA 12.2, the "
-                                          r"installed cuda-python is CUDA 13.0: pip install 'cuda-python>=12,<13'"):
+    with pytest.raises(
+        DeviceError,
+        match=r"cudaErrorInsufficientDriver; the driver supports CUDA 12.2, the "
+        r"installed cuda-python is CUDA 13.0: pip install 'cuda-python>=12,<13'",
+    ):
         probe_gpu(_Runtime(count_error=35, runtime=13000))
     with pytest.raises(DeviceError, match="cudaErrorInsufficientDriver; no NVIDIA driver is loaded"):
         probe_gpu(_Runtime(count_error=35, driver=0))
@@ -87,14 +96,24 @@ def test_probe_reads_the_facts_that_tell_jetson_modules_apart():
 
 
 def _spec(d: DeviceInfo) -> EngineSpec:
-    return EngineSpec(file="backbone.trt10.3.0.plan", sha256="0" * 64, tensorrt_version=d.tensorrt_version,
-                      gpu_name=d.gpu_name, compute_capability=d.compute_capability, onnx_sha256="1" * 64,
-                      build_key="2" * 64, sm_count=d.sm_count, total_memory_mb=d.total_memory_mb)
+    return EngineSpec(
+        file="backbone.trt10.3.0.plan",
+        sha256="0" * 64,
+        tensorrt_version=d.tensorrt_version,
+        gpu_name=d.gpu_name,
+        compute_capability=d.compute_capability,
+        onnx_sha256="1" * 64,
+        build_key="2" * 64,
+        sm_count=d.sm_count,
+        total_memory_mb=d.total_memory_mb,
+    )
 
 
 def test_a_plan_built_on_an_orin_agx_is_refused_on_an_orin_nx():
     check_engine("backbone", _spec(AGX), replace(AGX, total_memory_mb=62_700))  # same module, other boot
-    with pytest.raises(EngineMismatchError, match=r"built for a Orin with 16 SMs, this one has 8 .*far-export compile"):
+    with pytest.raises(
+        EngineMismatchError, match=r"built for a Orin with 16 SMs, this one has 8 .*far-export compile"
+    ):
         check_engine("backbone", _spec(AGX), NX)
     assert "62841 MB, this one has 31000 MB" in plan_mismatch(AGX, replace(AGX, total_memory_mb=31_000))
     old = replace(AGX, sm_count=0, total_memory_mb=0)  # a manifest written before these fields
@@ -130,7 +149,10 @@ class _Config:
 
 def test_a_timing_cache_from_another_device_is_replaced_by_a_fresh_one():
     assert [timing_cache_choice(b, a) for b, a in ((True, True), (True, False), (False, False))] == [
-        "use", "fresh", "fail"]
+        "use",
+        "fresh",
+        "fail",
+    ]
     lines: list[str] = []
     cfg = _Config()
     assert attach_timing_cache(cfg, b"this-gpu", lines.append).blob == b"this-gpu" and not lines
@@ -160,9 +182,24 @@ def test_bench_says_jetson_device_memory_is_system_ram():
     from runtime.bench import BenchResult
 
     stages = {k: 1.0 for k in ("backbone", "head", "update", "vae", "loop", "prepare", "wall")}
-    r = BenchResult("e", "trt", {"backbone": "masked", "head": "shortcut"}, {}, 1, 1, stages, stages,
-                    {k: 0.1 for k in stages if k != "wall"}, 0.1, 1.0, {"p50": 1, "p95": 1, "mean": 1, "min": 1},
-                    {"backbone": 1, "head": 1}, 100.0, device_mem_mb=900.0, device_mem_shared=True)
+    r = BenchResult(
+        "e",
+        "trt",
+        {"backbone": "masked", "head": "shortcut"},
+        {},
+        1,
+        1,
+        stages,
+        stages,
+        {k: 0.1 for k in stages if k != "wall"},
+        0.1,
+        1.0,
+        {"p50": 1, "p95": 1, "mean": 1, "min": 1},
+        {"backbone": 1, "head": 1},
+        100.0,
+        device_mem_mb=900.0,
+        device_mem_shared=True,
+    )
     assert "system RAM in use 900 MB (integrated GPU" in r.summary()
     assert "device memory in use 900 MB" in replace(r, device_mem_shared=False).summary()
 
@@ -200,8 +237,11 @@ def test_ort_backend_builds_gpu_session_options_and_leaves_cpu_as_it_was(tmp_pat
 
     from runtime.backends import OrtBackend
 
-    monkeypatch.setattr(ort, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     gpu = OrtBackend(tmp_path, None, providers="tensorrt,cuda")
     assert gpu._opts.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
     assert gpu._provider_options[0]["trt_engine_cache_path"] == str(tmp_path / ORT_TRT_CACHE)

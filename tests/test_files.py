@@ -46,8 +46,11 @@ def test_a_file_made_0600_by_its_writer_gets_the_usual_mode(tmp_path, umask):
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, failure):
     target = tmp_path / "state.pt"
     target.write_text("old")
-    raised = {"os": OSError(errno.EACCES, "Permission denied"), "bug": ValueError("shape"),
-              "interrupt": KeyboardInterrupt()}[failure]
+    raised = {
+        "os": OSError(errno.EACCES, "Permission denied"),
+        "bug": ValueError("shape"),
+        "interrupt": KeyboardInterrupt(),
+    }[failure]
     with pytest.raises((WriteError, ValueError, KeyboardInterrupt)) as e:
         with atomic_path(target) as tmp:
             tmp.write_text("half")
@@ -60,7 +63,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, fai
 
 
 def test_a_full_disk_is_named_as_such(tmp_path):
-    with pytest.raises(WriteError, match=r"cannot write .*x\.bin: the disk is full \([\d.]+ MB free\); free some"):
+    with pytest.raises(
+        WriteError, match=r"cannot write .*x\.bin: the disk is full \([\d.]+ MB free\); free some"
+    ):
         with atomic_path(tmp_path / "x.bin") as tmp:
             tmp.write_bytes(b"1")
             raise OSError(errno.ENOSPC, "No space left on device")

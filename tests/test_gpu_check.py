@@ -28,15 +28,22 @@ def test_without_a_gpu_every_check_says_what_it_skipped():
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.strip().splitlines()
     assert all(line.split(":", 1)[0] in ("ok", "skipped") for line in lines), lines
-    assert any(line.startswith("skipped: TensorRT backend's CUDA half with a stub engine: no CUDA device")
-               for line in lines), lines
+    assert any(
+        line.startswith("skipped: TensorRT backend's CUDA half with a stub engine: no CUDA device")
+        for line in lines
+    ), lines
     assert "Traceback" not in p.stderr
 
 
 @pytest.mark.skipif(RT is not None, reason="a CUDA device is present here")
 def test_shell_script_exits_0_on_cpu_and_names_each_skip():
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
-                       timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    p = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "skipped: PyTorch reference on CUDA" in p.stdout or "ok: training/sample.py" in p.stdout
     assert "skipped: pytest -m 'gpu or tensorrt'" in p.stdout or "passed" in p.stdout
@@ -59,8 +66,20 @@ def test_reference_sampler_refuses_cuda_without_it():
 
     if torch.cuda.is_available():
         pytest.skip("torch sees a CUDA device here")
-    p = subprocess.run([sys.executable, str(ROOT / "training" / "sample.py"), "--checkpoint",
-                        str(ROOT / "checkpoints" / "far-mnist"), "--device", "cuda", "--out", "x.png"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "training" / "sample.py"),
+            "--checkpoint",
+            str(ROOT / "checkpoints" / "far-mnist"),
+            "--device",
+            "cuda",
+            "--out",
+            "x.png",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("Error: --device cuda: torch sees no CUDA device")

@@ -205,10 +205,17 @@ def mar_spaced_diffusion(num_steps: int) -> tuple[list[int], np.ndarray]:
     acp = np.cumprod(1.0 - b)
     acp_prev = np.append(1.0, acp[:-1])
     post_var = b * (1.0 - acp_prev) / (1.0 - acp)
-    coef = np.stack([
-        np.sqrt(1.0 / acp), np.sqrt(1.0 / acp - 1), b * np.sqrt(acp_prev) / (1.0 - acp),
-        (1.0 - acp_prev) * np.sqrt(1.0 - b) / (1.0 - acp), np.log(np.append(post_var[1], post_var[1:])), np.log(b),
-    ], axis=1)
+    coef = np.stack(
+        [
+            np.sqrt(1.0 / acp),
+            np.sqrt(1.0 / acp - 1),
+            b * np.sqrt(acp_prev) / (1.0 - acp),
+            (1.0 - acp_prev) * np.sqrt(1.0 - b) / (1.0 - acp),
+            np.log(np.append(post_var[1], post_var[1:])),
+            np.log(b),
+        ],
+        axis=1,
+    )
     return timestep_map, coef
 
 
@@ -298,19 +305,34 @@ def test_diffusion_loss_is_mar_training_losses(monkeypatch: pytest.MonkeyPatch) 
     col = lambda a: a[tt][:, None]  # noqa: E731
     xs, nz, xt = x_start.double().numpy(), noise.double().numpy(), x_t32.double().numpy()
     mse = ((nz - eps) ** 2).mean(1)
-    true_mean = col(betas * np.sqrt(ac_prev) / (1 - ac)) * xs + col((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)) * xt
+    true_mean = (
+        col(betas * np.sqrt(ac_prev) / (1 - ac)) * xs
+        + col((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)) * xt
+    )
     true_logvar = col(post_logvar)
     frac = (var + 1) / 2
     logvar = frac * col(np.log(betas)) + (1 - frac) * col(post_logvar)
     pred_x0 = col(np.sqrt(1 / ac)) * xt - col(np.sqrt(1 / ac - 1)) * eps
-    mean = col(betas * np.sqrt(ac_prev) / (1 - ac)) * pred_x0 + col((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)) * xt
-    kl = 0.5 * (-1 + logvar - true_logvar + np.exp(true_logvar - logvar) + (true_mean - mean) ** 2 * np.exp(-logvar))
+    mean = (
+        col(betas * np.sqrt(ac_prev) / (1 - ac)) * pred_x0
+        + col((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac)) * xt
+    )
+    kl = 0.5 * (
+        -1 + logvar - true_logvar + np.exp(true_logvar - logvar) + (true_mean - mean) ** 2 * np.exp(-logvar)
+    )
     approx_cdf = lambda v: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))  # noqa: E731
     inv_std = np.exp(-0.5 * logvar)
-    cdf_plus, cdf_min = approx_cdf(inv_std * (xs - mean + 1 / 255)), approx_cdf(inv_std * (xs - mean - 1 / 255))
-    log_probs = np.where(xs < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
-                         np.where(xs > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)),
-                                  np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))
+    cdf_plus, cdf_min = (
+        approx_cdf(inv_std * (xs - mean + 1 / 255)),
+        approx_cdf(inv_std * (xs - mean - 1 / 255)),
+    )
+    log_probs = np.where(
+        xs < -0.999,
+        np.log(np.maximum(cdf_plus, 1e-12)),
+        np.where(
+            xs > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)), np.log(np.maximum(cdf_plus - cdf_min, 1e-12))
+        ),
+    )
     vb = np.where(tt == 0, -log_probs.mean(1) / np.log(2), kl.mean(1) / np.log(2))
     np.testing.assert_allclose(got, mse + vb, rtol=2e-4, atol=1e-5)
     assert (vb[tt == 0] > 0.1).all() and (vb[tt != 0] >= 0).all()
@@ -382,7 +404,11 @@ def test_cfg_one_equals_unguided_step(head_kind: str) -> None:
             scaled = head_step(model, True)(x, t, d, torch.cat([z_c, z_u]), torch.tensor([3.0]))
         else:
             ts, coef = ddpm_sampling_schedule(1000, 10)
-            t, cf, noise = torch.tensor([int(ts[3])]), torch.tensor(coef[3], dtype=torch.float32), torch.randn(N, C)
+            t, cf, noise = (
+                torch.tensor([int(ts[3])]),
+                torch.tensor(coef[3], dtype=torch.float32),
+                torch.randn(N, C),
+            )
             guided = head_step(model, True)(x, t, torch.cat([z_c, z_u]), one, cf, noise)
             plain = head_step(model, False)(x, t, z_c, None, cf, noise)
             scaled = head_step(model, True)(x, t, torch.cat([z_c, z_u]), torch.tensor([3.0]), cf, noise)
@@ -416,8 +442,14 @@ def test_fp16_head_steps_run(head_kind: str) -> None:
             args = (x, torch.tensor([0.25]), torch.tensor([0.25]), z, torch.tensor([2.0]))
         else:
             ts, coef = ddpm_sampling_schedule(1000, 25)
-            args = (x, torch.tensor([int(ts[0])]), z, torch.tensor([2.0]), torch.tensor(coef[0], dtype=torch.float32),
-                    torch.randn(N, C))
+            args = (
+                x,
+                torch.tensor([int(ts[0])]),
+                z,
+                torch.tensor([2.0]),
+                torch.tensor(coef[0], dtype=torch.float32),
+                torch.randn(N, C),
+            )
         ref = head_step(model, True)(*args)
         try:
             out = head_step(model.half(), True)(*args)
@@ -430,7 +462,9 @@ def test_fp16_head_steps_run(head_kind: str) -> None:
 @pytest.mark.parametrize(("levels", "fraction"), [(1, 0.25), (8, 0.0), (2, 0.5)])
 def test_shortcut_loss_edge_configs(levels: int, fraction: float) -> None:
     """Protects: one level (plain flow matching) and no bootstrap rows train without errors."""
-    model, _ = tiny_model("masked", "shortcut", shortcut_levels=levels, bootstrap_fraction=fraction, head_steps=1)
+    model, _ = tiny_model(
+        "masked", "shortcut", shortcut_levels=levels, bootstrap_fraction=fraction, head_steps=1
+    )
     torch.manual_seed(0)
     loss = model.loss(torch.randn(2, model.cfg.seq_len, model.cfg.token_dim), torch.tensor([0, 1]))
     assert torch.isfinite(loss)

@@ -88,13 +88,17 @@ def test_a_quantized_graph_that_fails_validation_ships_fp32_with_a_note(engines,
 
     monkeypatch.setattr(build_mod, "compare", compare)
     ckpt, fp32, _ = engines
-    res = _invoke("build", ckpt, "--out", tmp_path / "e", "--precision", "int8", "--batch", "2", "--no-engines")
+    res = _invoke(
+        "build", ckpt, "--out", tmp_path / "e", "--precision", "int8", "--batch", "2", "--no-engines"
+    )
     assert res.exit_code == 0, res.output
     m = load_manifest(tmp_path / "e")
     assert m.graphs["backbone"].precision == "fp32" and m.graphs["backbone"].fp32_islands == ()
     assert "int8 failed validation, falls back to fp32" in m.validation["notes"]["backbone"]
     assert _qdq(tmp_path / "e" / "backbone.onnx")[0]["QuantizeLinear"] == 0
-    assert m.graphs["backbone"].sha256 == load_manifest(fp32).graphs["backbone"].sha256  # the fp32 export itself
+    assert (
+        m.graphs["backbone"].sha256 == load_manifest(fp32).graphs["backbone"].sha256
+    )  # the fp32 export itself
     assert not (tmp_path / "e" / ".fp32").exists()
 
 
@@ -105,8 +109,20 @@ def test_sample_runs_an_int8_engine_close_to_the_fp32_engine(engines, tmp_path):
     _, fp32, int8 = engines
     imgs = {}
     for name, d in (("fp32", fp32), ("int8", int8)):
-        res = _invoke("sample", d, "--classes", "0-3", "--per-class", "1", "--seed", "3", "--threads", "1",
-                      "--out", tmp_path / f"{name}.png")
+        res = _invoke(
+            "sample",
+            d,
+            "--classes",
+            "0-3",
+            "--per-class",
+            "1",
+            "--seed",
+            "3",
+            "--threads",
+            "1",
+            "--out",
+            tmp_path / f"{name}.png",
+        )
         assert res.exit_code == 0, res.output
         imgs[name] = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")).astype(np.float64) / 255
     diff = np.abs(imgs["int8"] - imgs["fp32"])

@@ -34,19 +34,54 @@ BIN = Path(sys.executable).parent
 
 def mar_args(**changes) -> argparse.Namespace:
     """The args MAR's main_mar.py saves (its README's MAR-B training command), with `changes`."""
-    a = dict(model="mar_base", img_size=256, vae_path="pretrained_models/vae/kl16.ckpt", vae_embed_dim=16,
-             vae_stride=16, patch_size=1, num_iter=64, num_images=50000, cfg=1.0, cfg_schedule="linear",
-             label_drop_prob=0.1, weight_decay=0.02, blr=1e-4, lr=8e-4, ema_rate=0.9999, mask_ratio_min=0.7,
-             grad_clip=3.0, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64, diffloss_d=6, diffloss_w=1024,
-             num_sampling_steps="100", diffusion_batch_mul=4, temperature=1.0, class_num=1000, epochs=400)
+    a = dict(
+        model="mar_base",
+        img_size=256,
+        vae_path="pretrained_models/vae/kl16.ckpt",
+        vae_embed_dim=16,
+        vae_stride=16,
+        patch_size=1,
+        num_iter=64,
+        num_images=50000,
+        cfg=1.0,
+        cfg_schedule="linear",
+        label_drop_prob=0.1,
+        weight_decay=0.02,
+        blr=1e-4,
+        lr=8e-4,
+        ema_rate=0.9999,
+        mask_ratio_min=0.7,
+        grad_clip=3.0,
+        attn_dropout=0.1,
+        proj_dropout=0.1,
+        buffer_size=64,
+        diffloss_d=6,
+        diffloss_w=1024,
+        num_sampling_steps="100",
+        diffusion_batch_mul=4,
+        temperature=1.0,
+        class_num=1000,
+        epochs=400,
+    )
     a.update(changes)
     return argparse.Namespace(**{k: v for k, v in a.items() if v is not None})
 
 
 def tiny_args(**changes) -> argparse.Namespace:
     """MAR's args for the tiny dims: no size name (MAR's args name only B/L/H), --num-heads 2 instead."""
-    tiny = dict(model=None, img_size=16, vae_embed_dim=4, vae_stride=2, buffer_size=2, diffloss_d=2, diffloss_w=32,
-                class_num=4, num_iter=4, cfg=2.0, num_sampling_steps="5")
+    tiny = dict(
+        model=None,
+        img_size=16,
+        vae_embed_dim=4,
+        vae_stride=2,
+        buffer_size=2,
+        diffloss_d=2,
+        diffloss_w=32,
+        class_num=4,
+        num_iter=4,
+        cfg=2.0,
+        num_sampling_steps="5",
+    )
     return mar_args(**{**tiny, **changes})
 
 
@@ -58,9 +93,14 @@ def write_mar_files(d: Path, **entries) -> tuple[Path, Path, FAR, FAR]:
     ema, vae = tiny_model("masked", "mar", seed=4)
     online, _ = tiny_model("masked", "mar", seed=5)
     opt = torch.optim.AdamW(online.parameters(), lr=1e-4)
-    obj = {"model": to_mar_names(online.state_dict()), "model_ema": to_mar_names(ema.state_dict()),
-           "optimizer": opt.state_dict(), "epoch": 399, "scaler": {"scale": 65536.0, "_growth_tracker": 0},
-           "args": tiny_args()}
+    obj = {
+        "model": to_mar_names(online.state_dict()),
+        "model_ema": to_mar_names(ema.state_dict()),
+        "optimizer": opt.state_dict(),
+        "epoch": 399,
+        "scaler": {"scale": 65536.0, "_growth_tracker": 0},
+        "args": tiny_args(),
+    }
     obj.update(entries)
     torch.save({k: v for k, v in obj.items() if v is not ...}, d / "checkpoint-last.pth")
     torch.save({"model": {**vae.state_dict(), "loss.logvar": torch.zeros(())}}, d / "kl16.ckpt")
@@ -78,8 +118,10 @@ def _meta_mar(name: str) -> dict[str, torch.Tensor]:
         return to_mar_names(FAR(preset(name, head="mar")).state_dict())
 
 
-@pytest.mark.parametrize(("size", "name", "cfg"), [("mar_base", "far-b", 2.9), ("mar_large", "far-l", 3.0),
-                                                    ("mar_huge", "far-h", 3.2)])
+@pytest.mark.parametrize(
+    ("size", "name", "cfg"),
+    [("mar_base", "far-b", 2.9), ("mar_large", "far-l", 3.0), ("mar_huge", "far-h", 3.2)],
+)
 def test_real_mar_sizes_map_to_presets(size, name, cfg):
     """A real MAR-B/L/H (its shapes, with or without its saved args) is far-b/l/h with head 'mar' and MAR's
     README sampling: cfg 2.9/3.0/3.2 linear, 256 AR steps, 100 denoising steps, temperature 1."""
@@ -88,12 +130,15 @@ def test_real_mar_sizes_map_to_presets(size, name, cfg):
         kl16 = AutoencoderKL(VAE_PRESETS["kl16"]).state_dict()
     vae = infer_vae_config(kl16, "kl16.ckpt")
     assert vae == VAE_PRESETS["kl16"]
-    want = PRESETS[name].replace(head="mar", cfg=cfg, cfg_schedule="linear", num_iter=256, head_steps=100,
-                                 temperature=1.0)
+    want = PRESETS[name].replace(
+        head="mar", cfg=cfg, cfg_schedule="linear", num_iter=256, head_steps=100, temperature=1.0
+    )
     p = PRESETS[name]
     args = mar_args(model=size, diffloss_d=p.head_depth, diffloss_w=p.head_width)
     with_args, got_size = infer_mar_config(sd, args, vae, MARImportOptions(), "x.pth")
-    assert got_size == size and with_args == want  # MAR's training args equal our preset's (dropouts, batch mul...)
+    assert (
+        got_size == size and with_args == want
+    )  # MAR's training args equal our preset's (dropouts, batch mul...)
     shapes_only, got_size = infer_mar_config(sd, None, vae, MARImportOptions(), "x.pth")
     assert got_size == size and shapes_only == want
 
@@ -118,7 +163,9 @@ def test_sampling_overrides_and_args_defaults():
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "far-export"), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(BIN / "far-export"), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_round_trip_file_to_engines_to_samples(tmp_path):
@@ -137,15 +184,20 @@ def test_round_trip_file_to_engines_to_samples(tmp_path):
     assert info["weights"] == "model_ema" and info["mar_args"]["diffloss_w"] == 32
 
     loaded = load_checkpoint(ckpt)
-    assert loaded.cfg == preset("tiny", head="mar", num_iter=4, head_steps=5, cfg=2.0, latent_scale=0.2325,
-                                mlp_ratio=4.0)
+    assert loaded.cfg == preset(
+        "tiny", head="mar", num_iter=4, head_steps=5, cfg=2.0, latent_scale=0.2325, mlp_ratio=4.0
+    )
     ref_sd = ema.state_dict()
     assert all(torch.equal(v, ref_sd[k]) for k, v in loaded.model.state_dict().items())  # the EMA, exactly
 
     engines = tmp_path / "engines"
-    r = _cli("build", ckpt, "--out", engines, "--batch", "2", "--no-engines", "--no-validate", "--no-end-to-end")
+    r = _cli(
+        "build", ckpt, "--out", engines, "--batch", "2", "--no-engines", "--no-validate", "--no-end-to-end"
+    )
     assert r.returncode == 0, r.stderr
-    r = _cli("sample", engines, "--classes", "0,3", "--seed", "7", "--out-dir", tmp_path / "png", "--threads", "1")
+    r = _cli(
+        "sample", engines, "--classes", "0,3", "--seed", "7", "--out-dir", tmp_path / "png", "--threads", "1"
+    )
     assert r.returncode == 0, r.stderr
 
     labels = [0, 3]
@@ -194,8 +246,13 @@ def test_bad_files(tmp_path):
     _error(kl, kl, out, r"kl16.ckpt \['model'\] is not a MAR model: no 'z_proj.weight'", weights="online")
     _error(pth, pth, out, r"checkpoint-last.pth: the VAE weights match none of the known layouts")
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.pth")
-    _error(tmp_path / "other.pth", kl, out, r"other.pth is not a MAR checkpoint: no 'model' or 'model_ema' entry "
-                                            r"\(found: state_dict\)")
+    _error(
+        tmp_path / "other.pth",
+        kl,
+        out,
+        r"other.pth is not a MAR checkpoint: no 'model' or 'model_ema' entry "
+        r"\(found: state_dict\)",
+    )
     torch.save({"model_ema": to_mar_names(ema.state_dict()), "hook": Evil()}, tmp_path / "evil.pth")
     _error(tmp_path / "evil.pth", kl, out, r"evil.pth could not be loaded safely \(weights_only=True\)")
     p, k, _, _ = write_mar_files(tmp_path / "none-ema", model_ema=None)  # MAR trained without EMA
@@ -203,8 +260,13 @@ def test_bad_files(tmp_path):
     p, k, _, _ = write_mar_files(tmp_path / "dict-args", args={"model": "mar_base"})
     _error(p, k, out, r"'args' is a dict, not MAR's argparse.Namespace")
     p, k, _, _ = write_mar_files(tmp_path / "giant", args=tiny_args(model="mar_giant"))
-    _error(p, k, out, r"unknown MAR model size args.model='mar_giant'; MAR's are mar_base, mar_large, mar_huge",
-           num_heads=None)
+    _error(
+        p,
+        k,
+        out,
+        r"unknown MAR model size args.model='mar_giant'; MAR's are mar_base, mar_large, mar_huge",
+        num_heads=None,
+    )
     p, k, _, _ = write_mar_files(tmp_path / "b", args=mar_args())  # says MAR-B, holds tiny weights
     _error(p, k, out, r"args.model='mar_base' has width 768 but the weights have 32")
     p, k, _, _ = write_mar_files(tmp_path / "w", args=tiny_args(diffloss_w=1024))
@@ -212,7 +274,9 @@ def test_bad_files(tmp_path):
     p, k, _, _ = write_mar_files(tmp_path / "no-heads", args=...)  # a release file without args
     _error(p, k, out, r"width 32 with 1\+1 blocks is not MAR-B/L/H; pass --num-heads", num_heads=None)
     # weights of the right names and another VAE: the VAE file is refused before any output exists
-    torch.save({"model": randomize_(AutoencoderKL(VAE_PRESETS["small32"])).state_dict()}, tmp_path / "small.ckpt")
+    torch.save(
+        {"model": randomize_(AutoencoderKL(VAE_PRESETS["small32"])).state_dict()}, tmp_path / "small.ckpt"
+    )
     _error(pth, tmp_path / "small.ckpt", out, r"args.vae_embed_dim = 4 but the weights/VAE have 8")
     _error(p, tmp_path / "small.ckpt", out, r"tokens of 4 channels do not fit the VAE's 8 latent channels")
     (out.parent / "notes").mkdir()
@@ -225,7 +289,10 @@ def test_bad_files(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     pth, kl, _, _ = write_mar_files(tmp_path / "mar")
     for args, match in [
-        ([pth, "--vae", kl, "--out", tmp_path / "o"], "pass --num-heads (attention heads are not in the weights)"),
+        (
+            [pth, "--vae", kl, "--out", tmp_path / "o"],
+            "pass --num-heads (attention heads are not in the weights)",
+        ),
         ([tmp_path / "x.pth", "--vae", kl, "--out", tmp_path / "o"], "x.pth does not exist"),
     ]:
         r = CliRunner().invoke(cli, ["import-mar", *map(str, args)])
@@ -251,14 +318,24 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
     pth, kl, ema, _ = write_mar_files(tmp_path / "mar")
     mar = import_mar(pth, kl, tmp_path / "imported", MARImportOptions(num_heads=2)).path
     data = write_image_folder(tmp_path / "data", classes=2, per_class=4, size=16)
-    init = [f"vae.init={json.dumps(str(mar))}", f"train.init={json.dumps(str(mar))}", "train.steps=1",
-            "train.lr=0.0", "model.num_classes=4", 'model.head="shortcut"']
+    init = [
+        f"vae.init={json.dumps(str(mar))}",
+        f"train.init={json.dumps(str(mar))}",
+        "train.steps=1",
+        "train.lr=0.0",
+        "model.num_classes=4",
+        'model.head="shortcut"',
+    ]
     ft = load_checkpoint(T.train(T.load_run_config(None, tiny_overrides(data) + init), tmp_path / "run"))
     assert ft.cfg.head == "shortcut"
     got, ref = ft.model.state_dict(), to_mar_names(ema.state_dict())
     for k, v in got.items():
-        mar_name = k[len("backbone."):] if k.startswith("backbone.") else "diffloss." + k[len("head."):]
-        fresh = k in ("head.net.d_embed.weight", "head.net.final_layer.linear.weight", "head.net.final_layer.linear.bias")
+        mar_name = k[len("backbone.") :] if k.startswith("backbone.") else "diffloss." + k[len("head.") :]
+        fresh = k in (
+            "head.net.d_embed.weight",
+            "head.net.final_layer.linear.weight",
+            "head.net.final_layer.linear.bias",
+        )
         assert (mar_name in ref and torch.equal(v, ref[mar_name])) != fresh, k
 
 

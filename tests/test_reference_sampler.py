@@ -42,7 +42,9 @@ def test_every_backbone_and_head_samples(backbone: str, head: str) -> None:
     assert not np.array_equal(images, other)
 
 
-@pytest.mark.parametrize(("backbone", "head"), [("masked", "shortcut"), ("causal", "shortcut"), ("masked", "mar")])
+@pytest.mark.parametrize(
+    ("backbone", "head"), [("masked", "shortcut"), ("causal", "shortcut"), ("masked", "mar")]
+)
 def test_image_does_not_depend_on_batching(backbone: str, head: str) -> None:
     """Protects the PCG64([seed, i]) contract: image i is the same in any batch size or chunking."""
     model, _ = tiny_model(backbone, head, seed=2)
@@ -50,7 +52,9 @@ def test_image_does_not_depend_on_batching(backbone: str, head: str) -> None:
     labels = [0, 1, 2, 3, 1]
     whole = sample_tokens(model, labels, s)
     assert whole.shape == (5, model.cfg.seq_len, model.cfg.token_dim) and whole.dtype == np.float32
-    chunks = np.concatenate([sample_tokens(model, labels[i : i + 2], s, first_index=i) for i in range(0, 5, 2)])
+    chunks = np.concatenate(
+        [sample_tokens(model, labels[i : i + 2], s, first_index=i) for i in range(0, 5, 2)]
+    )
     # random weights make the MAR head's x0 predictions large (~4e4): compare relative to the scale
     assert_close_to_scale(chunks, whole, FP32, "tokens sampled in chunks of 2")
     single = sample_tokens(model, [labels[3]], s, first_index=3)
@@ -65,7 +69,9 @@ def test_masked_shortcut_follows_the_documented_draw_order() -> None:
     model, _ = tiny_model("masked", "shortcut", seed=3)
     cfg = model.cfg
     L, C, K, T, seed, scale = cfg.seq_len, cfg.token_dim, 4, 0.9, 11, 2.5
-    s = SamplingSettings.resolve(cfg, seed=seed, head_steps=K, cfg=scale, cfg_schedule="constant", temperature=T)
+    s = SamplingSettings.resolve(
+        cfg, seed=seed, head_steps=K, cfg=scale, cfg_schedule="constant", temperature=T
+    )
     labels = [2, 0]
     got = sample_tokens(model, labels, s, first_index=7)
 
@@ -120,16 +126,38 @@ def test_cli_grid_and_files(tmp_path: Path, tiny_checkpoint) -> None:
     """Protects the shared sampling flags: --out grid (one row per class), --out-dir <index>_class<k>.png,
     the same pixels as generate()."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt", seed=5)
-    args = ["--checkpoint", str(ckpt), "--classes", "1-3", "--per-class", "2", "--head-steps", "2",
-            "--cfg", "2.0", "--temperature", "0.9", "--seed", "4"]
-    r = _run_cli([*args, "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "imgs"), "--batch", "4"])
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--classes",
+        "1-3",
+        "--per-class",
+        "2",
+        "--head-steps",
+        "2",
+        "--cfg",
+        "2.0",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "4",
+    ]
+    r = _run_cli(
+        [*args, "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "imgs"), "--batch", "4"]
+    )
     assert r.exit_code == 0, r.output
     assert "wrote 6 images" in r.output
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (3 * 18 + 2, 2 * 18 + 2, 3)  # 3 class rows, 2 per row, 2 px padding
     names = sorted(p.name for p in (tmp_path / "imgs").iterdir())
-    assert names == ["00000_class1.png", "00001_class1.png", "00002_class2.png", "00003_class2.png",
-                     "00004_class3.png", "00005_class3.png"]
+    assert names == [
+        "00000_class1.png",
+        "00001_class1.png",
+        "00002_class2.png",
+        "00003_class2.png",
+        "00004_class3.png",
+        "00005_class3.png",
+    ]
 
     from training.checkpoint import load_checkpoint
 
@@ -146,7 +174,10 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_checkpoint) -> None:
     ckpt = str(tiny_checkpoint(tmp_path / "ckpt"))
     out = ["--out", str(tmp_path / "g.png")]
     cases = [
-        (["--checkpoint", ckpt, "--classes", "2-7", *out], "class id 4 is out of range: this model has classes 0..3"),
+        (
+            ["--checkpoint", ckpt, "--classes", "2-7", *out],
+            "class id 4 is out of range: this model has classes 0..3",
+        ),
         (["--checkpoint", str(tmp_path / "missing"), *out], "does not exist"),
         (["--checkpoint", ckpt, "--classes", "0-3", "--head-steps", "3", *out], "power of two from 1 to 128"),
         (["--checkpoint", ckpt, "--classes", "a-b", *out], "is not a list like"),
@@ -164,7 +195,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_checkpoint) -> None:
 
 def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ""}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_script_entry_points(tmp_path: Path, tiny_checkpoint) -> None:
@@ -185,8 +218,12 @@ def test_parse_classes() -> None:
     assert parse_classes("1,3, 7", 10) == [1, 3, 7]
     assert parse_classes("0-2,5", 10) == [0, 1, 2, 5]
     assert request_labels([2, 5], 3) == [2, 2, 2, 5, 5, 5]
-    for spec, msg in [("5-2", "runs backwards"), ("x", "is not a list like"), ("10", "class id 10 is out of range"),
-                      ("", "is not a list like")]:
+    for spec, msg in [
+        ("5-2", "runs backwards"),
+        ("x", "is not a list like"),
+        ("10", "class id 10 is out of range"),
+        ("", "is not a list like"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_classes(spec, 10)
     with pytest.raises(ValueError, match="per-class"):

@@ -90,7 +90,12 @@ def test_calls_bound_once_per_plan_and_timed(engines):
     pipe.generate([1], seed=1, head_steps=4)
     assert backend.binds == binds
     steps = pipe.model.num_iter
-    assert backend.counts == {"backbone": 2 * steps, "head": 2 * 4 * steps, "update": 2 * steps, "vae_decoder": 2}
+    assert backend.counts == {
+        "backbone": 2 * steps,
+        "head": 2 * 4 * steps,
+        "update": 2 * steps,
+        "vae_decoder": 2,
+    }
     t = pipe.timings
     assert t.images == 1 and t.batches == 1
     assert t.backbone_calls == steps and t.head_calls == 4 * steps
@@ -139,7 +144,12 @@ def test_defaults_come_from_manifest(pipe):
     s = pipe.settings()
     m = pipe.model
     assert (s.head_steps, s.cfg, s.cfg_schedule, s.temperature, s.num_iter) == (
-        m.head_steps, m.cfg, m.cfg_schedule, m.temperature, m.num_iter)
+        m.head_steps,
+        m.cfg,
+        m.cfg_schedule,
+        m.temperature,
+        m.num_iter,
+    )
 
 
 def test_more_ar_steps_fit_the_static_query(pipe):
@@ -152,19 +162,22 @@ def test_more_ar_steps_fit_the_static_query(pipe):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"classes": [0, 4]}, "class id 4 is out of range"),
-    ({"classes": [-1]}, "class id -1 is out of range"),
-    ({"classes": []}, "no class"),
-    ({"batch": 3}, "batch 3 is larger than the engines were built for \\(2\\)"),
-    ({"batch": 0}, "batch must be >= 1"),
-    ({"head_steps": 3}, "power of two"),
-    ({"head_steps": 0}, "power of two"),
-    ({"head_steps": 256}, "power of two from 1 to 128"),
-    ({"temperature": 0.0}, "temperature must be > 0"),
-    ({"cfg_schedule": "cosine"}, "unknown cfg schedule"),
-    ({"num_iter": 1}, "engines query at most"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"classes": [0, 4]}, "class id 4 is out of range"),
+        ({"classes": [-1]}, "class id -1 is out of range"),
+        ({"classes": []}, "no class"),
+        ({"batch": 3}, "batch 3 is larger than the engines were built for \\(2\\)"),
+        ({"batch": 0}, "batch must be >= 1"),
+        ({"head_steps": 3}, "power of two"),
+        ({"head_steps": 0}, "power of two"),
+        ({"head_steps": 256}, "power of two from 1 to 128"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"cfg_schedule": "cosine"}, "unknown cfg schedule"),
+        ({"num_iter": 1}, "engines query at most"),
+    ],
+)
 def test_bad_requests_are_one_line_errors(pipe, kwargs, match):
     kwargs = {"classes": [0], **kwargs}
     with pytest.raises(RequestError, match=match) as e:
@@ -251,6 +264,7 @@ def test_corrupt_graph_with_matching_sha256(copy):
 def test_graph_shapes_differ_from_manifest(copy):
     def grow(d):
         d["graphs"]["vae_decoder"]["inputs"][0]["shape"][0] = 4
+
     _edit_manifest(copy, grow)
     with pytest.raises(BackendError, match="tokens has shape") as e:
         Pipeline.load(copy)
@@ -287,15 +301,25 @@ def test_silent_cpu_fallback_is_an_error(engines, monkeypatch):
 
     available = ort.get_available_providers()
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
-    with pytest.raises(BackendError, match="CUDAExecutionProvider was asked for but ONNX Runtime (fell back to|"
-                                           "cannot allocate cuda memory)") as e:
+    with pytest.raises(
+        BackendError,
+        match="CUDAExecutionProvider was asked for but ONNX Runtime (fell back to|"
+        "cannot allocate cuda memory)",
+    ) as e:
         Pipeline.load(engines, providers="cuda,cpu")
     _one_line(e)
 
 
 def _engine_spec(**kw) -> EngineSpec:
-    base = dict(file="backbone.trt10.3.0.plan", sha256="0" * 64, tensorrt_version="10.3.0", gpu_name="Orin",
-                compute_capability="8.7", onnx_sha256="1" * 64, build_key="2" * 64)
+    base = dict(
+        file="backbone.trt10.3.0.plan",
+        sha256="0" * 64,
+        tensorrt_version="10.3.0",
+        gpu_name="Orin",
+        compute_capability="8.7",
+        onnx_sha256="1" * 64,
+        build_key="2" * 64,
+    )
     return EngineSpec(**{**base, **kw})
 
 
@@ -305,7 +329,9 @@ def test_plan_for_another_tensorrt_version_or_gpu_is_refused():
     with pytest.raises(EngineMismatchError, match="built with TensorRT 10.3.0, this is 11.0.0") as e:
         check_engine("backbone", _engine_spec(), DeviceInfo("11.0.0", "Orin", "8.7"))
     _one_line(e)
-    with pytest.raises(EngineMismatchError, match=r"built for Orin \(sm 8.7\), this GPU is NVIDIA H100 \(sm 9.0\)") as e:
+    with pytest.raises(
+        EngineMismatchError, match=r"built for Orin \(sm 8.7\), this GPU is NVIDIA H100 \(sm 9.0\)"
+    ) as e:
         check_engine("backbone", _engine_spec(), DeviceInfo("10.3.0", "NVIDIA H100", "9.0"))
     _one_line(e)
 
@@ -322,6 +348,7 @@ def test_trt_backend_without_tensorrt(copy):
     """Plans listed but no TensorRT here: a one-line reason, not an ImportError."""
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("tensorrt is importable here")
     except Exception:
         pass
@@ -343,20 +370,42 @@ def _fake_tensorrt(monkeypatch, version: str, gpu: bytes, major: int, minor: int
     trt.__version__, trt.Runtime = version, object
     rt = types.ModuleType("cuda.bindings.runtime")
     rt.cudaGetDeviceCount = lambda: (0, 1)
-    rt.cudaGetDeviceProperties = lambda i: (0, SimpleNamespace(name=gpu, major=major, minor=minor, multiProcessorCount=16,
-                                                                totalGlobalMem=62_000 << 20, integrated=1))
+    rt.cudaGetDeviceProperties = lambda i: (
+        0,
+        SimpleNamespace(
+            name=gpu,
+            major=major,
+            minor=minor,
+            multiProcessorCount=16,
+            totalGlobalMem=62_000 << 20,
+            integrated=1,
+        ),
+    )
     rt.cudaDriverGetVersion = lambda: (0, 12020)
     rt.cudaRuntimeGetVersion = lambda: (0, 12060)
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, rt
-    for name, mod in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
+    for name, mod in (
+        ("tensorrt", trt),
+        ("cuda", cuda),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", rt),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
 
 
-@pytest.mark.parametrize("version,gpu,cc,match", [
-    ("11.0.0", b"Orin", (8, 7), "built with TensorRT 10.3.0, this is 11.0.0"),
-    ("10.3.0", b"NVIDIA H100 80GB HBM3", (9, 0), r"built for Orin \(sm 8.7\), this GPU is NVIDIA H100 80GB HBM3 \(sm 9.0\)"),
-])
+@pytest.mark.parametrize(
+    "version,gpu,cc,match",
+    [
+        ("11.0.0", b"Orin", (8, 7), "built with TensorRT 10.3.0, this is 11.0.0"),
+        (
+            "10.3.0",
+            b"NVIDIA H100 80GB HBM3",
+            (9, 0),
+            r"built for Orin \(sm 8.7\), this GPU is NVIDIA H100 80GB HBM3 \(sm 9.0\)",
+        ),
+    ],
+)
 def test_trt_backend_refuses_mismatched_plans(copy, monkeypatch, version, gpu, cc, match):
     """Through Pipeline.load and the CLI: the mismatch is found from the manifest, before any plan is read."""
     man = load_manifest(copy)
@@ -378,7 +427,9 @@ def _tensorrt_or_skip() -> None:
     try:
         import tensorrt as trt
     except Exception as e:  # ImportError, or PyPI's stub wheel failing to fetch its libraries
-        pytest.skip(f"TensorRT cannot be installed here (PyPI's wheels are download stubs): {type(e).__name__}")
+        pytest.skip(
+            f"TensorRT cannot be installed here (PyPI's wheels are download stubs): {type(e).__name__}"
+        )
     if not hasattr(trt, "Runtime"):
         pytest.skip("the tensorrt package here is a stub without its libraries")
     try:

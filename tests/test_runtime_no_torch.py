@@ -24,7 +24,7 @@ pytest.importorskip("torch")  # building the engines needs it; the subprocess mu
 
 REPO = Path(__file__).resolve().parent.parent
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc, os, sys
 
 BLOCKED = tuple(os.environ["FAR_BLOCK_IMPORTS"].split(","))
@@ -38,7 +38,7 @@ class Blocker(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, Blocker())
-'''
+"""
 
 
 def _env(tmp_path: Path, blocked: str) -> dict[str, str]:
@@ -57,8 +57,9 @@ def engines(tmp_path_factory) -> Path:
 
 
 def test_blocker_works(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "import torch"], env=_env(tmp_path, "torch"),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=_env(tmp_path, "torch"), capture_output=True, text=True
+    )
     assert r.returncode != 0 and "torch is blocked" in r.stderr
 
 
@@ -74,8 +75,14 @@ def test_pipeline_generates_without_torch_training_far_export(engines, tmp_path)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "training", "far_export"))
         print(json.dumps(loaded))
     """)
-    r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, "torch,training,far_export"),
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(tmp_path, "torch,training,far_export"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
     here = Pipeline.load(engines).generate([0, 1, 2], head_steps=2, seed=11)
@@ -86,7 +93,13 @@ def test_cli_sample_without_torch(engines, tmp_path):
     """`far-export sample` (far_export.cli imports no torch) writes the grid with torch blocked."""
     grid = tmp_path / "grid.png"
     code = "from far_export.cli import main; main()"
-    r = subprocess.run([sys.executable, "-c", code, "sample", str(engines), "--classes", "0-3", "--out", str(grid)],
-                       env=_env(tmp_path, "torch,training"), capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, "sample", str(engines), "--classes", "0-3", "--out", str(grid)],
+        env=_env(tmp_path, "torch,training"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert grid.is_file() and "wrote 4 images" in r.stdout

@@ -41,8 +41,18 @@ def test_grid_and_out_dir_equal_reference_cli(built, tmp_path):
 
     ckpt, engines = built
     flags = ["--classes", "0-3", "--per-class", "2", "--seed", "3", "--head-steps", "2", "--cfg", "1.5"]
-    ref = CliRunner().invoke(reference_cli(), ["--checkpoint", str(ckpt), *flags, "--out", str(tmp_path / "ref.png"),
-                                               "--out-dir", str(tmp_path / "ref")])
+    ref = CliRunner().invoke(
+        reference_cli(),
+        [
+            "--checkpoint",
+            str(ckpt),
+            *flags,
+            "--out",
+            str(tmp_path / "ref.png"),
+            "--out-dir",
+            str(tmp_path / "ref"),
+        ],
+    )
     assert ref.exit_code == 0, ref.output
     r = _invoke("sample", engines, *flags, "--out", tmp_path / "rt.png", "--out-dir", tmp_path / "rt")
     assert r.exit_code == 0, r.output
@@ -68,13 +78,16 @@ def _expect_error(result, match: str) -> None:
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--classes", "0-9"], "class id 4 is out of range: this model has classes 0..3"),
-    (["--classes", "0-3", "--batch", "3"], "batch 3 is larger than the engines were built for (2)"),
-    (["--classes", "0-3", "-k", "3"], "head steps must be a power of two"),
-    (["--classes", "0-3", "--backend", "trt"], "lists no TensorRT plan"),
-    (["--classes", "0-3", "--providers", "nope"], "unknown ONNX Runtime provider"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--classes", "0-9"], "class id 4 is out of range: this model has classes 0..3"),
+        (["--classes", "0-3", "--batch", "3"], "batch 3 is larger than the engines were built for (2)"),
+        (["--classes", "0-3", "-k", "3"], "head steps must be a power of two"),
+        (["--classes", "0-3", "--backend", "trt"], "lists no TensorRT plan"),
+        (["--classes", "0-3", "--providers", "nope"], "unknown ONNX Runtime provider"),
+    ],
+)
 def test_bad_requests(built, tmp_path, args, match):
     _expect_error(_invoke("sample", built[1], *args, "--out", tmp_path / "x.png"), match)
     assert not (tmp_path / "x.png").exists()
@@ -86,20 +99,30 @@ def test_bad_engine_directories(built, tmp_path):
     shutil.copytree(built[1], bad)
     man = json.loads((bad / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**man, "schema_version": 99}))
-    _expect_error(_invoke("sample", bad, "--classes", "0", "--out", tmp_path / "x.png"), "newer than this runtime")
+    _expect_error(
+        _invoke("sample", bad, "--classes", "0", "--out", tmp_path / "x.png"), "newer than this runtime"
+    )
     (bad / "manifest.json").write_text(json.dumps(man))
     (bad / "vae_decoder.onnx").write_bytes(b"not a graph")
-    _expect_error(_invoke("sample", bad, "--classes", "0", "--out", tmp_path / "x.png"), "does not match its sha256")
+    _expect_error(
+        _invoke("sample", bad, "--classes", "0", "--out", tmp_path / "x.png"), "does not match its sha256"
+    )
     assert not (tmp_path / "x.png").exists()
 
 
 def test_console_script_exit_code_without_traceback(built, tmp_path):
     exe = Path(sys.executable).parent / "far-export"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from far_export.cli import main; main()"]
-    r = subprocess.run([*cmd, "sample", str(built[1]), "--classes", "7", "--out", str(tmp_path / "x.png")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*cmd, "sample", str(built[1]), "--classes", "7", "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == "Error: class id 7 is out of range: this model has classes 0..3"
+    assert (
+        r.stderr.strip().splitlines()[-1] == "Error: class id 7 is out of range: this model has classes 0..3"
+    )
     assert "Traceback" not in r.stderr
 
 

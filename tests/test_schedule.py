@@ -87,7 +87,9 @@ def test_cfg_schedules() -> None:
     steps = masked_schedule(L, 64)
     ref = mar_sample_loop_masks(L, 64, np.arange(L))
     for step, (_, mask_len) in zip(steps, ref):
-        assert cfg_scale(cfg, "linear", L, step) == pytest.approx(1 + (cfg - 1) * (L - mask_len) / L, abs=1e-12)
+        assert cfg_scale(cfg, "linear", L, step) == pytest.approx(
+            1 + (cfg - 1) * (L - mask_len) / L, abs=1e-12
+        )
         assert cfg_scale(cfg, "constant", L, step) == cfg
     lin = [cfg_scale(cfg, "linear", L, s) for s in steps]
     assert lin[0] == pytest.approx(1 + 2 * (256 - 255) / 256)
@@ -125,7 +127,11 @@ def test_image_rng_contract() -> None:
     # pinned numbers: a change of the generator, its seeding or numpy's draw algorithms shows up here
     rng = image_rng(0, 0)
     assert rng.permutation(8).tolist() == [2, 4, 3, 6, 5, 0, 1, 7]
-    np.testing.assert_allclose(rng.standard_normal(3), [-0.535669373161111, 0.36159505490948474, 1.3040000451301372],
-                               rtol=1e-12)
-    np.testing.assert_allclose(image_rng(7, 3).standard_normal(3),
-                               [-1.667279001670178, 0.06387511169027424, 1.4946322078314938], rtol=1e-12)
+    np.testing.assert_allclose(
+        rng.standard_normal(3), [-0.535669373161111, 0.36159505490948474, 1.3040000451301372], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        image_rng(7, 3).standard_normal(3),
+        [-1.667279001670178, 0.06387511169027424, 1.4946322078314938],
+        rtol=1e-12,
+    )

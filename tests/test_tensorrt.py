@@ -30,8 +30,16 @@ def _trt_reason() -> str | None:
 
 
 TRT_MISSING = _trt_reason()
-DEV = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", sm_count=16,
-                 total_memory_mb=62_000, integrated=True, driver_cuda="12.2", runtime_cuda="12.6")
+DEV = DeviceInfo(
+    tensorrt_version="10.3.0",
+    gpu_name="Orin",
+    compute_capability="8.7",
+    sm_count=16,
+    total_memory_mb=62_000,
+    integrated=True,
+    driver_cuda="12.2",
+    runtime_cuda="12.6",
+)
 
 
 def test_build_key_changes_only_with_graph_settings_or_device():
@@ -78,7 +86,10 @@ def test_compile_builds_validates_and_reuses_plans(tmp_path):
     for name, e in m.engines.items():
         assert (out / e.file).is_file() and e.onnx_sha256 == m.graphs[name].sha256
         assert (e.tensorrt_version, e.gpu_name, e.compute_capability) == (
-            dev.tensorrt_version, dev.gpu_name, dev.compute_capability)
+            dev.tensorrt_version,
+            dev.gpu_name,
+            dev.compute_capability,
+        )
         assert e.settings["strongly_typed"] and e.settings["validation"]["passed"]
     assert load_manifest(out).engines == m.engines
     plans = [line for line in lines if "TensorRT plan" in line]
@@ -86,7 +97,9 @@ def test_compile_builds_validates_and_reuses_plans(tmp_path):
     lines.clear()
     compile_directory(out, EngineSettings(workspace_gb=1.0), log=lines.append)
     plans = [line for line in lines if "TensorRT plan" in line]
-    assert len(plans) == 3 and all(line.startswith("reuse ") for line in plans), lines  # same graphs, same settings: no rebuild
+    assert len(plans) == 3 and all(line.startswith("reuse ") for line in plans), (
+        lines
+    )  # same graphs, same settings: no rebuild
 
 
 # ----------------------------------------------------------------------------
@@ -126,7 +139,9 @@ def engine_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     ckpt = make_tiny_checkpoint(root / "ckpt")
     out = root / "engines"
-    build(ckpt, out, BuildOptions(batch=1, engines=False, validate=False, end_to_end=False), log=lambda s: None)
+    build(
+        ckpt, out, BuildOptions(batch=1, engines=False, validate=False, end_to_end=False), log=lambda s: None
+    )
     return out
 
 
@@ -162,7 +177,8 @@ def test_failed_plan_validation_leaves_plans_and_manifest_as_they_were(engine_di
     with pytest.raises(EngineBuildError, match="head graph"):
         compile_directory(out, EngineSettings(workspace_gb=3.0))
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith("timing.")} == {
-        k: v for k, v in before.items() if not k.startswith("timing.")}
+        k: v for k, v in before.items() if not k.startswith("timing.")
+    }
 
 
 def test_build_with_engines_reuses_plans_of_the_previous_build(engine_dir, fake_trt, tmp_path):
@@ -179,13 +195,17 @@ def test_build_with_engines_reuses_plans_of_the_previous_build(engine_dir, fake_
     assert sum(line.startswith("reuse TensorRT plan") for line in lines) == len(GRAPHS)
 
 
-def test_compile_without_polygraphy_says_it_skips_plan_validation(engine_dir, fake_trt, monkeypatch, tmp_path):
+def test_compile_without_polygraphy_says_it_skips_plan_validation(
+    engine_dir, fake_trt, monkeypatch, tmp_path
+):
     import shutil
     import sys
 
     out = tmp_path / "compile3"
     shutil.copytree(engine_dir, out)
-    monkeypatch.setitem(sys.modules, "polygraphy", None)  # importlib.util.find_spec answers None: not installed
+    monkeypatch.setitem(
+        sys.modules, "polygraphy", None
+    )  # importlib.util.find_spec answers None: not installed
     lines: list[str] = []
     m = compile_directory(out, EngineSettings(workspace_gb=1.0), log=lines.append)
     skipped = [line for line in lines if line.startswith("plan validation skipped: polygraphy not installed")]

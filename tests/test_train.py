@@ -28,11 +28,23 @@ from test_data import write_image_folder  # noqa: E402
 
 def tiny_overrides(data: Path, far_steps: int = 4, vae_steps: int = 3) -> list[str]:
     return [
-        "model.preset=tiny", f"data.source={json.dumps(str(data))}", "model.num_classes=2",
-        f"vae.steps={vae_steps}", "vae.batch_size=4", "vae.log_every=1", "vae.save_every=0", "vae.warmup_steps=1",
-        f"train.steps={far_steps}", "train.batch_size=4", "train.log_every=1", "train.save_every=2",
-        "train.sample_every=0", "train.warmup_steps=1", "train.sample_classes=2", "train.sample_per_class=1",
-        "device=\"cpu\"",
+        "model.preset=tiny",
+        f"data.source={json.dumps(str(data))}",
+        "model.num_classes=2",
+        f"vae.steps={vae_steps}",
+        "vae.batch_size=4",
+        "vae.log_every=1",
+        "vae.save_every=0",
+        "vae.warmup_steps=1",
+        f"train.steps={far_steps}",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.save_every=2",
+        "train.sample_every=0",
+        "train.warmup_steps=1",
+        "train.sample_classes=2",
+        "train.sample_per_class=1",
+        'device="cpu"',
     ]
 
 
@@ -45,8 +57,13 @@ def folder(tmp_path) -> Path:
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -63,13 +80,21 @@ def test_shipped_configs_parse():
 def test_mnist_config_is_the_mnist_preset():
     run = load_run_config(ROOT / "training" / "configs" / "mnist.toml")
     cfg = run.far_config()
-    assert (cfg.backbone, cfg.head, cfg.width, cfg.seq_len, cfg.token_dim) == ("masked", "shortcut", 128, 16, 8)
+    assert (cfg.backbone, cfg.head, cfg.width, cfg.seq_len, cfg.token_dim) == (
+        "masked",
+        "shortcut",
+        128,
+        16,
+        8,
+    )
     assert run.train.betas == (0.9, 0.95) and run.train.weight_decay == 0.02
 
 
 def test_overrides_any_key_and_resolved_config_roundtrips(tmp_path):
-    run = load_run_config(ROOT / "training" / "configs" / "mnist.toml",
-                            ["train.lr=3e-4", "model.cfg=3.0", "model.head=mar", 'data.source="x"', "train.betas=[0.8, 0.9]"])
+    run = load_run_config(
+        ROOT / "training" / "configs" / "mnist.toml",
+        ["train.lr=3e-4", "model.cfg=3.0", "model.head=mar", 'data.source="x"', "train.betas=[0.8, 0.9]"],
+    )
     assert run.train.lr == 3e-4 and run.far_config().cfg == 3.0 and run.far_config().head == "mar"
     assert run.train.betas == (0.8, 0.9) and run.data.source == "x"
     (tmp_path / "r.toml").write_text(dump_toml(run.to_dict()))
@@ -79,16 +104,19 @@ def test_overrides_any_key_and_resolved_config_roundtrips(tmp_path):
     assert [type(x) for x in (whole.train.lr, *whole.train.betas, whole.vae.kl_weight)] == [float] * 4
 
 
-@pytest.mark.parametrize("override, match", [
-    ("train.nope=1", "unknown config key.*train.nope"),
-    ("model.width=7", "not divisible"),
-    ("train.lr_schedule=\"step\"", "lr_schedule"),
-    ("train.steps=\"many\"", "train.steps must be int"),
-    ("train.amp=1", "train.amp must be true or false"),
-    ("train.betas=[0.9, \"x\"]", "train.betas must be tuple"),
-    ("nonsense", "section.key=value"),
-    ("extra.key=1", "unknown config section"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.nope=1", "unknown config key.*train.nope"),
+        ("model.width=7", "not divisible"),
+        ('train.lr_schedule="step"', "lr_schedule"),
+        ('train.steps="many"', "train.steps must be int"),
+        ("train.amp=1", "train.amp must be true or false"),
+        ('train.betas=[0.9, "x"]', "train.betas must be tuple"),
+        ("nonsense", "section.key=value"),
+        ("extra.key=1", "unknown config section"),
+    ],
+)
 def test_bad_overrides_are_config_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_run_config(None, [override])
@@ -154,11 +182,12 @@ def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
 
 
 def test_resume_continues_exactly(folder, tmp_path):
-    const = ["train.lr_schedule=\"constant\""]  # the cosine schedule depends on train.steps
+    const = ['train.lr_schedule="constant"']  # the cosine schedule depends on train.steps
     straight = T.train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
     T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
-    resumed = T.train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "b",
-                      resume=True)
+    resumed = T.train(
+        load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "b", resume=True
+    )
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
@@ -166,7 +195,10 @@ def test_resume_continues_exactly(folder, tmp_path):
         for k in a[key]:
             # exact: the same steps on the same data in one process on one machine (the resume contract)
             assert torch.equal(a[key][k], b[key][k]), (key, k)
-    assert load_file(str(straight / "model.safetensors")).keys() == load_file(str(resumed / "model.safetensors")).keys()
+    assert (
+        load_file(str(straight / "model.safetensors")).keys()
+        == load_file(str(resumed / "model.safetensors")).keys()
+    )
 
 
 def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoint):
@@ -174,8 +206,11 @@ def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoi
     T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
     first = LatentCache.load(out / "latents.safetensors")
     given = tiny_checkpoint(tmp_path / "given")
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
-            out, resume=True)
+    T.train(
+        load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
+        out,
+        resume=True,
+    )
     second = LatentCache.load(out / "latents.safetensors")
     assert first.source and second.source != first.source and not torch.equal(first.mean, second.mean)
 
@@ -232,8 +267,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 def test_far_alone_on_a_given_vae(folder, tmp_path, tiny_checkpoint):
     given = tiny_checkpoint(tmp_path / "given")
     out = tmp_path / "r"
-    ckpt_dir = T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
-                       out)
+    ckpt_dir = T.train(
+        load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
+        out,
+    )
     assert not (out / "vae").exists()
     got, ref = load_checkpoint(ckpt_dir).vae.state_dict(), load_checkpoint(given).vae.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
@@ -242,20 +279,28 @@ def test_far_alone_on_a_given_vae(folder, tmp_path, tiny_checkpoint):
 def test_fine_tune_starts_from_a_checkpoint(folder, tmp_path, tiny_checkpoint):
     given = tiny_checkpoint(tmp_path / "given", num_classes=2)
     out = tmp_path / "r"
-    init = ["train.steps=1", "train.lr=0.0", f"vae.init={json.dumps(str(given))}", f"train.init={json.dumps(str(given))}"]
+    init = [
+        "train.steps=1",
+        "train.lr=0.0",
+        f"vae.init={json.dumps(str(given))}",
+        f"train.init={json.dumps(str(given))}",
+    ]
     ckpt = load_checkpoint(T.train(load_run_config(None, tiny_overrides(folder) + init), out))
     ref = load_checkpoint(given).model.state_dict()
     assert all(torch.equal(ckpt.model.state_dict()[k], ref[k]) for k in ref)  # lr 0: the init itself
     bad = tiny_checkpoint(tmp_path / "bad", num_classes=2, width=64, num_heads=2)
     with pytest.raises(TrainingError, match="train.init: .*does not match"):
-        T.train(load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
-                tmp_path / "r2")
+        T.train(
+            load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
+            tmp_path / "r2",
+        )
 
 
 @pytest.mark.parametrize("head, backbone", [("mar", "masked"), ("shortcut", "causal")])
 def test_other_heads_and_backbones_train(folder, tmp_path, head, backbone):
-    run = load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"model.head=\"{head}\"",
-                                                                        f"model.backbone=\"{backbone}\""])
+    run = load_run_config(
+        None, tiny_overrides(folder, far_steps=2) + [f'model.head="{head}"', f'model.backbone="{backbone}"']
+    )
     cfg = load_checkpoint(T.train(run, tmp_path / "r")).cfg
     assert (cfg.head, cfg.backbone) == (head, backbone)
 

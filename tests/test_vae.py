@@ -92,7 +92,9 @@ def test_patchify_is_mar_layout() -> None:
     t = patchify(x, cfg)
     assert t.shape == (2, 16, 16)
     # token (0, 1) = patch rows 0-1, cols 2-3; element (c, p, q)
-    assert t[0, 1].tolist() == [x[0, c, p, 2 + q].item() for c in range(4) for p in range(2) for q in range(2)]
+    assert t[0, 1].tolist() == [
+        x[0, c, p, 2 + q].item() for c in range(4) for p in range(2) for q in range(2)
+    ]
     torch.testing.assert_close(unpatchify(t, cfg), x)
 
 

@@ -61,8 +61,13 @@ class Attention(nn.Module):
         writing itself into a copy of the cache first."""
         q, k, v = self._qkv(x)  # (B, H, 1, hd)
         q = q * self.head_dim**-0.5
-        logits = torch.cat([(q @ kv[0].transpose(-2, -1)).float() + bias,  # (B, H, 1, L) the cache
-                            (q * k).sum(-1, keepdim=True).float()], dim=-1)  # (B, H, 1, 1) itself
+        logits = torch.cat(
+            [
+                (q @ kv[0].transpose(-2, -1)).float() + bias,  # (B, H, 1, L) the cache
+                (q * k).sum(-1, keepdim=True).float(),
+            ],
+            dim=-1,
+        )  # (B, H, 1, 1) itself
         attn = self.attn_drop(softmax32(logits).to(v.dtype))  # (B, H, 1, L + 1)
         L = kv.shape[-2]
         out = attn[..., :L] @ kv[1] + attn[..., L:] * v  # (B, H, 1, hd)
@@ -102,7 +107,8 @@ class Block(nn.Module):
 
 def _blocks(cfg: FARConfig, depth: int) -> nn.ModuleList:
     return nn.ModuleList(
-        Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout) for _ in range(depth)
+        Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout)
+        for _ in range(depth)
     )
 
 
@@ -160,8 +166,14 @@ class MaskedBackbone(_ClassEmbedding):
         self.decoder_norm = LayerNorm(D, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
         _init_weights(self)
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+        for p in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.mask_token,
+            self.encoder_pos_embed_learned,
+            self.decoder_pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
             nn.init.normal_(p, std=0.02)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, class_vec: torch.Tensor) -> torch.Tensor:
@@ -210,12 +222,19 @@ class CausalBackbone(_ClassEmbedding):
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
         self.register_buffer("causal_bias", torch.triu(torch.full((L, L), NEG), diagonal=1), persistent=False)
         _init_weights(self)
-        for p in (self.class_emb.weight, self.fake_latent, self.pos_embed_learned, self.diffusion_pos_embed_learned):
+        for p in (
+            self.class_emb.weight,
+            self.fake_latent,
+            self.pos_embed_learned,
+            self.diffusion_pos_embed_learned,
+        ):
             nn.init.normal_(p, std=0.02)
 
     def forward(self, tokens: torch.Tensor, class_vec: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: tokens (B, L, C), class_vec (B, D) -> z (B, L, D)."""
-        x = torch.cat([class_vec[:, None, :].to(tokens.dtype), self.z_proj(tokens[:, :-1])], dim=1)  # (B, L, D)
+        x = torch.cat(
+            [class_vec[:, None, :].to(tokens.dtype), self.z_proj(tokens[:, :-1])], dim=1
+        )  # (B, L, D)
         x = self.z_proj_ln(x + self.pos_embed_learned)
         for blk in self.blocks:
             x = blk(x, self.causal_bias)
@@ -234,7 +253,9 @@ class CausalBackbone(_ClassEmbedding):
         L = self.cfg.seq_len
         slots = torch.arange(L, device=pos.device)
         onehot = (slots == pos).to(self.pos_embed_learned.dtype)  # (L,)
-        x = torch.where(pos == 0, class_vec.to(prev_token.dtype), self.z_proj(prev_token))[:, None]  # (B, 1, D)
+        x = torch.where(pos == 0, class_vec.to(prev_token.dtype), self.z_proj(prev_token))[
+            :, None
+        ]  # (B, 1, D)
         x = self.z_proj_ln(x + (onehot @ self.pos_embed_learned[0])[None, None])
         bias = torch.where(slots < pos, 0.0, NEG)[None, None, None, :].float()  # (1, 1, 1, L) the cached past
         rows = []  # per block the new position's (2, B, H, 1, hd): the cache itself is only read
@@ -253,4 +274,3 @@ def build_backbone(cfg: FARConfig) -> MaskedBackbone | CausalBackbone:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -39,7 +39,9 @@ class Checkpoint:
     path: Path | None = None
 
 
-def save_checkpoint(path: str | Path, model: FAR | DiT, vae: AutoencoderKL, extra_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, model: FAR | DiT, vae: AutoencoderKL, extra_files: dict[str, str] | None = None
+) -> Path:
     """Write a checkpoint directory atomically: into a temporary sibling, then rename over `path`
     (a failed write leaves the old directory and no temporary one: a WriteError)."""
     path = Path(path)
@@ -54,7 +56,9 @@ def save_checkpoint(path: str | Path, model: FAR | DiT, vae: AutoencoderKL, extr
     return path
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> Path:
     """One safetensors file, written atomically with the usual permissions (a failed write: a WriteError)."""
     with atomic_path(path, errors=(SafetensorsError,)) as tmp:
         save_file(_contiguous(tensors), str(tmp), metadata=metadata)
@@ -66,25 +70,33 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    regular_file(path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}")
+    regular_file(
+        path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}"
+    )
     try:
         return load_file(str(path))
     except PermissionError:
-        raise CheckpointError(f"{path} cannot be read (permission denied): fix its permissions (chmod u+r)") from None
+        raise CheckpointError(
+            f"{path} cannot be read (permission denied): fix its permissions (chmod u+r)"
+        ) from None
     except (SafetensorsError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e)}); re-export or "
-                              f"re-download it") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({first_line(e)}); re-export or re-download it"
+        ) from None
 
 
 def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header, without reading the weights."""
-    regular_file(path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}")
+    regular_file(
+        path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}"
+    )
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorsError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(e)}); re-export or "
-                              f"re-download it") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({first_line(e)}); re-export or re-download it"
+        ) from None
 
 
 def _check_shapes(cfg: ModelConfig, path: Path) -> None:
@@ -112,8 +124,11 @@ def _mismatch(what: str, own: dict[str, tuple[int, ...]], stored: dict[str, tupl
 
 
 def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    _mismatch(what, {k: tuple(v.shape) for k, v in module.state_dict().items()},
-              {k: tuple(v.shape) for k, v in sd.items()})
+    _mismatch(
+        what,
+        {k: tuple(v.shape) for k, v in module.state_dict().items()},
+        {k: tuple(v.shape) for k, v in sd.items()},
+    )
     module.load_state_dict(sd)
 
 
@@ -159,7 +174,9 @@ def read_mar_file(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(f"{path} could not be loaded safely (weights_only=True): {_load_reason(e)}") from None
+        raise CheckpointError(
+            f"{path} could not be loaded safely (weights_only=True): {_load_reason(e)}"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a dict")
     return obj
@@ -191,7 +208,7 @@ def mar_to_far_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for k, v in sd.items():
         if k.startswith("diffloss."):
             if k.startswith("diffloss.net."):
-                out["head." + k[len("diffloss."):]] = v
+                out["head." + k[len("diffloss.") :]] = v
             # MAR's diffloss also stores no other tensors we need
         else:
             out["backbone." + k] = v
@@ -201,7 +218,9 @@ def mar_to_far_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def mar_model_state_dict(obj: dict, path: str | Path, key: str = "model_ema") -> dict[str, torch.Tensor]:
     """The `key` entry ("model_ema" or "model") of a loaded MAR checkpoint, in MAR's flat names."""
     if key not in obj:
-        raise CheckpointError(f"{path} has no '{key}' entry (found: {', '.join(map(str, sorted(obj, key=str)))})")
+        raise CheckpointError(
+            f"{path} has no '{key}' entry (found: {', '.join(map(str, sorted(obj, key=str)))})"
+        )
     return _tensors(obj[key], f"{path} ['{key}']")
 
 

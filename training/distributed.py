@@ -36,7 +36,7 @@ def setup_context(device: str) -> Context:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device = {device!r} but torch sees no GPU: set device=\"cpu\" (or \"auto\")")
+        raise ConfigError(f'device = {device!r} but torch sees no GPU: set device="cpu" (or "auto")')
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -54,8 +54,9 @@ def batch_indices(n: int, step: int, batch: int, ctx: Context, seed: int) -> lis
     from torch.utils.data import DistributedSampler
 
     per_rank = batch // ctx.world
-    sampler = DistributedSampler(range(n), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        range(n), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+    )
     per_epoch = max(1, len(sampler) // per_rank)
     epoch, k = divmod(step, per_epoch)
     sampler.set_epoch(epoch)

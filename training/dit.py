@@ -66,7 +66,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x (B, L, D), c (B, 1, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=-1
+        )
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), 0.0)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -96,7 +98,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for lin in [b.adaLN_modulation[-1] for b in self.blocks] + [
-            self.final_layer.adaLN_modulation[-1], self.final_layer.linear
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
         ]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -121,8 +124,14 @@ class DiT(nn.Module):
         v = self.velocity(x_t, t, labels)
         return ((v.float() - (x1 - x0)) ** 2).mean()
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, labels: torch.Tensor,
-             cfg: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        d: torch.Tensor,
+        labels: torch.Tensor,
+        cfg: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One Euler step over all tokens: x (B, L, C), t and d (1,), labels (B,) -> x + d * v.
         With cfg (1,) the network runs on [x; x] with [labels; null] and mixes v_u + cfg * (v_c - v_u).
         The network runs in its weights' dtype; t, the CFG mix and the update stay in x's dtype."""

@@ -24,13 +24,16 @@ from training.train import Log, Stage, _init_from, build_cache, run_stage
 from training.vae import AutoencoderKL
 
 
-def train_dit(run: RunConfig, cfg: DiTConfig, vae: AutoencoderKL, out: Path, ctx: Context, log: Log,
-              resume: bool) -> Path:
+def train_dit(
+    run: RunConfig, cfg: DiTConfig, vae: AutoencoderKL, out: Path, ctx: Context, log: Log, resume: bool
+) -> Path:
     from training.checkpoint import save_checkpoint
 
     cache = build_cache(run, cfg, vae, out, ctx)
     if cache.num_classes > cfg.num_classes:
-        raise TrainingError(f"the data has {cache.num_classes} classes but model.num_classes = {cfg.num_classes}")
+        raise TrainingError(
+            f"the data has {cache.num_classes} classes but model.num_classes = {cfg.num_classes}"
+        )
     scale = latent_scale(cache)
     cfg = cfg.replace(latent_scale=scale)
     torch.manual_seed(run.train.seed)
@@ -41,8 +44,11 @@ def train_dit(run: RunConfig, cfg: DiTConfig, vae: AutoencoderKL, out: Path, ctx
     params = sum(p.numel() for p in model.parameters())
     log(stage="dit", step=0, latent_scale=scale, params=params)
     if ctx.main:
-        print(f"[dit] width {cfg.width} x {cfg.depth} blocks, {params / 1e6:.2f}M params, latent_scale {scale:.4f}, "
-              f"{len(cache)} cached latents", file=sys.stderr)
+        print(
+            f"[dit] width {cfg.width} x {cfg.depth} blocks, {params / 1e6:.2f}M params, latent_scale {scale:.4f}, "
+            f"{len(cache)} cached latents",
+            file=sys.stderr,
+        )
 
     def batch_fn(idx, g):
         idx_t = torch.as_tensor(idx)
@@ -53,7 +59,9 @@ def train_dit(run: RunConfig, cfg: DiTConfig, vae: AutoencoderKL, out: Path, ctx
 
     def export(ema, step):
         info = {"step": step, "run": str(out), "config": run.to_dict()}
-        save_checkpoint(ckpt_dir, _cpu_copy(ema), vae, extra_files={"train_info.json": json.dumps(info, indent=2)})
+        save_checkpoint(
+            ckpt_dir, _cpu_copy(ema), vae, extra_files={"train_info.json": json.dumps(info, indent=2)}
+        )
 
     def sample_grid(ema, step):
         from runtime.images import _save_png, make_grid
@@ -65,10 +73,21 @@ def train_dit(run: RunConfig, cfg: DiTConfig, vae: AutoencoderKL, out: Path, ctx
         (out / "samples").mkdir(exist_ok=True)
         _save_png(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
 
-    remedy = ("start over in a new --out" + (f", or start from the last exported weights with train.init={ckpt_dir}"
-                                            if ckpt_dir.is_dir() else ""))
-    stage = Stage("dit", model, lambda m, tokens, labels: m.loss(tokens, labels), batch_fn, len(cache), run.train,
-                  out / "train_state.pt", remedy, export, sample_grid)
+    remedy = "start over in a new --out" + (
+        f", or start from the last exported weights with train.init={ckpt_dir}" if ckpt_dir.is_dir() else ""
+    )
+    stage = Stage(
+        "dit",
+        model,
+        lambda m, tokens, labels: m.loss(tokens, labels),
+        batch_fn,
+        len(cache),
+        run.train,
+        out / "train_state.pt",
+        remedy,
+        export,
+        sample_grid,
+    )
     run_stage(stage, ctx, log, resume)
     return ckpt_dir
 

@@ -52,9 +52,15 @@ class DigitClassifier(nn.Module):
     def __init__(self, num_classes: int = 10, feat: int = 64):
         super().__init__()
         self.convs = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),  # 2x2
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 16x16
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),  # 2x2
         )
         self.fc = nn.Linear(128 * 4, feat)
         self.out = nn.Linear(feat, num_classes)
@@ -76,7 +82,9 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Ten
     return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6, seed: int = 0) -> DigitClassifier:
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, epochs: int = 6, seed: int = 0
+) -> DigitClassifier:
     """images (N, 3, 32, 32) in [0, 1]."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -98,8 +106,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 6
     return clf.eval()
 
 
-def load_or_train_classifier(cache_dir: Path, train_images: torch.Tensor, train_labels: torch.Tensor,
-                             quiet: bool = False) -> DigitClassifier:
+def load_or_train_classifier(
+    cache_dir: Path, train_images: torch.Tensor, train_labels: torch.Tensor, quiet: bool = False
+) -> DigitClassifier:
     from safetensors.torch import load_file
 
     from training.checkpoint import save_tensors
@@ -113,7 +122,9 @@ def load_or_train_classifier(cache_dir: Path, train_images: torch.Tensor, train_
         except Exception:  # a stale or corrupt cache file: train again
             pass
     if not quiet:
-        print(f"training the digit classifier on {len(train_labels)} images (cached at {path})", file=sys.stderr)
+        print(
+            f"training the digit classifier on {len(train_labels)} images (cached at {path})", file=sys.stderr
+        )
     clf = train_classifier(train_images, train_labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(clf.state_dict(), path)
@@ -193,7 +204,9 @@ class Report:
         lines = [
             f"checkpoint {self.checkpoint}: {model}; "
             f"{self.num_images} samples per row, cfg {self.cfg}, "
-            + {"masked": f"num_iter {self.num_iter}, ", "causal": "one AR step per token, "}.get(self.backbone, "")
+            + {"masked": f"num_iter {self.num_iter}, ", "causal": "one AR step per token, "}.get(
+                self.backbone, ""
+            )
             + f"batch {self.batch}"
             + (f"; samples by the runtime on {self.engine}" if self.engine else ""),
             f"classifier accuracy on the 500 held-out real digits: {self.classifier_heldout_accuracy:.1%}",
@@ -204,11 +217,15 @@ class Report:
         ]
         for r in self.rows:
             fid = f" {r.fid:.2f} |" if self._fid else ""
-            lines.append(f"| {r.head_steps} | {r.accuracy:.1%} | {r.frechet:.2f} | "
-                         f"{r.frechet / max(self.floor_frechet, 1e-12):.1f}x | {r.seconds_per_image:.4f} |{fid}")
+            lines.append(
+                f"| {r.head_steps} | {r.accuracy:.1%} | {r.frechet:.2f} | "
+                f"{r.frechet / max(self.floor_frechet, 1e-12):.1f}x | {r.seconds_per_image:.4f} |{fid}"
+            )
         fid = " - |" if self._fid else ""
-        lines.append(f"| VAE reconstruction of held-out | {self.vae_accuracy:.1%} | {self.vae_frechet:.2f} | "
-                     f"{self.vae_frechet / max(self.floor_frechet, 1e-12):.1f}x | - |{fid}")
+        lines.append(
+            f"| VAE reconstruction of held-out | {self.vae_accuracy:.1%} | {self.vae_frechet:.2f} | "
+            f"{self.vae_frechet / max(self.floor_frechet, 1e-12):.1f}x | - |{fid}"
+        )
         lines.append(f"| real (train vs held-out) | - | {self.floor_frechet:.2f} | 1.0x | - |{fid}")
         return "\n".join(lines)
 
@@ -228,9 +245,13 @@ def side_by_side(reports: list[Report]) -> str:
     """One table over several checkpoints (FAR's K, MAR's steps, DiT's N), rows sorted by time per image."""
     lines = ["| model | steps | class accuracy | Frechet distance | s/image |", "|---|---|---:|---:|---:|"]
     letter = {"DiT": "N", "MAR": "steps"}
-    rows = [(r.seconds_per_image, rep.family, letter.get(rep.family, "K"), r) for rep in reports for r in rep.rows]
+    rows = [
+        (r.seconds_per_image, rep.family, letter.get(rep.family, "K"), r) for rep in reports for r in rep.rows
+    ]
     for sec, family, letter, r in sorted(rows, key=lambda x: x[0]):
-        lines.append(f"| {family} | {letter} = {r.head_steps} | {r.accuracy:.1%} | {r.frechet:.2f} | {sec:.4f} |")
+        lines.append(
+            f"| {family} | {letter} = {r.head_steps} | {r.accuracy:.1%} | {r.frechet:.2f} | {sec:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -253,11 +274,15 @@ def _fid(samples: np.ndarray, real: np.ndarray) -> float | None:
                 d.mkdir()
                 for i, im in enumerate(arr):
                     Image.fromarray(im).save(d / f"{i:05d}.png")
-            m = torch_fidelity.calculate_metrics(input1=str(Path(tmp) / "a"), input2=str(Path(tmp) / "b"),
-                                                 fid=True, verbose=False)
+            m = torch_fidelity.calculate_metrics(
+                input1=str(Path(tmp) / "a"), input2=str(Path(tmp) / "b"), fid=True, verbose=False
+            )
         return float(m["frechet_inception_distance"])
     except Exception as e:  # no weights offline, etc.
-        print(f"torch-fidelity FID skipped: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(
+            f"torch-fidelity FID skipped: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -269,20 +294,40 @@ def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | N
 
     pipe = Pipeline.load(engine, threads=threads)
     if pipe.manifest.checkpoint_sha256 != checkpoint_sha256(checkpoint):
-        raise EvalError(f"--engine {engine} was not built from --checkpoint {checkpoint} (checkpoint sha256 differs); "
-                        f"pass the checkpoint it was built from or rebuild it")
+        raise EvalError(
+            f"--engine {engine} was not built from --checkpoint {checkpoint} (checkpoint sha256 differs); "
+            f"pass the checkpoint it was built from or rebuild it"
+        )
 
     def generate(labels: list[int], s: Any, batch: int) -> np.ndarray:
-        return pipe.generate(labels, head_steps=s.head_steps, cfg=s.cfg, cfg_schedule=s.cfg_schedule,
-                             temperature=s.temperature, num_iter=s.num_iter, seed=s.seed, batch=min(batch, pipe.B))
+        return pipe.generate(
+            labels,
+            head_steps=s.head_steps,
+            cfg=s.cfg,
+            cfg_schedule=s.cfg_schedule,
+            temperature=s.temperature,
+            num_iter=s.num_iter,
+            seed=s.seed,
+            batch=min(batch, pipe.B),
+        )
 
     return generate, pipe.B
 
 
-def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_class: int = 50, seed: int = 0,
-             batch: int = 100, cfg: float | None = None, num_iter: int | None = None,
-             cache_dir: str | Path = "runs/cache", fid: bool = True, progress: bool = True,
-             engine: str | Path | None = None, threads: int | None = None) -> Report:
+def evaluate(
+    checkpoint: str | Path,
+    head_steps: list[int] | None = None,
+    per_class: int = 50,
+    seed: int = 0,
+    batch: int = 100,
+    cfg: float | None = None,
+    num_iter: int | None = None,
+    cache_dir: str | Path = "runs/cache",
+    fid: bool = True,
+    progress: bool = True,
+    engine: str | Path | None = None,
+    threads: int | None = None,
+) -> Report:
     """Scores samples of the PyTorch reference sampler, or with `engine` those of the runtime on that engine
     directory (ONNX Runtime CPU, `threads` intra-op threads): what is deployed, at its precision."""
     from runtime.images import to_uint8
@@ -296,14 +341,20 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
         sampler, engine_batch = _engine_sampler(engine, checkpoint, threads)
         batch = min(batch, engine_batch)
     else:
+
         def sampler(labels: list[int], s: Any, batch: int) -> np.ndarray:
             return generate(ckpt.model, ckpt.vae, labels, s, batch=batch)
+
     if mc.num_classes != 10 or mc.img_size < 28:
-        raise EvalError(f"evaluate.py measures MNIST models (10 classes, >= 28 px); {checkpoint} has "
-                        f"{mc.num_classes} classes at {mc.img_size} px")
+        raise EvalError(
+            f"evaluate.py measures MNIST models (10 classes, >= 28 px); {checkpoint} has "
+            f"{mc.num_classes} classes at {mc.img_size} px"
+        )
     if per_class < 2:
         raise EvalError("per_class must be >= 2 (the Frechet distance needs a covariance)")
-    steps = head_steps or (DIT_STEPS if isinstance(mc, DiTConfig) else default_head_steps(mc.head, mc.shortcut_levels))
+    steps = head_steps or (
+        DIT_STEPS if isinstance(mc, DiTConfig) else default_head_steps(mc.head, mc.shortcut_levels)
+    )
     settings = [resolve_settings(mc, seed=seed, head_steps=k, cfg=cfg, num_iter=num_iter) for k in steps]
     train = mnist_split("train", mc.img_size)
     held = mnist_split("heldout", mc.img_size)
@@ -312,8 +363,12 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
     held_pred, held_feat = classify(clf, held_x)
     _, train_feat = classify(clf, train_x)
     floor = frechet_distance(train_feat, held_feat)
-    with torch.no_grad():  # what the VAE alone loses: reconstructions (posterior means) of the held-out digits
-        rec = torch.cat([ckpt.vae(held.images[i : i + 100], sample=False)[0] for i in range(0, len(held), 100)])
+    with (
+        torch.no_grad()
+    ):  # what the VAE alone loses: reconstructions (posterior means) of the held-out digits
+        rec = torch.cat(
+            [ckpt.vae(held.images[i : i + 100], sample=False)[0] for i in range(0, len(held), 100)]
+        )
     rec_pred, rec_feat = classify(clf, ((rec.float() + 1) / 2).clamp(0, 1))
     dit = isinstance(mc, DiTConfig)
     head, backbone = ("euler", "dit") if dit else (mc.head, mc.backbone)
@@ -327,15 +382,35 @@ def evaluate(checkpoint: str | Path, head_steps: list[int] | None = None, per_cl
         sec = (time.perf_counter() - t) / len(labels)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         pred, feat = classify(clf, x)
-        row = Row(k, float((pred == np.asarray(labels)).mean()), frechet_distance(feat, held_feat), sec,
-                  _fid(images, real_u8) if fid else None)
+        row = Row(
+            k,
+            float((pred == np.asarray(labels)).mean()),
+            frechet_distance(feat, held_feat),
+            sec,
+            _fid(images, real_u8) if fid else None,
+        )
         rows.append(row)
         if progress:
-            print(f"{report_steps}={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, {sec:.4f} s/image", file=sys.stderr)
+            print(
+                f"{report_steps}={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, {sec:.4f} s/image",
+                file=sys.stderr,
+            )
     first = resolve_settings(mc, seed=seed, cfg=cfg, num_iter=num_iter)
-    return Report(str(checkpoint), head, backbone, len(labels), first.cfg, first.num_iter, batch,
-                  float((held_pred == held.labels.numpy()).mean()), floor, frechet_distance(rec_feat, held_feat),
-                  float((rec_pred == held.labels.numpy()).mean()), rows, None if engine is None else str(engine))
+    return Report(
+        str(checkpoint),
+        head,
+        backbone,
+        len(labels),
+        first.cfg,
+        first.num_iter,
+        batch,
+        float((held_pred == held.labels.numpy()).mean()),
+        floor,
+        frechet_distance(rec_feat, held_feat),
+        float((rec_pred == held.labels.numpy()).mean()),
+        rows,
+        None if engine is None else str(engine),
+    )
 
 
 def _head_steps(ctx: object, param: object, value: str | None) -> list[int] | None:
@@ -360,26 +435,71 @@ def _cli():
     from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(),
-                  help="Checkpoint directory; repeat it for one side-by-side table of several models.")
-    @click.option("--head-steps", default=None, callback=_head_steps,
-                  help="Comma list of K (default: 1,2,4,...,128 for the shortcut head, 25,50,100 for MAR's, "
-                       "4,8,...,128,250 Euler steps for a DiT).")
-    @click.option("--per-class", type=click.IntRange(2, 10_000), default=50, show_default=True,
-                  help="Samples per class and row.")
-    @click.option("--cfg", type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG), default=None, help="Guidance scale (default: the checkpoint's).")
-    @click.option("--num-iter", type=click.IntRange(min=1), default=None, help="Masked AR steps (default: the checkpoint's).")
+    @click.option(
+        "--checkpoint",
+        "checkpoints",
+        required=True,
+        multiple=True,
+        type=click.Path(),
+        help="Checkpoint directory; repeat it for one side-by-side table of several models.",
+    )
+    @click.option(
+        "--head-steps",
+        default=None,
+        callback=_head_steps,
+        help="Comma list of K (default: 1,2,4,...,128 for the shortcut head, 25,50,100 for MAR's, "
+        "4,8,...,128,250 Euler steps for a DiT).",
+    )
+    @click.option(
+        "--per-class",
+        type=click.IntRange(2, 10_000),
+        default=50,
+        show_default=True,
+        help="Samples per class and row.",
+    )
+    @click.option(
+        "--cfg",
+        type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
+        default=None,
+        help="Guidance scale (default: the checkpoint's).",
+    )
+    @click.option(
+        "--num-iter",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Masked AR steps (default: the checkpoint's).",
+    )
     @click.option("--batch", type=BATCH, default=100, show_default=True, help="Images per sampling batch.")
     @click.option("--seed", type=SEED, default=0, show_default=True)
-    @click.option("--cache-dir", default="runs/cache", show_default=True, help="Where the classifier is cached.")
-    @click.option("--engine", type=click.Path(), default=None,
-                  help="Score the runtime's samples from this engine directory (built from --checkpoint) instead "
-                       "of PyTorch's: the quality of what is deployed, at its precision.")
-    @click.option("--threads", type=THREADS, default=None, help="torch (and with --engine ONNX Runtime) CPU threads.")
+    @click.option(
+        "--cache-dir", default="runs/cache", show_default=True, help="Where the classifier is cached."
+    )
+    @click.option(
+        "--engine",
+        type=click.Path(),
+        default=None,
+        help="Score the runtime's samples from this engine directory (built from --checkpoint) instead "
+        "of PyTorch's: the quality of what is deployed, at its precision.",
+    )
+    @click.option(
+        "--threads", type=THREADS, default=None, help="torch (and with --engine ONNX Runtime) CPU threads."
+    )
     @click.option("--json", "json_out", default=None, help="Also write the report as JSON here.")
     @click.option("--no-fid", is_flag=True, help="Skip torch-fidelity even where installed.")
-    def main(checkpoints, head_steps, per_class, cfg, num_iter, batch, seed, cache_dir, engine, threads, json_out,
-             no_fid):
+    def main(
+        checkpoints,
+        head_steps,
+        per_class,
+        cfg,
+        num_iter,
+        batch,
+        seed,
+        cache_dir,
+        engine,
+        threads,
+        json_out,
+        no_fid,
+    ):
         """Class accuracy and classifier-feature Frechet distance of class-conditional samples."""
         if threads:
             torch.set_num_threads(threads)
@@ -389,9 +509,22 @@ def _cli():
             try:
                 if engine and len(checkpoints) > 1:
                     raise click.UsageError("--engine scores one checkpoint's engines: give one --checkpoint")
-                reports = [evaluate(c, head_steps, per_class, seed, batch, cfg, num_iter, cache_dir, fid=not no_fid,
-                                    engine=engine, threads=threads)
-                           for c in checkpoints]
+                reports = [
+                    evaluate(
+                        c,
+                        head_steps,
+                        per_class,
+                        seed,
+                        batch,
+                        cfg,
+                        num_iter,
+                        cache_dir,
+                        fid=not no_fid,
+                        engine=engine,
+                        threads=threads,
+                    )
+                    for c in checkpoints
+                ]
             except DataError as e:
                 raise click.ClickException(str(e).splitlines()[0]) from None
             click.echo("\n\n".join(r.table() for r in reports))

@@ -131,14 +131,28 @@ class ShortcutHead(nn.Module):
         super().__init__()
         self.levels = cfg.shortcut_levels
         self.bootstrap_fraction = cfg.bootstrap_fraction
-        self.net = SimpleMLPAdaLN(cfg.token_dim, cfg.head_width, cfg.token_dim, cfg.width, cfg.head_depth,
-                                  num_levels=cfg.shortcut_levels)
+        self.net = SimpleMLPAdaLN(
+            cfg.token_dim,
+            cfg.head_width,
+            cfg.token_dim,
+            cfg.width,
+            cfg.head_depth,
+            num_levels=cfg.shortcut_levels,
+        )
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
         return self.net(x, t * 1000.0, z, level)
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, z: torch.Tensor,
-             cfg: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        d: torch.Tensor,
+        z: torch.Tensor,
+        cfg: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One Euler step. x (N, C); t, d (1,); z (N, D) or (2N, D) with cfg (1,) -> x + d * v.
         The network runs in its weights' dtype; t, the CFG mix and the update stay in x's dtype
         (fp32 x: an fp32 island in fp16/bf16 graphs, where t * 1000 and x + d * v would round)."""
@@ -174,10 +188,12 @@ def shortcut_targets(
     nb = int(M * bootstrap_fraction) if levels > 1 else 0
     dev = x1.device
     # 1) step sizes: bootstrap rows at a random coarse level, flow rows at the finest one
-    level = torch.cat([
-        torch.randint(0, max(levels - 1, 1), (nb,), device=dev),  # (nb = 0 when levels = 1)
-        torch.full((M - nb,), levels - 1, device=dev, dtype=torch.long),
-    ])
+    level = torch.cat(
+        [
+            torch.randint(0, max(levels - 1, 1), (nb,), device=dev),  # (nb = 0 when levels = 1)
+            torch.full((M - nb,), levels - 1, device=dev, dtype=torch.long),
+        ]
+    )
     d = torch.pow(2.0, -level.float())  # (M,)
     # 2) times: bootstrap rows on their step's grid (t + d <= 1), flow rows uniform in [0, 1)
     u = torch.rand(M, device=dev)
@@ -262,14 +278,23 @@ class DiffusionHead(nn.Module):
         nll = -_discretized_gaussian_log_likelihood(x_start, mean, 0.5 * logvar).mean(dim=-1) / math.log(2.0)
         return mse + torch.where(t == 0, nll, kl)
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, coef: torch.Tensor, noise: torch.Tensor,
-             cfg: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        coef: torch.Tensor,
+        noise: torch.Tensor,
+        cfg: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One denoising step. x, noise (N, C) (noise already times temperature, zero at the last
         step); t (1,) original timestep; coef (6,) from runtime.schedule.ddpm_sampling_schedule."""
         dtype = self.net.input_proj.weight.dtype
         xx, guided = _cfg_pair(x, z)
         M = xx.shape[0]
-        eps, var_values = self.net(xx.to(dtype), t.expand(M), z.to(dtype)).float().split(self.channels, dim=-1)
+        eps, var_values = (
+            self.net(xx.to(dtype), t.expand(M), z.to(dtype)).float().split(self.channels, dim=-1)
+        )
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + cfg.to(eps.dtype) * (eps_cond - eps_uncond)

@@ -48,8 +48,13 @@ MAR_README_SAMPLING = {
 }
 
 # MAR's training args -> our config fields (training only; they matter when fine-tuning from the import).
-_TRAINING_ARGS = {"label_drop_prob": "class_dropout", "attn_dropout": "attn_dropout", "proj_dropout": "proj_dropout",
-                  "mask_ratio_min": "mask_ratio_min", "diffusion_batch_mul": "head_batch_mul"}
+_TRAINING_ARGS = {
+    "label_drop_prob": "class_dropout",
+    "attn_dropout": "attn_dropout",
+    "proj_dropout": "proj_dropout",
+    "mask_ratio_min": "mask_ratio_min",
+    "diffusion_batch_mul": "head_batch_mul",
+}
 
 
 @dataclass(frozen=True)
@@ -84,10 +89,16 @@ class MARImport:
 
     def summary(self) -> str:
         c = self.cfg
-        name = f"{self.size} -> {MAR_SIZES[self.size]} dims" if self.size else f"width {c.width}, depth {c.enc_depth}+{c.dec_depth}"
-        return (f"wrote {self.path}: {name}, MAR head {c.head_width}x{c.head_depth}, '{self.entry}' weights; "
-                f"sampling cfg {c.cfg:g} ({c.cfg_schedule}), num_iter {c.num_iter}, "
-                f"{c.resolved_head_steps} denoising steps, temperature {c.temperature:g}")
+        name = (
+            f"{self.size} -> {MAR_SIZES[self.size]} dims"
+            if self.size
+            else f"width {c.width}, depth {c.enc_depth}+{c.dec_depth}"
+        )
+        return (
+            f"wrote {self.path}: {name}, MAR head {c.head_width}x{c.head_depth}, '{self.entry}' weights; "
+            f"sampling cfg {c.cfg:g} ({c.cfg_schedule}), num_iter {c.num_iter}, "
+            f"{c.resolved_head_steps} denoising steps, temperature {c.temperature:g}"
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -101,9 +112,15 @@ def _count(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-_MAR_KEYS = ("z_proj.weight", "encoder_pos_embed_learned", "diffusion_pos_embed_learned", "class_emb.weight",
-             "encoder_blocks.0.mlp.fc1.weight", "diffloss.net.input_proj.weight",
-             "diffloss.net.final_layer.linear.weight")
+_MAR_KEYS = (
+    "z_proj.weight",
+    "encoder_pos_embed_learned",
+    "diffusion_pos_embed_learned",
+    "class_emb.weight",
+    "encoder_blocks.0.mlp.fc1.weight",
+    "diffloss.net.input_proj.weight",
+    "diffloss.net.final_layer.linear.weight",
+)
 
 
 def infer_vae_config(sd: dict[str, torch.Tensor], what: str) -> VAEConfig:
@@ -115,22 +132,33 @@ def infer_vae_config(sd: dict[str, torch.Tensor], what: str) -> VAEConfig:
         if shapes == {k: tuple(v.shape) for k, v in own.items()}:
             return cfg
     hint = "" if "encoder.conv_in.weight" in sd else " (no encoder.conv_in.weight: is this a VAE file?)"
-    raise CheckpointError(f"{what}: the VAE weights match none of the known layouts "
-                          f"({', '.join(VAE_PRESETS)}){hint}; pass MAR's kl16.ckpt")
+    raise CheckpointError(
+        f"{what}: the VAE weights match none of the known layouts "
+        f"({', '.join(VAE_PRESETS)}){hint}; pass MAR's kl16.ckpt"
+    )
 
 
-def infer_mar_config(sd: dict[str, torch.Tensor], args: argparse.Namespace | None, vae: VAEConfig,
-                     opts: MARImportOptions, what: str) -> tuple[FARConfig, str | None]:
+def infer_mar_config(
+    sd: dict[str, torch.Tensor],
+    args: argparse.Namespace | None,
+    vae: VAEConfig,
+    opts: MARImportOptions,
+    what: str,
+) -> tuple[FARConfig, str | None]:
     """FARConfig (masked backbone, MAR head) for a MAR state dict in MAR's names, and MAR's size name."""
     missing = [k for k in _MAR_KEYS if k not in sd]
     if missing:
-        raise CheckpointError(f"{what} is not a MAR model: no '{missing[0]}' "
-                              "(MAR's state dicts hold z_proj, encoder_blocks.*, decoder_blocks.*, diffloss.net.*)")
+        raise CheckpointError(
+            f"{what} is not a MAR model: no '{missing[0]}' "
+            "(MAR's state dicts hold z_proj, encoder_blocks.*, decoder_blocks.*, diffloss.net.*)"
+        )
     a = vars(args) if args is not None else {}
     width, token_dim = sd["z_proj.weight"].shape
     seq_len = sd["diffusion_pos_embed_learned"].shape[1]
     dims = {
-        "width": width, "enc_depth": _count(sd, "encoder_blocks"), "dec_depth": _count(sd, "decoder_blocks"),
+        "width": width,
+        "enc_depth": _count(sd, "encoder_blocks"),
+        "dec_depth": _count(sd, "decoder_blocks"),
         "mlp_ratio": sd["encoder_blocks.0.mlp.fc1.weight"].shape[0] / width,
         "num_classes": sd["class_emb.weight"].shape[0],
         "buffer_size": sd["encoder_pos_embed_learned"].shape[1] - seq_len,
@@ -138,51 +166,85 @@ def infer_mar_config(sd: dict[str, torch.Tensor], args: argparse.Namespace | Non
         "head_depth": _count(sd, "diffloss.net.res_blocks"),
     }
     if sd["diffloss.net.final_layer.linear.weight"].shape[0] != 2 * token_dim:
-        raise CheckpointError(f"{what}: diffloss.net.final_layer outputs "
-                              f"{sd['diffloss.net.final_layer.linear.weight'].shape[0]} channels, MAR's head "
-                              f"2 x {token_dim} (learned sigma); not a MAR diffusion head")
+        raise CheckpointError(
+            f"{what}: diffloss.net.final_layer outputs "
+            f"{sd['diffloss.net.final_layer.linear.weight'].shape[0]} channels, MAR's head "
+            f"2 x {token_dim} (learned sigma); not a MAR diffusion head"
+        )
     size = a.get("model")
     if size is not None and size not in MAR_SIZES and opts.num_heads is None:
-        raise CheckpointError(f"{what}: unknown MAR model size args.model={size!r}; MAR's are "
-                              f"{', '.join(MAR_SIZES)} (pass --num-heads to import other dims)")
+        raise CheckpointError(
+            f"{what}: unknown MAR model size args.model={size!r}; MAR's are "
+            f"{', '.join(MAR_SIZES)} (pass --num-heads to import other dims)"
+        )
     if size is None:  # no saved args: the size whose dims the shapes have
-        size = next((s for s, p in MAR_SIZES.items() if all(getattr(PRESETS[p], k) == dims[k]
-                                                            for k in ("width", "enc_depth", "dec_depth"))), None)
+        size = next(
+            (
+                s
+                for s, p in MAR_SIZES.items()
+                if all(getattr(PRESETS[p], k) == dims[k] for k in ("width", "enc_depth", "dec_depth"))
+            ),
+            None,
+        )
     size = size if size in MAR_SIZES else None
     if size:
         p = PRESETS[MAR_SIZES[size]]
         for k in ("width", "enc_depth", "dec_depth", "mlp_ratio"):
             if getattr(p, k) != dims[k]:
-                raise CheckpointError(f"{what}: args.model={size!r} has {k} {getattr(p, k)} but the weights "
-                                      f"have {dims[k]}; the file's args and weights disagree")
+                raise CheckpointError(
+                    f"{what}: args.model={size!r} has {k} {getattr(p, k)} but the weights "
+                    f"have {dims[k]}; the file's args and weights disagree"
+                )
         num_heads = p.num_heads
         if opts.num_heads not in (None, num_heads):
-            raise CheckpointError(f"{what}: {size} has {num_heads} attention heads, not --num-heads {opts.num_heads}")
+            raise CheckpointError(
+                f"{what}: {size} has {num_heads} attention heads, not --num-heads {opts.num_heads}"
+            )
     elif opts.num_heads is None:
-        raise CheckpointError(f"{what}: width {width} with {dims['enc_depth']}+{dims['dec_depth']} blocks is not "
-                              "MAR-B/L/H; pass --num-heads (attention heads are not in the weights)")
+        raise CheckpointError(
+            f"{what}: width {width} with {dims['enc_depth']}+{dims['dec_depth']} blocks is not "
+            "MAR-B/L/H; pass --num-heads (attention heads are not in the weights)"
+        )
     else:
         num_heads = opts.num_heads
     # MAR's args, where saved, must agree with the shapes
-    checks = {"diffloss_w": dims["head_width"], "diffloss_d": dims["head_depth"], "class_num": dims["num_classes"],
-              "buffer_size": dims["buffer_size"], "vae_embed_dim": vae.embed_dim, "vae_stride": vae.stride}
+    checks = {
+        "diffloss_w": dims["head_width"],
+        "diffloss_d": dims["head_depth"],
+        "class_num": dims["num_classes"],
+        "buffer_size": dims["buffer_size"],
+        "vae_embed_dim": vae.embed_dim,
+        "vae_stride": vae.stride,
+    }
     for k, have in checks.items():
         if k in a and a[k] != have:
             raise CheckpointError(f"{what}: args.{k} = {a[k]!r} but the weights/VAE have {have}")
     patch = a.get("patch_size") or round((token_dim / vae.embed_dim) ** 0.5)
     if vae.embed_dim * patch**2 != token_dim:
-        raise CheckpointError(f"{what}: tokens of {token_dim} channels do not fit the VAE's {vae.embed_dim} "
-                              f"latent channels x patch {patch}^2; is this the VAE the model was trained with?")
+        raise CheckpointError(
+            f"{what}: tokens of {token_dim} channels do not fit the VAE's {vae.embed_dim} "
+            f"latent channels x patch {patch}^2; is this the VAE the model was trained with?"
+        )
     grid = round(seq_len**0.5)
     img_size = a.get("img_size") or grid * vae.stride * patch
     if grid**2 != seq_len or img_size != grid * vae.stride * patch:
-        raise CheckpointError(f"{what}: {seq_len} tokens do not match img_size {img_size} / (vae stride "
-                              f"{vae.stride} x patch {patch})")
+        raise CheckpointError(
+            f"{what}: {seq_len} tokens do not match img_size {img_size} / (vae stride "
+            f"{vae.stride} x patch {patch})"
+        )
     training = {ours: a[theirs] for theirs, ours in _TRAINING_ARGS.items() if theirs in a}
     sampling = _sampling_defaults(size, a, opts)
     try:
-        cfg = FARConfig(backbone="masked", head="mar", img_size=img_size, patch_size=patch, num_heads=num_heads,
-                        vae=vae, **dims, **training).replace(**sampling)
+        cfg = FARConfig(
+            backbone="masked",
+            head="mar",
+            img_size=img_size,
+            patch_size=patch,
+            num_heads=num_heads,
+            vae=vae,
+            **dims,
+            **training,
+        ).replace(**sampling)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{what}: {e}") from None
     return cfg, size
@@ -212,8 +274,9 @@ def _sampling_defaults(size: str | None, a: dict[str, Any], opts: MARImportOptio
 # ----------------------------------------------------------------------------
 
 
-def import_mar(model_path: str | Path, vae_path: str | Path, out: str | Path,
-               opts: MARImportOptions | None = None) -> MARImport:
+def import_mar(
+    model_path: str | Path, vae_path: str | Path, out: str | Path, opts: MARImportOptions | None = None
+) -> MARImport:
     """Read MAR's checkpoint and kl16.ckpt, infer the config, write `out` atomically."""
     opts = (opts or MARImportOptions()).check()
     out = Path(out)
@@ -221,25 +284,41 @@ def import_mar(model_path: str | Path, vae_path: str | Path, out: str | Path,
         raise CheckpointError(f"{out} exists and is not a checkpoint directory; choose another --out")
     obj = read_mar_file(model_path)
     if "model" not in obj and "model_ema" not in obj:
-        raise CheckpointError(f"{model_path} is not a MAR checkpoint: no 'model' or 'model_ema' entry (found: "
-                              f"{', '.join(map(str, sorted(obj, key=str))) or 'nothing'})")
+        raise CheckpointError(
+            f"{model_path} is not a MAR checkpoint: no 'model' or 'model_ema' entry (found: "
+            f"{', '.join(map(str, sorted(obj, key=str))) or 'nothing'})"
+        )
     if opts.entry not in obj or obj[opts.entry] is None:
         other = "--online" if opts.weights == "ema" else "the default (EMA)"
-        raise CheckpointError(f"{model_path} has no '{opts.entry}' weights; pass {other} to import the others")
+        raise CheckpointError(
+            f"{model_path} has no '{opts.entry}' weights; pass {other} to import the others"
+        )
     sd = mar_model_state_dict(obj, model_path, opts.entry)
     args = obj.get("args")
     if args is not None and not isinstance(args, argparse.Namespace):
-        raise CheckpointError(f"{model_path}: 'args' is a {type(args).__name__}, not MAR's argparse.Namespace")
+        raise CheckpointError(
+            f"{model_path}: 'args' is a {type(args).__name__}, not MAR's argparse.Namespace"
+        )
     vae_sd = mar_vae_state_dict(read_mar_file(vae_path), vae_path)
     vae_cfg = infer_vae_config(vae_sd, str(vae_path))
     cfg, size = infer_mar_config(sd, args, vae_cfg, opts, f"{model_path} ['{opts.entry}']")
     model, vae = FAR(cfg), AutoencoderKL(vae_cfg)
     _load_into(model, mar_to_far_state_dict(sd), f"{model_path} ['{opts.entry}']")
     _load_into(vae, vae_sd, str(vae_path))
-    info = {"source": str(Path(model_path).resolve()), "weights": opts.entry, "vae": str(Path(vae_path).resolve()),
-            "mar_size": size, "mar_args": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-                                           for k, v in sorted(vars(args).items())} if args is not None else None,
-            "sampling_from": "MAR README" if size else ("saved args" if args is not None else "defaults")}
-    path = save_checkpoint(out, model.eval(), vae.eval(), extra_files={IMPORT_INFO_FILE: json.dumps(info, indent=2)})
+    info = {
+        "source": str(Path(model_path).resolve()),
+        "weights": opts.entry,
+        "vae": str(Path(vae_path).resolve()),
+        "mar_size": size,
+        "mar_args": {
+            k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+            for k, v in sorted(vars(args).items())
+        }
+        if args is not None
+        else None,
+        "sampling_from": "MAR README" if size else ("saved args" if args is not None else "defaults"),
+    }
+    path = save_checkpoint(
+        out, model.eval(), vae.eval(), extra_files={IMPORT_INFO_FILE: json.dumps(info, indent=2)}
+    )
     return MARImport(path, cfg, size, opts.entry)
-

@@ -42,7 +42,9 @@ class FAR(nn.Module):
         ranks = order.argsort(dim=1)  # rank of each position in its image's order
         return (ranks < num_masked).float()
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None = None) -> torch.Tensor:
+    def loss(
+        self, tokens: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None = None
+    ) -> torch.Tensor:
         """tokens (B, L, C) scaled latents; labels (B,). Teacher: a head producing the shortcut's
         self-consistency targets (the EMA head, or None for the online weights)."""
         cfg = self.cfg
@@ -86,7 +88,11 @@ class MaskedBackboneStep(nn.Module):
         class_vec = self.backbone.class_vector(labels)
         if self.guided:
             B = tokens.shape[0]
-            tokens, mask, query = torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([query, query])
+            tokens, mask, query = (
+                torch.cat([tokens, tokens]),
+                torch.cat([mask, mask]),
+                torch.cat([query, query]),
+            )
             class_vec = torch.cat([class_vec, self.backbone.null_vector(B).to(class_vec.dtype)])
         z = self.backbone(tokens.to(dtype), mask.to(dtype), class_vec)  # (B', L, D)
         D = z.shape[-1]
@@ -151,7 +157,9 @@ class TokenUpdateStep(nn.Module):
         B, L, C = tokens.shape
         Q = query.shape[1]
         valid = torch.arange(Q, device=query.device) < n  # (Q,)
-        onehot = ((query[:, :, None] == torch.arange(L, device=query.device)) & valid[None, :, None]).float()  # (B, Q, L)
+        onehot = (
+            (query[:, :, None] == torch.arange(L, device=query.device)) & valid[None, :, None]
+        ).float()  # (B, Q, L)
         written = onehot.sum(1).clamp(max=1.0)  # (B, L)
         update = torch.einsum("bql,bqc->blc", onehot, x.float().reshape(B, Q, C))  # (B, L, C)
         keep = 1.0 - written

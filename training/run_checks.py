@@ -21,8 +21,16 @@ class TrainingError(FarError, RuntimeError):
 
 MAX_DIFFUSION_STEPS = 100_000  # MAR trains with 1000; the head's schedule table is built on the host
 RUN_OPTIONS = "run.json"  # run-time options of the CLI (threads), reused by --resume
-RUN_FILES = ("config.toml", RUN_OPTIONS, "log.jsonl", "latents.safetensors", "train_state.pt", "vae/train_state.pt",
-             "vae/vae.safetensors", "vae/done")  # the files a run writes
+RUN_FILES = (
+    "config.toml",
+    RUN_OPTIONS,
+    "log.jsonl",
+    "latents.safetensors",
+    "train_state.pt",
+    "vae/train_state.pt",
+    "vae/vae.safetensors",
+    "vae/done",
+)  # the files a run writes
 
 
 def is_run(out: Path) -> bool:
@@ -36,25 +44,38 @@ def check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a directory: choose another --out")
     for d in [out.resolve(), *out.resolve().parents]:
-        if (d / "manifest.json").is_file() or ((d / "config.json").is_file() and (d / "model.safetensors").is_file()):
-            raise TrainingError(f"--out {out} is inside the checkpoint or engine directory {d}: choose a run "
-                                f"directory elsewhere (e.g. runs/NAME)")
+        if (d / "manifest.json").is_file() or (
+            (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+        ):
+            raise TrainingError(
+                f"--out {out} is inside the checkpoint or engine directory {d}: choose a run "
+                f"directory elsewhere (e.g. runs/NAME)"
+            )
         if d.name in ("checkpoints", "engines") and (d.parent / "pyproject.toml").is_file():
-            raise TrainingError(f"--out {out} is inside the project's shipped {d.name}/ folder: choose a run "
-                                f"directory elsewhere (e.g. runs/NAME)")
+            raise TrainingError(
+                f"--out {out} is inside the project's shipped {d.name}/ folder: choose a run "
+                f"directory elsewhere (e.g. runs/NAME)"
+            )
     for name in RUN_FILES:  # a FIFO there would block the run's open(); a directory would fail late
         if (out / name).exists() and not (out / name).is_file():
-            raise TrainingError(f"{out / name} is not a regular file (a directory, FIFO or device): remove it, "
-                                f"or start over in a new --out")
+            raise TrainingError(
+                f"{out / name} is not a regular file (a directory, FIFO or device): remove it, "
+                f"or start over in a new --out"
+            )
     state_files = [p for p in (out / "train_state.pt", out / "vae" / "train_state.pt") if p.exists()]
     if resume and not is_run(out):
-        raise TrainingError(f"--resume: {out} holds no run (no config.toml): check the --out path, or leave out "
-                            f"--resume to start a new run there")
+        raise TrainingError(
+            f"--resume: {out} holds no run (no config.toml): check the --out path, or leave out "
+            f"--resume to start a new run there"
+        )
     if not resume and state_files:
-        raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise TrainingError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+        )
     if not resume and out.is_dir() and not is_run(out) and any(out.iterdir()):
-        raise TrainingError(f"--out {out} is a directory that holds other files and no run: choose a new or "
-                            f"empty directory")
+        raise TrainingError(
+            f"--out {out} is a directory that holds other files and no run: choose a new or empty directory"
+        )
 
 
 def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig | DiTConfig, AutoencoderKL | None]:
@@ -69,26 +90,34 @@ def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig | DiTC
     if run.data.source == "mnist":
         mnist_csv_path()
         if cfg.img_size < 28:
-            raise TrainingError(f"the mnist digits are 28x28: model.img_size must be >= 28, got {cfg.img_size} "
-                                f"(or train on an ImageFolder with --data)")
+            raise TrainingError(
+                f"the mnist digits are 28x28: model.img_size must be >= 28, got {cfg.img_size} "
+                f"(or train on an ImageFolder with --data)"
+            )
         classes = 10
     else:
         classes = len(class_folders(Path(run.data.source)))
     if classes > cfg.num_classes:
-        raise TrainingError(f"the data has {classes} classes but model.num_classes = {cfg.num_classes}: "
-                            f"set model.num_classes={classes}")
+        raise TrainingError(
+            f"the data has {classes} classes but model.num_classes = {cfg.num_classes}: "
+            f"set model.num_classes={classes}"
+        )
     given = None
     if run.vae.init:
         given, vae_cfg = load_vae_file(Path(run.vae.init), cfg.vae)
         cfg = cfg.replace(vae=vae_cfg)
     if isinstance(cfg, FARConfig) and cfg.head == "mar" and cfg.diffusion_steps > MAX_DIFFUSION_STEPS:
-        raise TrainingError(f"model.diffusion_steps {cfg.diffusion_steps} is beyond {MAX_DIFFUSION_STEPS} "
-                            f"(MAR uses 1000): choose fewer")
+        raise TrainingError(
+            f"model.diffusion_steps {cfg.diffusion_steps} is beyond {MAX_DIFFUSION_STEPS} "
+            f"(MAR uses 1000): choose fewer"
+        )
     try:
         with torch.device("meta"):  # shapes only, no memory
             model, vae = build_model(cfg), AutoencoderKL(cfg.vae)
     except (RuntimeError, ValueError, OverflowError) as e:
-        raise TrainingError(f"the model dims cannot be built ({str(e).splitlines()[0]}): choose smaller ones") from None
+        raise TrainingError(
+            f"the model dims cannot be built ({str(e).splitlines()[0]}): choose smaller ones"
+        ) from None
     _check_memory(model, vae, run, cfg)
     if run.train.init:
         _check_init(model, Path(run.train.init))
@@ -104,9 +133,11 @@ def _check_memory(model: FAR, vae: AutoencoderKL, run: RunConfig, cfg: FARConfig
     need = 4 * (5 * n_far + (n_vae if run.vae.init else 5 * n_vae))
     avail = _available_memory(run.device)
     if avail is not None and need > avail:
-        raise TrainingError(f"the model ({n_far / 1e6:.0f}M FAR + {n_vae / 1e6:.0f}M VAE parameters) needs "
-                            f"~{need / 1e9:.1f} GB to train (weights, EMA, optimizer), more than the "
-                            f"{avail / 1e9:.1f} GB available: choose smaller model dims")
+        raise TrainingError(
+            f"the model ({n_far / 1e6:.0f}M FAR + {n_vae / 1e6:.0f}M VAE parameters) needs "
+            f"~{need / 1e9:.1f} GB to train (weights, EMA, optimizer), more than the "
+            f"{avail / 1e9:.1f} GB available: choose smaller model dims"
+        )
 
 
 def _available_memory(device: str) -> int | None:
@@ -147,8 +178,10 @@ def _check_init(model: FAR, path: Path) -> None:
     from training.checkpoint import MODEL_FILE
 
     if not path.is_dir():
-        raise TrainingError(f"train.init: {path} is not a checkpoint directory (config.json + {MODEL_FILE} + "
-                            f"vae.safetensors): give one, e.g. RUN/checkpoint")
+        raise TrainingError(
+            f"train.init: {path} is not a checkpoint directory (config.json + {MODEL_FILE} + "
+            f"vae.safetensors): give one, e.g. RUN/checkpoint"
+        )
     want, saved = model.state_dict(), _safetensors_shapes(path / MODEL_FILE, "train.init")
     if isinstance(model, FAR) and init_head_kind(model, path) != model.cfg.head:  # another head: only the
         # backbone must match (train.py's _init_from loads the head's matching tensors, the rest is fresh)
@@ -156,8 +189,10 @@ def _check_init(model: FAR, path: Path) -> None:
         saved = {k: v for k, v in saved.items() if k.startswith("backbone.")}
     diff = shape_differences(want, saved)
     if diff:
-        raise TrainingError(f"train.init: {path / MODEL_FILE} does not match the model config ({diff}): set the "
-                            f"model.* keys of the checkpoint's config.json, or drop train.init")
+        raise TrainingError(
+            f"train.init: {path / MODEL_FILE} does not match the model config ({diff}): set the "
+            f"model.* keys of the checkpoint's config.json, or drop train.init"
+        )
 
 
 def _check_saved(model: FAR, vae: AutoencoderKL, run: RunConfig, out: Path) -> None:
@@ -168,9 +203,13 @@ def _check_saved(model: FAR, vae: AutoencoderKL, run: RunConfig, out: Path) -> N
     vdir = out / "vae"
     if not run.vae.init:
         if (vdir / "done").is_file() and (vdir / "vae.safetensors").is_file():
-            diff = shape_differences(vae.state_dict(), _safetensors_shapes(vdir / "vae.safetensors", "the run's VAE"))
+            diff = shape_differences(
+                vae.state_dict(), _safetensors_shapes(vdir / "vae.safetensors", "the run's VAE")
+            )
             if diff:
-                raise TrainingError(f"{vdir / 'vae.safetensors'} has other dims than the config's VAE ({diff}): {redo}")
+                raise TrainingError(
+                    f"{vdir / 'vae.safetensors'} has other dims than the config's VAE ({diff}): {redo}"
+                )
         else:
             checks.append((vdir / "train_state.pt", "vae", vae))
     for path, stage, module in checks:
@@ -186,8 +225,10 @@ def check_batches(run: RunConfig, rows: int, what: str) -> None:
     stages = ((run.vae, "vae"), (run.train, "train")) if what == "images" else ((run.train, "train"),)
     for o, name in stages:
         if o.batch_size > rows:
-            raise TrainingError(f"{name}.batch_size {o.batch_size} is larger than the {rows} training {what} "
-                                f"of {run.data.source}: set {name}.batch_size={rows} or less")
+            raise TrainingError(
+                f"{name}.batch_size {o.batch_size} is larger than the {rows} training {what} "
+                f"of {run.data.source}: set {name}.batch_size={rows} or less"
+            )
 
 
 STATE_KEYS = ("stage", "step", "model", "ema", "optimizer")
@@ -203,7 +244,9 @@ def load_state(path: Path, stage: str, remedy: str, mmap: bool = False) -> dict[
     except Exception as e:  # noqa: BLE001 - torch raises many types (EOFError, zip, unpickling) on damaged files
         from training.checkpoint import _load_reason
 
-        raise TrainingError(f"{path} is damaged ({_load_reason(e)}) and cannot be resumed: {remedy}") from None
+        raise TrainingError(
+            f"{path} is damaged ({_load_reason(e)}) and cannot be resumed: {remedy}"
+        ) from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise TrainingError(f"{path} is not a resume state (keys {', '.join(STATE_KEYS)} expected): {remedy}")
     if state["stage"] != stage:
@@ -216,11 +259,15 @@ def load_state(path: Path, stage: str, remedy: str, mmap: bool = False) -> dict[
 def shape_differences(own: dict[str, Any], saved: dict[str, Any], first: int = 3) -> str:
     """'' if the two state dicts (name -> tensor or shape) have the same keys and shapes, else the first
     few differences in one line: 'backbone.x: saved (4, 32), config (4, 64); 2 more'."""
+
     def shape(v: Any) -> tuple[int, ...]:
         return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
 
-    diffs = [f"{k}: saved {shape(saved[k])}, config {shape(own[k])}"
-             for k in own if k in saved and shape(own[k]) != shape(saved[k])]
+    diffs = [
+        f"{k}: saved {shape(saved[k])}, config {shape(own[k])}"
+        for k in own
+        if k in saved and shape(own[k]) != shape(saved[k])
+    ]
     diffs += [f"{k}: not in the saved weights" for k in own if k not in saved]
     diffs += [f"{k}: saved, not in the config's model" for k in saved if k not in own]
     if not diffs:
@@ -241,11 +288,15 @@ def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAECon
     )
 
     if not path.exists():
-        raise TrainingError(f"vae.init: {path} does not exist: give a checkpoint directory, a vae.safetensors "
-                            f"or MAR's kl16.ckpt")
+        raise TrainingError(
+            f"vae.init: {path} does not exist: give a checkpoint directory, a vae.safetensors "
+            f"or MAR's kl16.ckpt"
+        )
     if not path.is_dir() and not path.is_file():
-        raise TrainingError(f"vae.init: {path} is not a regular file (a FIFO, socket or device): give a checkpoint "
-                            f"directory, a vae.safetensors or MAR's kl16.ckpt")
+        raise TrainingError(
+            f"vae.init: {path} is not a regular file (a FIFO, socket or device): give a checkpoint "
+            f"directory, a vae.safetensors or MAR's kl16.ckpt"
+        )
     try:
         if path.is_dir():
             if (path / CONFIG_FILE).is_file():

@@ -104,8 +104,13 @@ class RunConfig:
             raise ConfigError(f"[model] {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "model": dict(self.model), "data": dataclasses.asdict(self.data),
-                "vae": dataclasses.asdict(self.vae), "train": dataclasses.asdict(self.train)}
+        return {
+            "device": self.device,
+            "model": dict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "vae": dataclasses.asdict(self.vae),
+            "train": dataclasses.asdict(self.train),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -114,15 +119,17 @@ class RunConfig:
         d = dict(d)
         unknown = sorted(set(d) - {"device", "model", "data", "vae", "train"})
         if unknown:
-            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; the sections are "
-                              "device, [model], [data], [vae], [train]")
+            raise ConfigError(
+                f"unknown config section(s): {', '.join(unknown)}; the sections are "
+                "device, [model], [data], [vae], [train]"
+            )
         _check_finite(d, "")
         model = d.get("model", {"preset": "mnist"})
         if not isinstance(model, dict):
             raise ConfigError(f"[model] must be a table (preset = ..., width = ...), got {model!r}")
         device = d.get("device", "auto")
         if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ConfigError(f"device must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {device!r}")
+            raise ConfigError(f'device must be "auto", "cpu", "cuda" or "cuda:N", got {device!r}')
         cfg = cls(
             model=dict(model),
             data=_section(DataConfig, d.get("data", {}), "data"),
@@ -131,14 +138,16 @@ class RunConfig:
             device=device,
         )
         if not cfg.data.source:
-            raise ConfigError("data.source must be \"mnist\" or an ImageFolder directory, got an empty string")
+            raise ConfigError('data.source must be "mnist" or an ImageFolder directory, got an empty string')
         _check_stage(cfg.vae, "vae")
         _check_stage(cfg.train, "train")
         if cfg.vae.kl_weight < 0:
             raise ConfigError(f"vae.kl_weight must be >= 0, got {cfg.vae.kl_weight}")
         for key in ("sample_classes", "sample_per_class"):
             if not 1 <= getattr(cfg.train, key) <= MAX_SAMPLE_ROWS:
-                raise ConfigError(f"train.{key} must be in [1, {MAX_SAMPLE_ROWS}], got {getattr(cfg.train, key)}")
+                raise ConfigError(
+                    f"train.{key} must be in [1, {MAX_SAMPLE_ROWS}], got {getattr(cfg.train, key)}"
+                )
         cfg.far_config()  # validates the model section
         return cfg
 
@@ -158,11 +167,12 @@ def _check_finite(d: dict[str, Any], prefix: str) -> None:
 
 def _check_stage(o: OptimConfig, name: str) -> None:
     """The optimisation settings of a stage are in range (NaN fails every comparison below)."""
+
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"{name}.{key} must be {what}, got {getattr(o, key)!r}")
 
-    need(o.lr_schedule in ("constant", "cosine"), "lr_schedule", "\"constant\" or \"cosine\"")
+    need(o.lr_schedule in ("constant", "cosine"), "lr_schedule", '"constant" or "cosine"')
     for key in ("steps", "batch_size", "log_every"):
         need(getattr(o, key) >= 1, key, "an int >= 1")
     for key in ("warmup_steps", "sample_every", "save_every", "check_sync_every"):
@@ -173,8 +183,12 @@ def _check_stage(o: OptimConfig, name: str) -> None:
     need(o.weight_decay >= 0, "weight_decay", "a number >= 0")
     need(o.grad_clip >= 0, "grad_clip", "a number >= 0 (0: no clipping)")
     need(0 <= o.ema_decay < 1, "ema_decay", "in [0, 1)")
-    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                                   for b in o.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    need(
+        len(o.betas) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in o.betas),
+        "betas",
+        "two numbers in [0, 1), e.g. [0.9, 0.95]",
+    )
 
 
 def _section(cls: type, d: Any, name: str) -> Any:
@@ -208,7 +222,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         try:
             raw = tomllib.loads(read_regular(path, ConfigError, "give a TOML run config").decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path} is not valid TOML ({e})") from None
     for text in overrides:
@@ -217,7 +233,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is a value, not a table")
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[: i + 1])} is a value, not a table")
         node[keys[-1]] = value
     return RunConfig.from_dict(raw)
 

@@ -44,7 +44,9 @@ def resolve_settings(model_cfg: ModelConfig, /, seed: int = 0, **overrides) -> S
     if "num_iter" in overrides:
         raise RequestError("DiT has no autoregressive steps: num_iter does not apply (use head_steps)")
     values = {"head_steps": cfg.sample_steps, "cfg": cfg.cfg, "temperature": cfg.temperature, **overrides}
-    values["cfg"], values["temperature"] = sampling_numbers(values["cfg"], values["temperature"])  # no NaN/inf
+    values["cfg"], values["temperature"] = sampling_numbers(
+        values["cfg"], values["temperature"]
+    )  # no NaN/inf
     s = SamplingSettings(seed=seed, **{**values, "cfg_schedule": "constant", "num_iter": 1})
     check_euler_steps(s.head_steps)
     return s
@@ -66,7 +68,9 @@ class _Head:
         else:
             self.times, self.coef = ddpm_sampling_schedule(model.cfg.diffusion_steps, s.head_steps)
 
-    def __call__(self, z: torch.Tensor, rngs: list[np.random.Generator], n: int, cfg_iter: float) -> torch.Tensor:
+    def __call__(
+        self, z: torch.Tensor, rngs: list[np.random.Generator], n: int, cfg_iter: float
+    ) -> torch.Tensor:
         s, C = self.s, self.C
         cfg_t = _f32([cfg_iter])
         if self.kind == "shortcut":
@@ -166,8 +170,14 @@ def decode_tokens(cfg: ModelConfig, vae: AutoencoderKL, tokens: np.ndarray) -> n
 
 
 def generate(
-    model: FAR | DiT, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
-    progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
+    model: FAR | DiT,
+    vae: AutoencoderKL,
+    labels: list[int],
+    s: SamplingSettings,
+    batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
+    bf16: bool = False,
 ) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it).
     `device` ("cuda") runs the loop there; `bf16` under torch.autocast (a timing aid: the reference is fp32)."""
@@ -175,8 +185,14 @@ def generate(
 
 
 def generate_batches(
-    model: FAR | DiT, vae: AutoencoderKL, labels: list[int], s: SamplingSettings, batch: int | None = None,
-    progress: Callable[[int, int], None] | None = None, device: str = "cpu", bf16: bool = False,
+    model: FAR | DiT,
+    vae: AutoencoderKL,
+    labels: list[int],
+    s: SamplingSettings,
+    batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
+    bf16: bool = False,
 ) -> Iterator[np.ndarray]:
     """`generate`, one batch (n, H, W, 3) uint8 at a time: a large request is written as it goes."""
     from runtime.images import to_uint8
@@ -206,9 +222,16 @@ def _cli():
     from runtime.options import one_line_errors, request_from_kwargs, sampling_options
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--checkpoint", required=True, type=click.Path(), help="Checkpoint directory (config.json + safetensors).")
+    @click.option(
+        "--checkpoint",
+        required=True,
+        type=click.Path(),
+        help="Checkpoint directory (config.json + safetensors).",
+    )
     @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1.")
-    @click.option("--bf16", is_flag=True, help="Run under torch.autocast(bfloat16) (timing; the reference is fp32).")
+    @click.option(
+        "--bf16", is_flag=True, help="Run under torch.autocast(bfloat16) (timing; the reference is fp32)."
+    )
     @sampling_options
     def main(checkpoint: str, device: str, bf16: bool, **kwargs) -> None:
         """Sample images with the PyTorch reference loop."""
@@ -218,22 +241,38 @@ def _cli():
 
         req = request_from_kwargs(kwargs)
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise click.ClickException(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); "
-                                       "use --device cpu")
+            raise click.ClickException(
+                f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); "
+                "use --device cpu"
+            )
         torch.set_num_threads(max(1, torch.get_num_threads()))
         with one_line_errors():
             ckpt = load_checkpoint(checkpoint)
             classes = parse_classes(req.classes, ckpt.cfg.num_classes)
             labels = request_labels(classes, req.per_class)
             s = resolve_settings(
-                ckpt.cfg, seed=req.seed, head_steps=req.head_steps, cfg=req.cfg, cfg_schedule=req.cfg_schedule,
-                temperature=req.temperature, num_iter=req.num_iter,
+                ckpt.cfg,
+                seed=req.seed,
+                head_steps=req.head_steps,
+                cfg=req.cfg,
+                cfg_schedule=req.cfg_schedule,
+                temperature=req.temperature,
+                num_iter=req.num_iter,
             )
-            writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
+            writer = ImageWriter(
+                labels, len(classes), req.out, req.out_dir
+            )  # bad outputs fail before any work
             with tqdm(total=len(labels), unit="img", desc="sampling") as bar:
-                for images in generate_batches(ckpt.model, ckpt.vae, labels, s, req.batch or 64,
-                                               progress=lambda done, total: bar.update(done - bar.n),
-                                               device=device, bf16=bf16):
+                for images in generate_batches(
+                    ckpt.model,
+                    ckpt.vae,
+                    labels,
+                    s,
+                    req.batch or 64,
+                    progress=lambda done, total: bar.update(done - bar.n),
+                    device=device,
+                    bf16=bf16,
+                ):
                     writer.add(images)
             click.echo(writer.close())
 

@@ -123,8 +123,10 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
         state = load_state(stage.state_path, stage.name, stage.remedy)
         diff = shape_differences(model.state_dict(), state["model"])
         if diff:
-            raise TrainingError(f"{stage.state_path} was trained with other model dims ({diff}): resume with the "
-                                f"run's own model settings, or start a new run in another --out")
+            raise TrainingError(
+                f"{stage.state_path} was trained with other model dims ({diff}): resume with the "
+                f"run's own model settings, or start a new run in another --out"
+            )
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optim.load_state_dict(state["optimizer"])
@@ -140,9 +142,21 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
     def save(at: int) -> None:
         if ctx.main:
             stage.export_fn(ema, at)
-            with atomic_path(stage.state_path) as tmp, open(tmp, "wb") as f:  # a failed write: OSError, not torch's
-                torch.save({"stage": stage.name, "step": at, "model": model.state_dict(), "ema": ema.state_dict(),
-                            "optimizer": optim.state_dict(), "world_size": ctx.world}, f)
+            with (
+                atomic_path(stage.state_path) as tmp,
+                open(tmp, "wb") as f,
+            ):  # a failed write: OSError, not torch's
+                torch.save(
+                    {
+                        "stage": stage.name,
+                        "step": at,
+                        "model": model.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": optim.state_dict(),
+                        "world_size": ctx.world,
+                    },
+                    f,
+                )
         ctx.barrier()
 
     def check_sync(at: int) -> None:
@@ -159,7 +173,9 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
     per_rank = o.batch_size // ctx.world
     if per_rank < 1:
         raise TrainingError(f"batch_size {o.batch_size} is smaller than the number of processes {ctx.world}")
-    bar = tqdm(total=o.steps, initial=step, desc=stage.name, unit="step", disable=not ctx.main, dynamic_ncols=True)
+    bar = tqdm(
+        total=o.steps, initial=step, desc=stage.name, unit="step", disable=not ctx.main, dynamic_ncols=True
+    )
     t0, seen, window = time.time(), 0, []
     try:
         while step < o.steps:
@@ -180,7 +196,9 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
                 )
             optim.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+            gnorm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf")
+            )
             optim.step()
             ema_update(ema, model, o.ema_decay, step)
             step += 1
@@ -192,8 +210,15 @@ def run_stage(stage: Stage, ctx: Context, log: Log, resume: bool) -> None:
                 rate = seen / max(dt, 1e-9)
                 mean_loss = float(np.mean(window))
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-                log(stage=stage.name, step=step, loss=mean_loss, lr=lr, grad_norm=float(gnorm), images_per_s=rate,
-                    time=time.time())
+                log(
+                    stage=stage.name,
+                    step=step,
+                    loss=mean_loss,
+                    lr=lr,
+                    grad_norm=float(gnorm),
+                    images_per_s=rate,
+                    time=time.time(),
+                )
                 t0, seen, window = time.time(), 0, []
             if o.check_sync_every and step % o.check_sync_every == 0:
                 check_sync(step)
@@ -223,7 +248,10 @@ def _try_sample(stage: Stage, ema: nn.Module, step: int) -> None:
     try:
         stage.sample_fn(ema, step)
     except Exception as e:  # noqa: BLE001 - any failure of the sampler
-        print(f"\n[{stage.name}] warning: sample grid at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"\n[{stage.name}] warning: sample grid at step {step} failed: {type(e).__name__}: {e}",
+            file=sys.stderr,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -239,7 +267,9 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> torc
     return per_image.mean() / images[0].numel()
 
 
-def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log, resume: bool) -> AutoencoderKL:
+def train_vae(
+    run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log, resume: bool
+) -> AutoencoderKL:
 
     vdir = out / "vae"
     final = vdir / "vae.safetensors"
@@ -256,13 +286,19 @@ def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log,
     from training.data import stack_images
 
     check_batches(run, len(ds), "images")
-    fixed, _ = stack_images(ds, np.linspace(0, len(ds) - 1, min(16, len(ds))).astype(int).tolist())  # all classes
+    fixed, _ = stack_images(
+        ds, np.linspace(0, len(ds) - 1, min(16, len(ds))).astype(int).tolist()
+    )  # all classes
 
     def batch_fn(idx, g):
-        imgs = [img for img, _ in (ds[i] for i in idx) if img is not None]  # None: a file that went bad (warned)
+        imgs = [
+            img for img, _ in (ds[i] for i in idx) if img is not None
+        ]  # None: a file that went bad (warned)
         if not imgs:
-            raise DataError(f"no image of a training batch could be decoded (see the warnings): remove the corrupt "
-                            f"files from {run.data.source}, then continue with --resume")
+            raise DataError(
+                f"no image of a training batch could be decoded (see the warnings): remove the corrupt "
+                f"files from {run.data.source}, then continue with --resume"
+            )
         return (torch.stack(imgs).to(ctx.device),)
 
     def export(ema, step):
@@ -277,13 +313,26 @@ def train_vae(run: RunConfig, cfg: FARConfig, out: Path, ctx: Context, log: Log,
         grid = make_grid(to_uint8(pair.clamp(0, 1).numpy()), rows=2)
         _save_png(grid, vdir / f"recon_{step:06d}.png")
 
-    remedy = ("start over in a new --out" + (f", or train FAR on the VAE exported so far with vae.init={final}"
-                                            if final.is_file() else ""))
-    stage = Stage("vae", vae, lambda m, x: vae_loss(m, x, run.vae.kl_weight), batch_fn, len(ds), run.vae, state,
-                  remedy, export, recon_grid)
+    remedy = "start over in a new --out" + (
+        f", or train FAR on the VAE exported so far with vae.init={final}" if final.is_file() else ""
+    )
+    stage = Stage(
+        "vae",
+        vae,
+        lambda m, x: vae_loss(m, x, run.vae.kl_weight),
+        batch_fn,
+        len(ds),
+        run.vae,
+        state,
+        remedy,
+        export,
+        recon_grid,
+    )
     if ctx.main:
-        print(f"[vae] training {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params on {len(ds)} images",
-              file=sys.stderr)
+        print(
+            f"[vae] training {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params on {len(ds)} images",
+            file=sys.stderr,
+        )
     run_stage(stage, ctx, log, resume)
     ctx.barrier()
     if ctx.main:
@@ -312,7 +361,9 @@ def build_cache(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, c
     spec = DataSpec(run.data.source, cfg.img_size, run.data.hflip)
     source = fingerprint(vae, spec)
     if ctx.main and _cache_source(path) != source:
-        cache = encode_dataset(vae.to(ctx.device), load_dataset(spec, "train"), flips=run.data.hflip, device=ctx.device)
+        cache = encode_dataset(
+            vae.to(ctx.device), load_dataset(spec, "train"), flips=run.data.hflip, device=ctx.device
+        )
         cache.source = source
         cache.save(path)
     ctx.barrier()
@@ -330,12 +381,15 @@ def _cache_source(path: Path) -> str | None:
         return None
 
 
-def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx: Context, log: Log,
-              resume: bool) -> Path:
+def train_far(
+    run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx: Context, log: Log, resume: bool
+) -> Path:
     cache = build_cache(run, cfg, vae, out, ctx)
     check_batches(run, len(cache), "latents")
     if cache.num_classes > cfg.num_classes:
-        raise TrainingError(f"the data has {cache.num_classes} classes but model.num_classes = {cfg.num_classes}")
+        raise TrainingError(
+            f"the data has {cache.num_classes} classes but model.num_classes = {cfg.num_classes}"
+        )
     scale = latent_scale(cache)
     cfg = cfg.replace(latent_scale=scale)
     torch.manual_seed(run.train.seed)
@@ -349,9 +403,12 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
     if not (resume and state_path.exists()):  # a resumed run logged its start already
         log(stage="far", step=0, latent_scale=scale, params=sum(p.numel() for p in model.parameters()))
     if ctx.main:
-        print(f"[far] {cfg.backbone} backbone + {cfg.head} head, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent_scale {scale:.4f}, "
-              f"{len(cache)} cached latents", file=sys.stderr)
+        print(
+            f"[far] {cfg.backbone} backbone + {cfg.head} head, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent_scale {scale:.4f}, "
+            f"{len(cache)} cached latents",
+            file=sys.stderr,
+        )
 
     def batch_fn(idx, g):
         idx_t = torch.as_tensor(idx)
@@ -367,7 +424,9 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
 
     def export(ema, step):
         info = {"step": step, "run": str(out), "config": run.to_dict()}
-        save_checkpoint(ckpt_dir, _cpu_copy(ema), vae, extra_files={"train_info.json": json.dumps(info, indent=2)})
+        save_checkpoint(
+            ckpt_dir, _cpu_copy(ema), vae, extra_files={"train_info.json": json.dumps(info, indent=2)}
+        )
 
     def sample_grid(ema, step):
         from runtime.images import _save_png, make_grid
@@ -381,10 +440,22 @@ def train_far(run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx
         (out / "samples").mkdir(exist_ok=True)
         _save_png(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
 
-    remedy = ("start over in a new --out" + (f", or start from the last exported weights with train.init={ckpt_dir}"
-                                            if ckpt_dir.is_dir() else ""))
-    stage = Stage("far", model, loss_fn, batch_fn, len(cache), run.train, state_path, remedy, export,
-                  sample_grid, ema_teacher=cfg.head == "shortcut")
+    remedy = "start over in a new --out" + (
+        f", or start from the last exported weights with train.init={ckpt_dir}" if ckpt_dir.is_dir() else ""
+    )
+    stage = Stage(
+        "far",
+        model,
+        loss_fn,
+        batch_fn,
+        len(cache),
+        run.train,
+        state_path,
+        remedy,
+        export,
+        sample_grid,
+        ema_teacher=cfg.head == "shortcut",
+    )
     run_stage(stage, ctx, log, resume)
     return ckpt_dir
 
@@ -405,16 +476,20 @@ def _init_from(model: FAR, path: Path) -> str:
         if src_head == model.cfg.head:
             _load_into(model, sd, str(path / MODEL_FILE))
             return f"loaded all {len(sd)} tensors of {path}"
-        back = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        back = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
         _load_into(model.backbone, back, f"{path / MODEL_FILE} (backbone)")
     except (CheckpointError, ConfigError) as e:
         raise TrainingError(f"train.init: {e}") from None
     own = model.head.state_dict()
-    head = {k: sd[f"head.{k}"] for k, v in own.items() if f"head.{k}" in sd and sd[f"head.{k}"].shape == v.shape}
+    head = {
+        k: sd[f"head.{k}"] for k, v in own.items() if f"head.{k}" in sd and sd[f"head.{k}"].shape == v.shape
+    }
     model.head.load_state_dict(head, strict=False)
     fresh = sorted(set(own) - set(head))
-    return (f"backbone ({len(back)} tensors) from {path}; {src_head} head -> {model.cfg.head} head: "
-            f"{len(head)} tensors loaded, {len(fresh)} fresh ({', '.join(fresh)})")
+    return (
+        f"backbone ({len(back)} tensors) from {path}; {src_head} head -> {model.cfg.head} head: "
+        f"{len(head)} tensors loaded, {len(fresh)} fresh ({', '.join(fresh)})"
+    )
 
 
 def _cpu_copy(model: FAR) -> FAR:
@@ -482,7 +557,10 @@ def set_threads(threads: int | None, given: bool = True) -> None:
     if type(threads) is not int or threads < 1 or (given and threads > cpus):
         raise ConfigError(f"--threads must be an int in [1, {cpus}] (this machine's CPUs), got {threads!r}")
     if threads > cpus:
-        print(f"note: the run used --threads {threads}; this machine has {cpus} CPUs: using {cpus}", file=sys.stderr)
+        print(
+            f"note: the run used --threads {threads}; this machine has {cpus} CPUs: using {cpus}",
+            file=sys.stderr,
+        )
     torch.set_num_threads(min(threads, cpus))
 
 
@@ -501,19 +579,38 @@ def _cli():
     import click
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--config", "config_path", type=click.Path(), default=None,
-                  help=f"TOML run config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}).")
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(),
+        default=None,
+        help=f"TOML run config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])}).",
+    )
     @click.option("--out", default=None, help="Run directory (default: runs/<config name>).")
     @click.option("--steps", type=int, default=None, help="FAR training steps (train.steps).")
     @click.option("--vae-steps", type=int, default=None, help="VAE training steps (vae.steps).")
     @click.option("--data", default=None, help="'mnist' or an ImageFolder directory (data.source).")
-    @click.option("--vae", "vae_init", default=None,
-                  help="Use this VAE instead of training one: checkpoint dir, vae.safetensors or MAR kl16.ckpt.")
+    @click.option(
+        "--vae",
+        "vae_init",
+        default=None,
+        help="Use this VAE instead of training one: checkpoint dir, vae.safetensors or MAR kl16.ckpt.",
+    )
     @click.option("--preset", default=None, help="Model preset (model.preset).")
     @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-    @click.option("--threads", type=int, default=None,
-                  help="torch CPU threads per process (1 is robust on a busy machine); --resume reuses the first run's.")
-    @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. train.lr=3e-4.")
+    @click.option(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (1 is robust on a busy machine); --resume reuses the first run's.",
+    )
+    @click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override any config key, e.g. train.lr=3e-4.",
+    )
     @click.argument("overrides", nargs=-1)
     def main(config_path, out, steps, vae_steps, data, vae_init, preset, resume, threads, sets, overrides):
         """Train the VAE (unless --vae is given) and FAR; KEY=VALUE arguments override config keys."""
@@ -531,11 +628,19 @@ def _cli():
             if resume and threads is None:
                 options = {**options, **run_options(out_dir)}  # the first run's options, unless given again
                 if options.get("threads") is not None:
-                    click.echo(f"resuming with --threads {options['threads']} (from {out_dir / RUN_OPTIONS})", err=True)
+                    click.echo(
+                        f"resuming with --threads {options['threads']} (from {out_dir / RUN_OPTIONS})",
+                        err=True,
+                    )
             set_threads(options.get("threads"), given=threads is not None)
             extra = list(sets) + list(overrides)
-            for flag, key in ((steps, "train.steps"), (vae_steps, "vae.steps"), (data, "data.source"),
-                              (vae_init, "vae.init"), (preset, "model.preset")):
+            for flag, key in (
+                (steps, "train.steps"),
+                (vae_steps, "vae.steps"),
+                (data, "data.source"),
+                (vae_init, "vae.init"),
+                (preset, "model.preset"),
+            ):
                 if flag is not None:
                     extra.append(f"{key}={json.dumps(flag)}")
             run = load_run_config(path, extra)
@@ -549,8 +654,10 @@ def _cli():
         except OSError as e:
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
         except KeyboardInterrupt:
-            click.echo(f"interrupted: the last checkpoint and resume state are in {out_dir} (continue with --resume)",
-                       err=True)
+            click.echo(
+                f"interrupted: the last checkpoint and resume state are in {out_dir} (continue with --resume)",
+                err=True,
+            )
             sys.exit(130)
         if int(os.environ.get("RANK", "0")) == 0:
             click.echo(f"checkpoint: {ckpt} ({time.time() - t0:.0f} s)")
