@@ -166,8 +166,8 @@ class OrtDeviceMemory:
     memory (views by address), and only what is downloaded comes back. On "cpu" it keeps the same discipline
     in separate host memory, so any machine can prove that a loop uploads and downloads what it must."""
 
-    def __init__(self, ort: Any, device: str):
-        self._ort, self.device = ort, device
+    def __init__(self, ort: Any, device: str, provider: str = "CPUExecutionProvider"):
+        self._ort, self.device, self._provider = ort, device, provider
         self._buffers: list[tuple[int, np.ndarray, Any]] = []  # (host address, mirror, OrtValue)
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
@@ -177,9 +177,15 @@ class OrtDeviceMemory:
                 "use --backend trt for bf16 engines"
             )
         mirror = np.zeros(tuple(shape), dtype=np.dtype(dtype))
-        value = self._ort.OrtValue.ortvalue_from_shape_and_type(
-            list(mirror.shape), mirror.dtype.type, self.device, 0
-        )
+        try:
+            value = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                list(mirror.shape), mirror.dtype.type, self.device, 0
+            )
+        except Exception as e:  # onnxruntime raises RuntimeError and its own types
+            raise BackendError(
+                f"{self._provider} was asked for but ONNX Runtime cannot allocate {self.device} memory "
+                f"({first_line(e)}): install onnxruntime-gpu with a working CUDA, or use --providers cpu"
+            ) from None
         value.update_inplace(mirror)
         self._buffers.append((int(mirror.ctypes.data), mirror, value))
         return mirror
@@ -342,16 +348,7 @@ class OrtBackend(Backend):
         # pipeline); on the CPU the graphs bind the numpy buffers themselves, unless `device_memory` says where.
         if device_memory is None and self.providers[0] in GPU_PROVIDERS:
             device_memory = "cuda"
-        self.memory = OrtDeviceMemory(ort, device_memory) if device_memory else None
-        if self.memory:
-            try:
-                self.memory.empty((1,), "float32")  # fails here, in one line, when this build cannot
-            except Exception as e:  # onnxruntime raises RuntimeError and its own types
-                raise BackendError(
-                    f"{self.providers[0]} was asked for but ONNX Runtime cannot allocate "
-                    f"{device_memory} memory ({first_line(e)}): install onnxruntime-gpu with a "
-                    f"working CUDA, or use --providers cpu"
-                ) from None
+        self.memory = OrtDeviceMemory(ort, device_memory, self.providers[0]) if device_memory else None
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.memory.empty(shape, dtype) if self.memory else super().empty(shape, dtype)
