@@ -319,7 +319,8 @@ def engine_quality(ckpt: Path, precision: str) -> dict:
 
 def precision(batches: list[int], reps: int) -> tuple[str, list[dict]]:
     """fp32 / fp16 / int8 engines of FAR side by side per batch (interleaved, medians): ms per image,
-    speed-up over fp32, pixel difference from the fp32 engine's images, and quality of the engines' samples."""
+    speed-up over fp32, pixel difference from the fp32 engine's images, and quality of the engines'
+    samples."""
     ckpt = MODELS["FAR (masked, shortcut head)"]
     results, rows = [], []
     for batch in batches:
@@ -379,9 +380,9 @@ def precision(batches: list[int], reps: int) -> tuple[str, list[dict]]:
     )
     text += (
         "\nONNX Runtime's CPU provider has no fp16 kernels for most ops and casts to fp32, so fp16 here "
-        "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider). int8 runs "
-        "ONNX Runtime's u8 x s8 kernels (QLinearMatMul, QGemm, QLinearConv) on the weight products; quality "
-        "columns: `python training/evaluate.py --checkpoint checkpoints/far-mnist --engine "
+        "measures precision loss, not speed; fp16 speed needs a GPU (TensorRT or the CUDA provider). "
+        "int8 runs ONNX Runtime's u8 x s8 kernels (QLinearMatMul, QGemm, QLinearConv) on the weight "
+        "products; quality columns: `python training/evaluate.py --checkpoint checkpoints/far-mnist --engine "
         "engines/bench/far-mnist-PRECISION-b64 --head-steps 4 --per-class 100 --json "
         "benchmarks/results/eval-far-mnist-PRECISION-engine.json`.\n"
     )
@@ -462,7 +463,8 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
             ]
         )
     text = table(
-        f"Against the limit: FAR (K={k}), ONNX Runtime fp32; measured matmul peak {peak / 1e9:.0f} GFLOP/s on {THREADS} thread(s)",
+        f"Against the limit: FAR (K={k}), ONNX Runtime fp32; measured matmul peak {peak / 1e9:.0f} GFLOP/s "
+        f"on {THREADS} thread(s)",
         ["batch", "MFLOP / image", "backbone", "head", "VAE", "ms / image", "GFLOP/s achieved", "of peak"],
         rows,
     )
@@ -680,7 +682,8 @@ def main() -> None:
     info = machine()
     md = [
         f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
-        f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and ONNX Runtime. "
+        f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and "
+        "ONNX Runtime. "
         f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
         + (f" --sections {args.sections}" if args.sections != ",".join(SECTIONS) else "")
         + "`.\n"

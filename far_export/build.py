@@ -134,8 +134,8 @@ class BuildInterrupted(BuildError):
 
 @contextmanager
 def cleanup_on_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP (what timeout, CI and systemd send) into an exception while the build writes its
-    temporary directory, so that the usual cleanup runs; SIGINT already raises KeyboardInterrupt."""
+    """Turn SIGTERM and SIGHUP (what timeout, CI and systemd send) into an exception while the build writes
+    its temporary directory, so that the usual cleanup runs; SIGINT already raises KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -249,7 +249,8 @@ def build(
             )
         ckpt_sha = checkpoint_sha256(checkpoint_dir)
         st["note"] = (
-            f"{cfg.backbone} backbone, {cfg.head} head, {sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f}M params"
+            f"{cfg.backbone} backbone, {cfg.head} head, "
+            f"{sum(p.numel() for p in ckpt.model.parameters()) / 1e6:.1f}M params"
         )
     guided = cfg.cfg != 1.0 if opts.cfg_guidance is None else opts.cfg_guidance
     try:
@@ -459,7 +460,8 @@ def _quantize(
 ) -> dict[str, list[dict[str, Any]]]:
     """Quantize the int8 graphs in place (fp32 copies kept in fp32_dir), calibrated on the inputs the fp32
     graphs were fed while the runtime's loop sampled CALIBRATION_IMAGES images; returns per graph three
-    recorded inputs of one more batch (other seeds), the held-out set the quantized graphs are validated on."""
+    recorded inputs of one more batch (other seeds), the held-out set the quantized graphs are
+    validated on."""
     from far_export.quantize import CALIBRATION_IMAGES, calibration_feeds, quantize_graph
 
     sessions = {name: ort_session(tmp / io_.file) for name, io_ in specs.items()}

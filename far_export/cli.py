@@ -54,7 +54,8 @@ def cli() -> None:
     "--cfg/--no-cfg",
     "cfg_guidance",
     default=None,
-    help="Double the batch inside the graphs for classifier-free guidance. Default: on when the checkpoint's default CFG scale is not 1.",
+    help="Double the batch inside the graphs for classifier-free guidance. "
+    "Default: on when the checkpoint's default CFG scale is not 1.",
 )
 @click.option(
     "--num-iter",

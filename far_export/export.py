@@ -245,9 +245,9 @@ def graph_modules(
         # The MAR head's network stays fp32, weights included (an island, see _ISLANDS): the posterior's
         # x0 = c0 * x - c1 * eps has c1 = sqrt(1/alpha_bar - 1) ~ 2e4 at t ~ T, so an fp16 eps (rounding ~5e-4
         # relative, from fp16 weights as much as from fp16 activations) moves x0 by ~10 there, across the x0
-        # clamp. mar-mnist's fp16 head graph was off by 0.185 (0.075 x scale) in its first step, fp32 weights in
-        # an fp32 network make it 5e-5 x scale. The head is small next to the backbone (mar-mnist: 0.35M of
-        # 1.57M parameters).
+        # clamp. mar-mnist's fp16 head graph was off by 0.185 (0.075 x scale) in its first step, fp32 weights
+        # in an fp32 network make it 5e-5 x scale. The head is small next to the backbone (mar-mnist: 0.35M
+        # of 1.57M parameters).
         if model.cfg.head != "mar":
             m.head.to(dtype)
     v = vae if vdtype == torch.float32 else copy.deepcopy(vae).to(vdtype)

@@ -29,11 +29,13 @@ def lines(m: Manifest, directory: Path) -> list[str]:
     out = [
         f"{directory}: {m.producer}, schema {m.schema_version}, created {m.created}",
         f"  checkpoint sha256 {m.checkpoint_sha256[:16]}...",
-        f"  precision {m.precision}, batch {m.batch}, cfg guidance {'on (batch doubled inside)' if m.cfg_guidance else 'off'}",
-        f"  model: {mi.backbone} backbone ({mi.depth} blocks, width {mi.width}, {mi.num_heads} heads), {mi.head} head; "
-        f"{mi.img_size}x{mi.img_size} images, {mi.grid}x{mi.grid} tokens of {mi.token_dim} channels, {mi.num_classes} classes",
-        f"  schedule: {mi.num_iter} AR steps, up to {mi.max_query} tokens per step; defaults: K={mi.head_steps}, "
-        f"cfg {mi.cfg} ({mi.cfg_schedule}), temperature {mi.temperature}",
+        f"  precision {m.precision}, batch {m.batch}, "
+        f"cfg guidance {'on (batch doubled inside)' if m.cfg_guidance else 'off'}",
+        f"  model: {mi.backbone} backbone ({mi.depth} blocks, width {mi.width}, {mi.num_heads} heads), "
+        f"{mi.head} head; {mi.img_size}x{mi.img_size} images, {mi.grid}x{mi.grid} tokens of "
+        f"{mi.token_dim} channels, {mi.num_classes} classes",
+        f"  schedule: {mi.num_iter} AR steps, up to {mi.max_query} tokens per step; "
+        f"defaults: K={mi.head_steps}, cfg {mi.cfg} ({mi.cfg_schedule}), temperature {mi.temperature}",
         "  graphs:",
     ]
     for name, g in m.graphs.items():
@@ -54,8 +56,8 @@ def lines(m: Manifest, directory: Path) -> list[str]:
         out.append("  TensorRT engines:")
         for name, e in m.engines.items():
             out.append(
-                f"    {name}: {e.file} for TensorRT {e.tensorrt_version} on {e.gpu_name} (sm {e.compute_capability}), "
-                f"key {e.build_key[:12]}"
+                f"    {name}: {e.file} for TensorRT {e.tensorrt_version} on {e.gpu_name} "
+                f"(sm {e.compute_capability}), key {e.build_key[:12]}"
             )
     else:
         out.append("  TensorRT engines: none (build them on the device: far-export compile DIR)")

@@ -124,7 +124,8 @@ def build_plan(
 
 
 def timing_cache_name(device: DeviceInfo) -> str:
-    """Timing caches are keyed by TensorRT version and compute capability: one from elsewhere is not offered."""
+    """Timing caches are keyed by TensorRT version and compute capability: one from elsewhere is not
+    offered."""
     return f"timing.trt{device.tensorrt_version}.sm{device.compute_capability}.cache"
 
 
@@ -147,7 +148,8 @@ def attach_timing_cache(config: Any, blob: bytes, log: Callable[[str], None] = p
     choice = timing_cache_choice(bool(blob), accepted)
     if choice == "fresh":
         log(
-            "timing cache: TensorRT refused the stored one (another GPU or TensorRT version); starting a fresh one"
+            "timing cache: TensorRT refused the stored one (another GPU or TensorRT version); "
+            "starting a fresh one"
         )
         cache = config.create_timing_cache(b"")
         accepted = cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
@@ -240,8 +242,9 @@ def compile_engines(
         missing = plan_validation_missing()
         if missing:
             log(
-                f"plan validation skipped: {missing} not installed here (pip install polygraphy onnx onnxruntime, "
-                "or onnxruntime-gpu; on Jetson from its wheel index)"
+                f"plan validation skipped: {missing} not installed here "
+                "(pip install polygraphy onnx onnxruntime, or onnxruntime-gpu; "
+                "on Jetson from its wheel index)"
             )
             validate = False
     cache_path = directory / timing_cache_name(device) if settings.timing_cache else None
@@ -281,7 +284,8 @@ def compile_engines(
                 total_memory_mb=device.total_memory_mb,
             )
             log(
-                f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} ({time.perf_counter() - t0:.1f}s)"
+                f"{'reuse' if reused else 'build'} TensorRT plan {plan.name} "
+                f"({time.perf_counter() - t0:.1f}s)"
             )
     except BaseException:
         for src, _ in staged:

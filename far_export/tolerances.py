@@ -20,13 +20,15 @@ class Tolerance:
     p99_abs: float
 
 
-# Per graph output against the fp32 torch module: kernels and summation order (fp32), plus rounding (fp16/bf16).
+# Per graph output against the fp32 torch module: kernels and summation order (fp32), plus rounding
+# (fp16/bf16).
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
     "fp16": Tolerance(max_abs=5e-2, p99_abs=1e-2),
     "bf16": Tolerance(max_abs=1e-1, p99_abs=3e-2),
     # int8 (QDQ, weights per channel, activations calibrated): far-mnist's graphs on held-out real inputs,
-    # relative to scale, max / p99: backbone z 0.060 / 0.029, head x_next 0.017 / 0.012, VAE image 0.28 / 0.038
+    # relative to scale, max / p99: backbone z 0.060 / 0.029, head x_next 0.017 / 0.012,
+    # VAE image 0.28 / 0.038
     "int8": Tolerance(max_abs=0.4, p99_abs=0.1),
 }
 # End to end against the fp32 reference sampler: decoded image in [0, 1].

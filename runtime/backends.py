@@ -40,7 +40,8 @@ GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 
 
 def host_dtype(dtype: str | np.dtype) -> np.dtype:
-    """numpy dtype of a host buffer for a manifest dtype; numpy has no bfloat16, so its bits live in uint16."""
+    """numpy dtype of a host buffer for a manifest dtype; numpy has no bfloat16, so its bits live
+    in uint16."""
     return np.dtype(np.uint16) if str(dtype) == "bfloat16" else np.dtype(dtype)
 
 
@@ -80,8 +81,8 @@ class Graph(ABC):
                 a = arrays[t.name]
                 if a.shape != t.shape or a.dtype != host_dtype(t.dtype) or not a.flags.c_contiguous:
                     raise BackendError(
-                        f"{self.spec.file}: {kind} {t.name!r} needs a contiguous {t.dtype}{list(t.shape)} buffer, "
-                        f"got {a.dtype}{list(a.shape)}"
+                        f"{self.spec.file}: {kind} {t.name!r} needs a contiguous "
+                        f"{t.dtype}{list(t.shape)} buffer, got {a.dtype}{list(a.shape)}"
                     )
 
 
@@ -344,8 +345,9 @@ class OrtBackend(Backend):
                     ) from None
         self.directory, self.manifest = directory, manifest
         self._graphs: dict[str, OrtGraph] = {}
-        # Under a GPU provider the state lives in CUDA memory (bound by address, uploaded and downloaded by the
-        # pipeline); on the CPU the graphs bind the numpy buffers themselves, unless `device_memory` says where.
+        # Under a GPU provider the state lives in CUDA memory (bound by address, uploaded and downloaded by
+        # the pipeline); on the CPU the graphs bind the numpy buffers themselves, unless `device_memory`
+        # says where.
         if device_memory is None and self.providers[0] in GPU_PROVIDERS:
             device_memory = "cuda"
         self.memory = OrtDeviceMemory(ort, device_memory, self.providers[0]) if device_memory else None
@@ -381,8 +383,9 @@ class OrtBackend(Backend):
             fell_back = [p for p in self.providers if p in GPU_PROVIDERS and p not in used]
             if fell_back:
                 raise BackendError(
-                    f"{fell_back[0]} was asked for but ONNX Runtime fell back to {', '.join(used)} for {spec.file} "
-                    "(CUDA/cuDNN or TensorRT libraries missing?); refusing to run slowly: use --providers cpu"
+                    f"{fell_back[0]} was asked for but ONNX Runtime fell back to {', '.join(used)} "
+                    f"for {spec.file} (CUDA/cuDNN or TensorRT libraries missing?); "
+                    "refusing to run slowly: use --providers cpu"
                 )
             self._graphs[name] = OrtGraph(self._ort, session, spec, path, self.memory)
         return self._graphs[name]

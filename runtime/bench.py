@@ -74,7 +74,8 @@ class BenchResult:
     def summary(self) -> str:
         st, sh = self.stages_ms, self.shares
         lines = [
-            f"{self.engine_dir}: {self.model['backbone']} backbone, {self.model['head']} head, {self.backend}",
+            f"{self.engine_dir}: {self.model['backbone']} backbone, {self.model['head']} head, "
+            f"{self.backend}",
             f"settings: batch {self.batch}, " + ", ".join(f"{k} {v}" for k, v in self.settings.items()),
             *self.padding_warning(),
             f"per batch ({self.runs} runs after warm-up):   mean     median   share of wall",
@@ -86,14 +87,17 @@ class BenchResult:
                 f"  {'loop Python' if k == 'loop' else k:<20} {st[k]:9.3f} ms {med[k]:9.3f} ms{share}"
             )
         lines.append(
-            f"loop Python share of wall: {100 * sh['loop']:.2f}% (mean), {100 * self.loop_share_median:.2f}% (median run)"
+            f"loop Python share of wall: {100 * sh['loop']:.2f}% (mean), "
+            f"{100 * self.loop_share_median:.2f}% (median run)"
         )
         lat = self.latency_ms
         lines.append(
-            f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; {self.images_per_s:.1f} images/s"
+            f"latency per batch: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms; "
+            f"{self.images_per_s:.1f} images/s"
         )
         lines.append(
-            f"calls per batch: {self.calls_per_batch['backbone']} backbone, {self.calls_per_batch['head']} head, 1 VAE"
+            f"calls per batch: {self.calls_per_batch['backbone']} backbone, "
+            f"{self.calls_per_batch['head']} head, 1 VAE"
         )
         mem = f"peak host RSS {self.peak_rss_mb:.0f} MB"
         if self.load_s is not None:
@@ -114,9 +118,9 @@ class BenchResult:
         if self.batch >= engine:
             return []
         return [
-            f"WARNING: batch {self.batch} on engines built for batch {engine}: every call computes {engine} images "
-            f"({engine - self.batch} padding), so these times are those of batch {engine}; to measure batch "
-            f"{self.batch}, build with --batch {self.batch}"
+            f"WARNING: batch {self.batch} on engines built for batch {engine}: every call computes "
+            f"{engine} images ({engine - self.batch} padding), so these times are those of batch {engine}; "
+            f"to measure batch {self.batch}, build with --batch {self.batch}"
         ]
 
 

@@ -22,8 +22,8 @@ from runtime.errors import FarError
 
 # What to do about the errors a user meets first (the rest are named and left to the CUDA docs).
 _HINTS = {
-    "cudaErrorInsufficientDriver": "no NVIDIA driver is loaded, or it is older than the CUDA of the installed "
-    "cuda-python (install the cuda-python of the driver's CUDA major)",
+    "cudaErrorInsufficientDriver": "no NVIDIA driver is loaded, or it is older than the CUDA of the "
+    "installed cuda-python (install the cuda-python of the driver's CUDA major)",
     "cudaErrorNoDevice": "no CUDA GPU is visible (check nvidia-smi / CUDA_VISIBLE_DEVICES)",
     "cudaErrorDevicesUnavailable": "the GPU is busy or in exclusive-process mode",
 }
@@ -73,7 +73,8 @@ def import_tensorrt() -> Any:
 
 
 def import_cudart() -> Any:
-    """The CUDA runtime bindings: cuda.bindings.runtime (cuda-bindings 12.6+, 13), else cuda.cudart (older)."""
+    """The CUDA runtime bindings: cuda.bindings.runtime (cuda-bindings 12.6+, 13), else cuda.cudart
+    (older)."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -150,7 +151,8 @@ def probe() -> DeviceInfo:
 def stream_handle(stream: Any) -> int:
     """The cudaStream_t handle as an int, for TensorRT's execute_async_v3. cuda-bindings 12.9.1 / 13.0
     deprecate `int(stream)` for cuda.bindings.utils.get_cuda_native_handle; older bindings have no utils
-    module and `int()` is their documented way (their getPtr() is the address of the handle, not the handle)."""
+    module and `int()` is their documented way (their getPtr() is the address of the handle, not the
+    handle)."""
     try:
         from cuda.bindings.utils import get_cuda_native_handle
     except ImportError:
@@ -187,7 +189,8 @@ def plan_mismatch(built: DeviceInfo, here: DeviceInfo) -> str | None:
 
 def describe(d: DeviceInfo) -> str:
     """One line: GPU, SMs, memory, CUDA versions."""
-    mem = f"{d.total_memory_mb} MB {'shared with the CPU (integrated GPU)' if d.integrated else 'device memory'}"
+    kind = "shared with the CPU (integrated GPU)" if d.integrated else "device memory"
+    mem = f"{d.total_memory_mb} MB {kind}"
     return (
         f"{d.gpu_name} (sm {d.compute_capability}, {d.sm_count} SMs, {mem}); CUDA driver {d.driver_cuda}, "
         f"runtime {d.runtime_cuda}" + (f"; TensorRT {d.tensorrt_version}" if d.tensorrt_version else "")

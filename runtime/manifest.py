@@ -134,7 +134,8 @@ class Manifest:
         version = _field(d, "schema_version", int)
         if version > SCHEMA_VERSION:
             raise ManifestError(
-                f"manifest schema {version} is newer than this runtime's ({SCHEMA_VERSION}): upgrade far-export"
+                f"manifest schema {version} is newer than this runtime's ({SCHEMA_VERSION}): "
+                "upgrade far-export"
             )
         if version < 1:
             raise ManifestError(f"manifest schema_version must be >= 1, got {version}; {REBUILD}")
@@ -290,7 +291,8 @@ def _model(d: dict[str, Any]) -> ModelInfo:
         (m.seq_len == m.grid**2, f"seq_len {m.seq_len} is not grid^2 = {m.grid**2}"),
         (
             m.token_dim == m.latent_channels * m.patch_size**2,
-            f"token_dim {m.token_dim} is not latent_channels x patch_size^2 = {m.latent_channels * m.patch_size**2}",
+            f"token_dim {m.token_dim} is not latent_channels x patch_size^2 = "
+            f"{m.latent_channels * m.patch_size**2}",
         ),
         (m.num_iter <= m.seq_len, f"num_iter {m.num_iter} is more than seq_len {m.seq_len}"),
         (m.max_query <= m.seq_len, f"max_query {m.max_query} is more than seq_len {m.seq_len}"),
@@ -419,7 +421,8 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
 
 
 def graph_path(directory: Path, file: str, what: str) -> Path:
-    """A file the manifest names: a regular file that stays inside the directory once symlinks are resolved."""
+    """A file the manifest names: a regular file that stays inside the directory once symlinks are
+    resolved."""
     f = directory / file
     if not inside(f, directory):
         raise ManifestError(f"graph file {f} ({what}) points outside the engine directory; {REBUILD}")

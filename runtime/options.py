@@ -80,7 +80,8 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "-k",
             type=click.IntRange(min=1),
             default=None,
-            help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). Default: the model's.",
+            help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). "
+            "Default: the model's.",
         ),
         click.option(
             "--cfg",
@@ -119,7 +120,8 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--out",
             type=click.Path(),
             default=None,
-            help="Write a grid picture, one row per class, in the format its extension names (.png, .jpg, .webp, ...).",
+            help="Write a grid picture, one row per class, in the format its extension names "
+            "(.png, .jpg, .webp, ...).",
         ),
         click.option(
             "--out-dir",

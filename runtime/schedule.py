@@ -79,8 +79,9 @@ class SamplingSettings:
         temperature: float | None = None,
         num_iter: int | None = None,
     ) -> SamplingSettings:
-        """The one resolver: the model's defaults (from its config or manifest), overridden by what the request
-        gives, every value checked (RequestError). `model` is positional-only, so `cfg=` is the guidance scale."""
+        """The one resolver: the model's defaults (from its config or manifest), overridden by what the
+        request gives, every value checked (RequestError). `model` is positional-only, so `cfg=` is the
+        guidance scale."""
         cfg, temperature = sampling_numbers(
             model.cfg if cfg is None else cfg, model.temperature if temperature is None else temperature
         )

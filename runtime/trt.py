@@ -248,7 +248,8 @@ class TrtBackend(Backend):
                 raise BackendError(f"TensorRT plan {plan} ({g}) is missing; rebuild with far-export compile")
             if sha256_file(plan) != manifest.engines[g].sha256:
                 raise BackendError(
-                    f"TensorRT plan {plan} ({g}) does not match its sha256 in the manifest: corrupt or replaced"
+                    f"TensorRT plan {plan} ({g}) does not match its sha256 in the manifest: "
+                    "corrupt or replaced"
                 )
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.stream = self.cuda.stream()

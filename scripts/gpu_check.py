@@ -1,7 +1,8 @@
 """What scripts/gpu_check.sh checks in Python: one line per check, "ok: ...", "skipped: ... (why)" or
 "FAILED: ...". Exit 1 only when a check that could run failed; a CPU-only machine exits 0.
 
-    python scripts/gpu_check.py env       # driver, CUDA, which of tensorrt / onnxruntime-gpu / cuda-bindings import
+    python scripts/gpu_check.py env       # driver, CUDA, which of tensorrt / onnxruntime-gpu /
+                                          # cuda-bindings import
     python scripts/gpu_check.py stub      # runtime/trt.py's CUDA half with a stub engine (no TensorRT needed)
     python scripts/gpu_check.py timing    # PyTorch reference on CUDA: FAR vs MAR at batch 1/16/64
 
@@ -88,7 +89,8 @@ def env() -> bool:
 
 
 class StubContext:
-    """TensorRT's IExecutionContext as runtime/trt.py uses it; 'inference' copies input to output on the GPU."""
+    """TensorRT's IExecutionContext as runtime/trt.py uses it; 'inference' copies input to output on the
+    GPU."""
 
     def __init__(self, backend: Any, src: str, dst: str, nbytes: int):
         self.backend, self.src, self.dst, self.nbytes = backend, src, dst, nbytes
@@ -148,7 +150,8 @@ def stub_check(replays: int = 5, shape: tuple[int, ...] = (16, 4096)) -> bool:
         return True
     ok = True
     for cuda_graph in (False, True):
-        what = f"stub engine, {'one CUDA graph of 2 calls, captured + replayed' if cuda_graph else 'plain enqueue'}"
+        mode = "one CUDA graph of 2 calls, captured + replayed" if cuda_graph else "plain enqueue"
+        what = f"stub engine, {mode}"
         be = stub_backend(cuda_graph)
         try:
             x, y, z = (be.empty(shape, "float32") for _ in range(3))

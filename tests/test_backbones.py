@@ -124,7 +124,8 @@ def test_masked_step_gathers_queries_and_doubles_for_cfg() -> None:
 
 @pytest.mark.parametrize("guided", [False, True])
 def test_causal_cached_steps_equal_full_recomputation(guided: bool) -> None:
-    """Protects: the static KV cache (written with torch.where) gives teacher forcing's z at every position."""
+    """Protects: the static KV cache (written with torch.where) gives teacher forcing's z at every
+    position."""
     model, _ = tiny_model("causal", "shortcut", seed=6)
     bb: CausalBackbone = model.backbone
     B, L, C = 2, model.cfg.seq_len, model.cfg.token_dim

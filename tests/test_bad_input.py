@@ -72,7 +72,8 @@ def run(cmd: list[Any], cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 
 def expect_error(cmd: list[Any], match: str, cwd: Path, watch: list[Path], timeout: float = 300) -> str:
-    """Run cmd; one `Error:` line containing `match`, exit != 0, no traceback, nothing under `watch` changed."""
+    """Run cmd; one `Error:` line containing `match`, exit != 0, no traceback, nothing under `watch`
+    changed."""
     before = {p: snapshot(p) for p in watch}
     r = run(cmd, cwd, timeout)
     out = r.stdout + "\n" + r.stderr

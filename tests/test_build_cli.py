@@ -144,7 +144,8 @@ def test_failed_build_leaves_the_existing_engine_dir_untouched(built, monkeypatc
 
 
 def test_compile_imports_no_torch_and_says_why_no_plans(built):
-    """`far-export compile` on a device without torch: loads the manifest, fails in one line on missing TensorRT."""
+    """`far-export compile` on a device without torch: loads the manifest, fails in one line on missing
+    TensorRT."""
     _, out, _ = built
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
@@ -240,9 +241,9 @@ def _build_reduced(ckpt: Path, out: Path, precision: str, *flags: str) -> None:
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
 @pytest.mark.parametrize("name", SHIPPED)
 def test_tiny_copy_of_every_shipped_config_builds(tmp_path, name, precision):
-    """Protects `far-export build --precision fp16|bf16|int8` on every model kind we ship: the shipped config's
-    backbone, head and sampling settings (mar-mnist: 50 DDPM steps, x0 clamp 5) at tiny sizes, random weights.
-    (int8 of far-mnist's kind: tests/test_int8.py.)"""
+    """Protects `far-export build --precision fp16|bf16|int8` on every model kind we ship: the shipped
+    config's backbone, head and sampling settings (mar-mnist: 50 DDPM steps, x0 clamp 5) at tiny sizes,
+    random weights. (int8 of far-mnist's kind: tests/test_int8.py.)"""
     if precision == "int8" and name == "far-mnist":
         pytest.skip("covered by tests/test_int8.py (masked backbone, shortcut head)")
     shipped = json.loads((ROOT / "checkpoints" / name / "config.json").read_text())
@@ -255,5 +256,6 @@ def test_tiny_copy_of_every_shipped_config_builds(tmp_path, name, precision):
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_checkpoint_builds(tmp_path, name, precision):
-    """The real checkpoints, default batch: the graphs and the sampled image within the precision's tolerances."""
+    """The real checkpoints, default batch: the graphs and the sampled image within the precision's
+    tolerances."""
     _build_reduced(ROOT / "checkpoints" / name, tmp_path / "engines", precision)

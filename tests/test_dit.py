@@ -1,4 +1,5 @@
-"""DiT (the third model kind): shapes, adaLN-Zero init, CFG, training, sampling contract, checkpoints, evaluate."""
+"""DiT (the third model kind): shapes, adaLN-Zero init, CFG, training, sampling contract, checkpoints,
+evaluate."""
 
 from __future__ import annotations
 

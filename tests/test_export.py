@@ -1,4 +1,5 @@
-"""far_export.export / far_export.validate: the graph contract, static export, validation errors, the runtime loop."""
+"""far_export.export / far_export.validate: the graph contract, static export, validation errors, the runtime
+loop."""
 
 from __future__ import annotations
 
@@ -171,7 +172,8 @@ def test_runtime_loop_over_torch_graph_modules_equals_reference_sampler(backbone
 
 
 def test_bf16_graph_runs_upcast_on_cpu(tmp_path):
-    """ORT CPU lacks bf16 kernels; the upcast graph (same structure, bf16 weights) matches torch's bf16 head."""
+    """ORT CPU lacks bf16 kernels; the upcast graph (same structure, bf16 weights) matches torch's bf16
+    head."""
     model, vae = tiny_model()
     shapes = GraphShapes.for_config(model.cfg, batch=1, guided=True)
     io_ = graph_specs(model.cfg, shapes, "bf16")["head"]
@@ -186,7 +188,8 @@ def test_bf16_graph_runs_upcast_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_far_b_preset_exports_and_validates(tmp_path):
-    """far-b (MAR-B dims, 207.9M parameters, random weights) exports and validates on CPU (~6 min, ~3.5 GB)."""
+    """far-b (MAR-B dims, 207.9M parameters, random weights) exports and validates on CPU
+    (~6 min, ~3.5 GB)."""
     import json
     import subprocess
     import sys

@@ -9,7 +9,8 @@ from numerics import assert_close_to_scale
 
 
 def test_error_is_relative_to_the_tensors_scale() -> None:
-    """Protects the rule: rounding of large values passes, a real difference fails with error, scale and place."""
+    """Protects the rule: rounding of large values passes, a real difference fails with error, scale and
+    place."""
     ref = np.array([[4e4, -82.8356]], dtype=np.float32)
     assert_close_to_scale(
         ref + np.float32([[0, 3.4e-3]]), ref

@@ -4,8 +4,8 @@ Protects the randomness contract (runtime/schedule.py) and the AR loop: both
 backbones x both heads, fp32 graphs on ONNX Runtime, engines built with
 far_export.build from tiny random-weight checkpoints.
 
-Token tolerance: GRAPH_FP32 (1e-4) relative to max(1, max|reference|) (tests/numerics.py). With a shortcut head the
-tokens are O(1), so this is 1e-4 absolute. A random-weight MAR head predicts noise
+Token tolerance: GRAPH_FP32 (1e-4) relative to max(1, max|reference|) (tests/numerics.py). With a
+shortcut head the tokens are O(1), so this is 1e-4 absolute. A random-weight MAR head predicts noise
 unrelated to x_t, so its first denoising step (x0 = x_t / sqrt(alphabar_999) - ...)
 gives tokens of order 1e5; fp32 rounding alone then differs by ~1e-2 absolute,
 ~2e-7 relative, so the relative form is the meaningful one. Those tokens saturate

@@ -64,7 +64,8 @@ def test_image_depends_on_seed_index_class_not_batching(pipe):
     full = pipe.generate([3, 1, 2], seed=1)
     one_by_one = pipe.generate([3, 1, 2], seed=1, batch=1)
     other = pipe.generate([0, 1], seed=1)
-    # other batch sizes sum in another order: a pixel on a rounding edge may move by one level (tests/numerics.py)
+    # other batch sizes sum in another order: a pixel on a rounding edge may move by one level
+    # (tests/numerics.py)
     assert np.abs(full.astype(int) - one_by_one).max() <= 1
     assert np.abs(full[1].astype(int) - other[1]).max() <= 1
 

@@ -101,7 +101,8 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _check_shapes(cfg: ModelConfig, path: Path) -> None:
     """The config must describe the stored weights before any memory is allocated for it: a config.json with
-    huge dims would otherwise exhaust memory building the model (the model is built on the meta device here)."""
+    huge dims would otherwise exhaust memory building the model (the model is built on the meta device
+    here)."""
     with torch.device("meta"):
         own = {"model": build_model(cfg).state_dict(), "vae": AutoencoderKL(cfg.vae).state_dict()}
     for what, file in (("model", MODEL_FILE), ("vae", VAE_FILE)):

@@ -231,7 +231,8 @@ class FARConfig:
             raise ConfigError("mlp_ratio must be > 0 and buffer_size >= 0")
         if self.img_size % (self.vae.stride * self.patch_size):
             raise ConfigError(
-                f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} x patch {self.patch_size}"
+                f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} "
+                f"x patch {self.patch_size}"
             )
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} not divisible by num_heads {self.num_heads}")
@@ -468,7 +469,8 @@ class DiTConfig:
             raise ConfigError("dit: img_size, patch_size, num_classes, width, depth, num_heads must be >= 1")
         if self.img_size % (self.vae.stride * self.patch_size):
             raise ConfigError(
-                f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} x patch {self.patch_size}"
+                f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} "
+                f"x patch {self.patch_size}"
             )
         if self.width % self.num_heads or (self.width // self.num_heads) % 2 or self.width % 4:
             raise ConfigError(

@@ -105,7 +105,8 @@ class DiT(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """x (B, L, C) tokens at flow time t (B,) in [0, 1]; labels (B,) (num_classes: null) -> v (B, L, C)."""
+        """x (B, L, C) tokens at flow time t (B,) in [0, 1]; labels (B,) (num_classes: null)
+        -> v (B, L, C)."""
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = (self.t_embedder(t * 1000.0) + self.y_embedder(labels))[:, None]  # (B, 1, D)
         for block in self.blocks:

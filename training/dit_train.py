@@ -45,8 +45,8 @@ def train_dit(
     log(stage="dit", step=0, latent_scale=scale, params=params)
     if ctx.main:
         print(
-            f"[dit] width {cfg.width} x {cfg.depth} blocks, {params / 1e6:.2f}M params, latent_scale {scale:.4f}, "
-            f"{len(cache)} cached latents",
+            f"[dit] width {cfg.width} x {cfg.depth} blocks, {params / 1e6:.2f}M params, "
+            f"latent_scale {scale:.4f}, {len(cache)} cached latents",
             file=sys.stderr,
         )
 

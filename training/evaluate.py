@@ -392,7 +392,8 @@ def evaluate(
         rows.append(row)
         if progress:
             print(
-                f"{report_steps}={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, {sec:.4f} s/image",
+                f"{report_steps}={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, "
+                f"{sec:.4f} s/image",
                 file=sys.stderr,
             )
     first = resolve_settings(mc, seed=seed, cfg=cfg, num_iter=num_iter)

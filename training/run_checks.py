@@ -198,7 +198,10 @@ def _check_init(model: FAR, path: Path) -> None:
 def _check_saved(model: FAR, vae: AutoencoderKL, run: RunConfig, out: Path) -> None:
     """--resume: the saved states load and have the config's shapes (a changed model dim is named here,
     not as a size-mismatch traceback after the VAE stage)."""
-    redo = "resume with the run's own model settings (no model.* or --preset changes), or start a new run in another --out"
+    redo = (
+        "resume with the run's own model settings (no model.* or --preset changes), "
+        "or start a new run in another --out"
+    )
     checks = [(out / "train_state.pt", "far", model)]
     vdir = out / "vae"
     if not run.vae.init:

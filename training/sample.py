@@ -33,8 +33,8 @@ from training.vae import AutoencoderKL
 
 
 def resolve_settings(model_cfg: ModelConfig, /, seed: int = 0, **overrides) -> SamplingSettings:
-    """SamplingSettings.resolve (runtime/schedule.py) for a FAR config; for a DiT its own rules: head_steps is N,
-    the Euler steps over the whole grid, with one CFG scale at every step and no AR steps."""
+    """SamplingSettings.resolve (runtime/schedule.py) for a FAR config; for a DiT its own rules:
+    head_steps is N, the Euler steps over the whole grid, with one CFG scale at every step and no AR steps."""
     cfg = model_cfg  # positional-only, so that `cfg=` (the guidance scale) can be an override
     if not isinstance(cfg, DiTConfig):
         return SamplingSettings.resolve(cfg, seed=seed, **overrides)
@@ -180,7 +180,8 @@ def generate(
     bf16: bool = False,
 ) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for `labels`, in batches of `batch` (the result does not depend on it).
-    `device` ("cuda") runs the loop there; `bf16` under torch.autocast (a timing aid: the reference is fp32)."""
+    `device` ("cuda") runs the loop there; `bf16` under torch.autocast (a timing aid: the reference
+    is fp32)."""
     return np.concatenate(list(generate_batches(model, vae, labels, s, batch, progress, device, bf16)))
 
 

@@ -330,7 +330,8 @@ def train_vae(
     )
     if ctx.main:
         print(
-            f"[vae] training {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params on {len(ds)} images",
+            f"[vae] training {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params "
+            f"on {len(ds)} images",
             file=sys.stderr,
         )
     run_stage(stage, ctx, log, resume)
@@ -602,7 +603,8 @@ def _cli():
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads per process (1 is robust on a busy machine); --resume reuses the first run's.",
+        help="torch CPU threads per process (1 is robust on a busy machine); "
+        "--resume reuses the first run's.",
     )
     @click.option(
         "--set",
@@ -655,7 +657,8 @@ def _cli():
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
         except KeyboardInterrupt:
             click.echo(
-                f"interrupted: the last checkpoint and resume state are in {out_dir} (continue with --resume)",
+                f"interrupted: the last checkpoint and resume state are in {out_dir} "
+                "(continue with --resume)",
                 err=True,
             )
             sys.exit(130)
