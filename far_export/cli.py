@@ -25,6 +25,25 @@ def _run(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+def _engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The TensorRT builder options `build` and `compile` share."""
+    workspace = click.option(
+        "--workspace-gb",
+        default=4.0,
+        show_default=True,
+        type=FiniteFloat(min=0, min_open=True, max=1024),
+        help="TensorRT builder workspace limit.",
+    )
+    opt_level = click.option(
+        "--opt-level",
+        default=3,
+        show_default=True,
+        type=click.IntRange(0, 5),
+        help="TensorRT builder optimisation level (0..5).",
+    )
+    return workspace(opt_level(f))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="far-export")
 def cli() -> None:
@@ -75,20 +94,7 @@ def cli() -> None:
     help="Build TensorRT plans where tensorrt and a GPU exist.",
 )
 @click.option("--require-engines", is_flag=True, help="Fail when TensorRT plans cannot be built here.")
-@click.option(
-    "--workspace-gb",
-    default=4.0,
-    show_default=True,
-    type=FiniteFloat(min=0, min_open=True, max=1024),
-    help="TensorRT builder workspace limit.",
-)
-@click.option(
-    "--opt-level",
-    default=3,
-    show_default=True,
-    type=click.IntRange(0, 5),
-    help="TensorRT builder optimisation level (0..5).",
-)
+@_engine_options
 def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
     """Export a checkpoint to static ONNX graphs, validate them, build TensorRT plans, write the manifest."""
 
@@ -133,20 +139,7 @@ def inspect(engine_dir: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option(
-    "--workspace-gb",
-    default=4.0,
-    show_default=True,
-    type=FiniteFloat(min=0, min_open=True, max=1024),
-    help="TensorRT builder workspace limit.",
-)
-@click.option(
-    "--opt-level",
-    default=3,
-    show_default=True,
-    type=click.IntRange(0, 5),
-    help="TensorRT builder optimisation level (0..5).",
-)
+@_engine_options
 @click.option("--no-validate", is_flag=True, help="Skip comparing each plan with ONNX Runtime.")
 def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: bool) -> None:
     """Build TensorRT plans from the ONNX graphs already in ENGINE_DIR (imports no torch)."""
