@@ -353,7 +353,7 @@ def _load_weights(module: nn.Module, path: Path, remedy: str) -> Any:
 
 
 # ----------------------------------------------------------------------------
-# Stage 2: FAR on cached latents
+# Stage 2: FAR (or the DiT baseline) on cached latents
 # ----------------------------------------------------------------------------
 
 
@@ -383,8 +383,19 @@ def _cache_source(path: Path) -> str | None:
 
 
 def train_far(
-    run: RunConfig, cfg: FARConfig, vae: AutoencoderKL, out: Path, ctx: Context, log: Log, resume: bool
+    run: RunConfig,
+    cfg: FARConfig | DiTConfig,
+    vae: AutoencoderKL,
+    out: Path,
+    ctx: Context,
+    log: Log,
+    resume: bool,
 ) -> Path:
+    """Stage 2: FAR (or, for a DiT config, the DiT baseline of `training/dit.py`: flow matching over the
+    whole grid) on the cached latents, with the same data, optimizer, EMA, resume state and checkpoint."""
+    from training.checkpoint import build_model
+    from training.sample import generate, resolve_settings
+
     cache = build_cache(run, cfg, vae, out, ctx)
     check_batches(run, len(cache), "latents")
     if cache.num_classes > cfg.num_classes:
@@ -394,19 +405,25 @@ def train_far(
     scale = latent_scale(cache)
     cfg = cfg.replace(latent_scale=scale)
     torch.manual_seed(run.train.seed)
-    model = FAR(cfg)
+    model = build_model(cfg)
+    name = "far" if isinstance(model, FAR) else "dit"
     if run.train.init:
         report = _init_from(model, Path(run.train.init))
         if ctx.main:
-            print(f"[far] train.init: {report}", file=sys.stderr)
+            print(f"[{name}] train.init: {report}", file=sys.stderr)
     vae = vae.cpu().eval()
     state_path = out / "train_state.pt"
+    params = sum(p.numel() for p in model.parameters())
     if not (resume and state_path.exists()):  # a resumed run logged its start already
-        log(stage="far", step=0, latent_scale=scale, params=sum(p.numel() for p in model.parameters()))
+        log(stage=name, step=0, latent_scale=scale, params=params)
     if ctx.main:
+        what = (
+            f"{cfg.backbone} backbone + {cfg.head} head"
+            if name == "far"
+            else f"width {cfg.width} x {cfg.depth} blocks"
+        )
         print(
-            f"[far] {cfg.backbone} backbone + {cfg.head} head, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent_scale {scale:.4f}, "
+            f"[{name}] {what}, {params / 1e6:.2f}M params, latent_scale {scale:.4f}, "
             f"{len(cache)} cached latents",
             file=sys.stderr,
         )
@@ -418,6 +435,8 @@ def train_far(
         return tokens.to(ctx.device), cache.labels[idx_t].to(ctx.device)
 
     def loss_fn(m, tokens, labels, ema=None):
+        if name == "dit":
+            return m.loss(tokens, labels)
         teacher = ema.head if (ema is not None and cfg.teacher == "ema") else None
         return m.loss(tokens, labels, teacher=teacher)
 
@@ -431,13 +450,11 @@ def train_far(
 
     def sample_grid(ema, step):
         from runtime.images import _save_png, make_grid
-        from training.sample import SamplingSettings, generate
 
         o = run.train
         rows = min(o.sample_classes, cfg.num_classes)
         labels = [c for c in range(rows) for _ in range(o.sample_per_class)]
-        m = _cpu_copy(ema).eval()
-        images = generate(m, vae, labels, SamplingSettings.resolve(cfg, seed=0))
+        images = generate(_cpu_copy(ema), vae, labels, resolve_settings(cfg, seed=0))
         (out / "samples").mkdir(exist_ok=True)
         _save_png(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
 
@@ -445,7 +462,7 @@ def train_far(
         f", or start from the last exported weights with train.init={ckpt_dir}" if ckpt_dir.is_dir() else ""
     )
     stage = Stage(
-        "far",
+        name,
         model,
         loss_fn,
         batch_fn,
@@ -455,7 +472,7 @@ def train_far(
         remedy,
         export,
         sample_grid,
-        ema_teacher=cfg.head == "shortcut",
+        ema_teacher=name == "far" and cfg.head == "shortcut",
     )
     run_stage(stage, ctx, log, resume)
     return ckpt_dir
@@ -473,6 +490,9 @@ def _init_from(model: FAR, path: Path) -> str:
 
     try:
         sd = _load_safetensors(path / MODEL_FILE)
+        if not isinstance(model, FAR):  # a DiT: the same kind of model, every tensor
+            _load_into(model, sd, str(path / MODEL_FILE))
+            return f"loaded all {len(sd)} tensors of {path}"
         src_head = init_head_kind(model, path)
         if src_head == model.cfg.head:
             _load_into(model, sd, str(path / MODEL_FILE))
@@ -493,8 +513,9 @@ def _init_from(model: FAR, path: Path) -> str:
     )
 
 
-def _cpu_copy(model: FAR) -> FAR:
-    m = FAR(model.cfg)
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """An fp32 CPU copy of a FAR or DiT (what checkpoints and sample grids use)."""
+    m = type(model)(model.cfg)
     m.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     return m.eval()
 
@@ -523,12 +544,7 @@ def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, An
         t0 = time.time()
         vae = given_vae if given_vae is not None else train_vae(run, cfg, out, ctx, log, resume)
         t1 = time.time()
-        if isinstance(cfg, DiTConfig):  # the third model kind: a diffusion transformer on the same latents
-            from training.dit_train import train_dit
-
-            ckpt = train_dit(run, cfg, vae, out, ctx, log, resume)
-        else:
-            ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
+        ckpt = train_far(run, cfg, vae, out, ctx, log, resume)
         log(stage="done", vae_seconds=t1 - t0, far_seconds=time.time() - t1, world_size=ctx.world)
         return ckpt
     finally:
