@@ -85,7 +85,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header, without reading the weights."""
     regular_file(
         path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}"
@@ -106,7 +106,7 @@ def _check_shapes(cfg: ModelConfig, path: Path) -> None:
     with torch.device("meta"):
         own = {"model": build_model(cfg).state_dict(), "vae": AutoencoderKL(cfg.vae).state_dict()}
     for what, file in (("model", MODEL_FILE), ("vae", VAE_FILE)):
-        stored = _stored_shapes(path / file)
+        stored = stored_shapes(path / file)
         expected = {k: tuple(v.shape) for k, v in own[what].items()}
         if stored != expected:
             _mismatch(str(path / file), expected, stored)

@@ -155,16 +155,15 @@ def _available_memory(device: str) -> int | None:
 
 
 def _safetensors_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
-    """name -> shape from a safetensors file's header (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
+    """name -> shape from a safetensors file's header (no tensor is read), as a TrainingError about `what`."""
+    from training.checkpoint import CheckpointError, stored_shapes
 
     if not path.is_file():
         raise TrainingError(f"{what}: {path} is missing or not a regular file")
     try:
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise TrainingError(f"{what}: {path} is not a readable safetensors file ({e})") from None
+        return stored_shapes(path)
+    except CheckpointError as e:
+        raise TrainingError(f"{what}: {e}") from None
 
 
 def init_head_kind(model: FAR, path: Path) -> str:
