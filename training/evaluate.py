@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import FarError
-from training.data import DataError, mnist_split
+from training.data import mnist_split
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
@@ -507,27 +507,24 @@ def _cli():
         with one_line_errors():
             if json_out:
                 check_output_file(json_out, "--json")  # before the evaluation, not after it
-            try:
-                if engine and len(checkpoints) > 1:
-                    raise click.UsageError("--engine scores one checkpoint's engines: give one --checkpoint")
-                reports = [
-                    evaluate(
-                        c,
-                        head_steps,
-                        per_class,
-                        seed,
-                        batch,
-                        cfg,
-                        num_iter,
-                        cache_dir,
-                        fid=not no_fid,
-                        engine=engine,
-                        threads=threads,
-                    )
-                    for c in checkpoints
-                ]
-            except DataError as e:
-                raise click.ClickException(str(e).splitlines()[0]) from None
+            if engine and len(checkpoints) > 1:
+                raise click.UsageError("--engine scores one checkpoint's engines: give one --checkpoint")
+            reports = [
+                evaluate(
+                    c,
+                    head_steps,
+                    per_class,
+                    seed,
+                    batch,
+                    cfg,
+                    num_iter,
+                    cache_dir,
+                    fid=not no_fid,
+                    engine=engine,
+                    threads=threads,
+                )
+                for c in checkpoints
+            ]
             click.echo("\n\n".join(r.table() for r in reports))
             if len(reports) > 1:
                 click.echo("\nSide by side, fastest first:\n\n" + side_by_side(reports))

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime.errors import FarError
 from runtime.files import WriteError, atomic_path, write_atomic, write_failure
 from training.checkpoint import save_checkpoint, save_tensors
 from training.config import ConfigError, DiTConfig, FARConfig
@@ -667,10 +668,12 @@ def _cli():
         except WriteError as e:  # a full disk, a file size limit: nothing half-written is left
             then = "continue with --resume" if out_dir is not None and is_run(out_dir) else "run again"
             raise click.ClickException(f"{e}, then {then}") from None
-        except (ConfigError, DataError, TrainingError) as e:
+        except FarError as e:  # bad input: one line; anything else is a bug and keeps its traceback
             raise click.ClickException(str(e)) from None
         except OSError as e:
-            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+            if e.filename is None:
+                raise
+            raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
         except KeyboardInterrupt:
             click.echo(
                 f"interrupted: the last checkpoint and resume state are in {out_dir} "
