@@ -421,8 +421,10 @@ class Pipeline:
                 {"tokens_out": tokens_next, "mask_out": mask_next},
             )
             steps_calls.append([backbone, *heads, update])
-        tables = [x0, query, cfg_values, count, pos, times, self.labels, self._tokens[0], self._mask[0]]
-        tables += [step_noise, coef] if mar else [d]
+        self.backend.upload([count, pos, times, coef] if mar else [count, pos, times, d])  # once per plan
+        tables = [x0, query, cfg_values, self.labels, self._tokens[0], self._mask[0]]
+        if mar:
+            tables.append(step_noise)
         if not masked:
             tables.append(self._cache[0])
         plan = _Plan(

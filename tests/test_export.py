@@ -205,7 +205,7 @@ def test_far_b_preset_exports_and_validates(tmp_path):
     res = json.loads(out.read_text())
     assert res["params_million"] == pytest.approx(207.9, abs=0.1)
     assert res["end_to_end_image_max"] < 1e-3
-    assert set(res["validation"]) == {"backbone", "head", "vae_decoder"}
+    assert set(res["validation"]) == {"backbone", "head", "update", "vae_decoder"}
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
