@@ -128,23 +128,27 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
     writable_ancestor(out.resolve().parent, "--out", out, BuildError)
 
 
-class BuildInterrupted(BuildError):
-    """SIGTERM / SIGHUP during a build: the temporary directory is removed, the output left as it was."""
-
-
 @contextmanager
-def cleanup_on_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP (what timeout, CI and systemd send) into an exception while the build writes
-    its temporary directory, so that the usual cleanup runs; SIGINT already raises KeyboardInterrupt."""
+def removed_on_signals(tmp: Path) -> Iterator[None]:
+    """SIGTERM and SIGHUP (what timeout, CI and systemd send) while the build writes `tmp`: remove it, say
+    so in one line and exit as the signal would (128 + its number). SIGINT raises KeyboardInterrupt, which
+    the caller's cleanup handles.
+
+    The handler does not raise: an exception raised inside Python code that C++ called (an onnx or
+    onnxruntime module import, a nanobind callback) aborts the process instead of unwinding, with a
+    traceback and no cleanup. It writes with os.write, since the code it interrupted may hold stderr."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise BuildInterrupted(
-            f"build interrupted by {signal.Signals(signum).name}: its temporary files were "
-            f"removed and no half-written output was left; run it again"
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = (
+            f"Error: build interrupted by {signal.Signals(signum).name}: its temporary files were removed "
+            f"and no half-written output was left; run it again\n"
         )
+        os.write(2, message.encode())
+        os._exit(128 + signum)
 
     wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
     old = {sig: signal.signal(sig, stop) for sig in wanted}
@@ -260,17 +264,15 @@ def build(
     specs = graph_specs(cfg, shapes, opts.precision)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with cleanup_on_signals():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
-        try:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
+    try:
+        with removed_on_signals(tmp):
             manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
-            with (
-                signals_held()
-            ):  # between its two renames the old output is aside: no signal may stop it there
+            with signals_held():  # between its two renames the old output is aside: no signal may stop it
                 replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log(f"wrote {out} ({opts.precision}, batch {shapes.batch}, cfg guidance {'on' if guided else 'off'})")
     return manifest
 
