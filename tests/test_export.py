@@ -221,3 +221,23 @@ def test_reduced_precision_keeps_the_mar_head_network_fp32(precision):
         assert p.dtype == torch.float32 and torch.equal(p, ref[name]), name  # exact: a copy, not a round trip
     assert next(mods["backbone"].parameters()).dtype == TORCH_DTYPES[precision]
     assert model.head.net.input_proj.weight.dtype == torch.float32  # the checkpoint's model is untouched
+
+
+def test_onnx_runtime_fuses_the_backbone_gelu(tmp_path):
+    """The MLP's GELU reaches ONNX Runtime in a form its GeluFusion matches: one Gelu per block, no Erf.
+    fp32 only: ORT's CPU provider fuses float GELU, not fp16 (which it runs cast to fp32 anyway)."""
+    precision = "fp32"
+    import onnxruntime as ort
+
+    model, vae = tiny_model("masked", "shortcut")
+    shapes = GraphShapes.for_config(model.cfg, batch=1, guided=False)
+    io_ = graph_specs(model.cfg, shapes, precision)["backbone"]
+    module = graph_modules(model, vae, False, precision)["backbone"]
+    path = export_graph(module, io_, tmp_path / io_.file, random_feeds(model.cfg, io_)[0])
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fusions only
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    blocks = model.cfg.enc_depth + model.cfg.dec_depth
+    assert ops.count("Gelu") == blocks and "Erf" not in ops, sorted(set(ops))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from training.config import FARConfig
-from training.layers import LayerNorm, softmax32
+from training.layers import GELU, LayerNorm, softmax32
 
 NEG = -1e9  # additive mask value; softmax runs in fp32, so this never overflows
 
@@ -79,7 +79,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
