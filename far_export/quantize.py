@@ -141,6 +141,14 @@ def quantize_graph(
     return Quantized(quantized=len(take), kept_fp32=tuple(keep))
 
 
+def spread(calls: int, picks: int) -> set[int]:
+    """`picks` of `calls` call indices, evenly spaced, first and last included. The spacing is then never a
+    whole number of loops, so every AR step is sampled: keeping every k-th call kept only each batch's
+    first step when k was a multiple of the calls per batch (batch-1 int8 engines were calibrated on inputs
+    without a known token, and their backbone failed validation on later steps)."""
+    return {int(i) for i in np.linspace(0, calls - 1, min(calls, picks)).round()}
+
+
 def calibration_feeds(
     backend: Backend,
     directory: Path,
@@ -155,8 +163,8 @@ def calibration_feeds(
     from runtime.pipeline import Pipeline
 
     batches = max(1, math.ceil(images / manifest.batch))
-    every = {g: max(1, batches * n // MAX_FEEDS) for g, n in steps_per_batch.items()}
-    rec = RecordingBackend(backend, keep=lambda graph, i: i % every[graph] == 0)
+    picked = {g: spread(batches * n, MAX_FEEDS) for g, n in steps_per_batch.items()}
+    rec = RecordingBackend(backend, keep=lambda graph, i: i in picked[graph])
     pipe = Pipeline(directory, manifest, rec)
     labels = [i % manifest.model.num_classes for i in range(manifest.batch)]
     for b in range(batches):

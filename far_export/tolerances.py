@@ -14,10 +14,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Bounds on |got - reference| / max(1, max|reference|)."""
+    """Bounds on |got - reference| / max(1, max|reference|): its max, 99th percentile and mean."""
 
     max_abs: float
     p99_abs: float
+    mean_abs: float | None = None  # None: not bounded
 
 
 # Per graph output against the fp32 torch module: kernels and summation order (fp32), plus rounding
@@ -36,10 +37,12 @@ E2E_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs=1e-3, p99_abs=1e-4),
     "fp16": Tolerance(max_abs=0.1, p99_abs=0.02),
     "bf16": Tolerance(max_abs=0.2, p99_abs=0.05),
-    # int8: far-mnist (batch 16, seed 0) image max 0.54, p99 0.17, mean 0.009: the AR loop samples a few
-    # tokens differently and a stroke moves, so the max is not bounded (1 = the range); p99 is, with ~2x room.
+    # int8: the loop samples a few tokens differently and a stroke moves in some images, so max and p99 are
+    # bounded by how far samples drift, not by rounding; the mean is the stable measure. 16 images, seed 0:
+    # far-mnist image max 0.55, p99 0.18, mean 0.010; far-mnist-causal (raster order: an early token moves
+    # every later one) max 0.92, p99 0.35, mean 0.016. Bounds: the range, 1.7x and 2.5x the worst.
     # Quality of the int8 engines' samples (class accuracy, Frechet) is measured apart: README "INT8".
-    "int8": Tolerance(max_abs=1.0, p99_abs=0.3),
+    "int8": Tolerance(max_abs=1.0, p99_abs=0.6, mean_abs=0.04),
 }
 # A TensorRT plan against its ONNX graph on ONNX Runtime (CPU; bf16 graphs upcast to fp32). TensorRT runs
 # fp32 matmuls in TF32 on Ampere and later (10-bit mantissa), hence fp32's bound above the graph table's.
@@ -71,11 +74,16 @@ def error_stats(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 def within(stats: dict[str, float], tol: Tolerance) -> bool:
     s = stats["scale"]
-    return stats["max"] <= tol.max_abs * s and stats["p99"] <= tol.p99_abs * s
+    return (
+        stats["max"] <= tol.max_abs * s
+        and stats["p99"] <= tol.p99_abs * s
+        and (tol.mean_abs is None or stats["mean"] <= tol.mean_abs * s)
+    )
 
 
 def describe_error(stats: dict[str, float], tol: Tolerance) -> str:
+    mean = f", mean {tol.mean_abs:g}" if tol.mean_abs is not None else ""
     return (
         f"max abs error {stats['max']:.3g} (p99 {stats['p99']:.3g}, mean {stats['mean']:.3g}) > tolerance "
-        f"{tol.max_abs:g} (p99 {tol.p99_abs:g}) x scale {stats['scale']:.3g}"
+        f"{tol.max_abs:g} (p99 {tol.p99_abs:g}{mean}) x scale {stats['scale']:.3g}"
     )

@@ -127,3 +127,26 @@ def test_sample_runs_an_int8_engine_close_to_the_fp32_engine(engines, tmp_path):
         imgs[name] = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")).astype(np.float64) / 255
     diff = np.abs(imgs["int8"] - imgs["fp32"])
     assert diff.mean() < 0.02 and diff.max() < 0.5, (diff.mean(), diff.max())
+
+
+def test_calibration_records_every_ar_step(engines):
+    """The calibration inputs come from every AR step of the loop, not only from each batch's first step
+    (a stride that was a multiple of the steps per batch calibrated batch-1 backbones on inputs without a
+    known token: they failed validation on later steps)."""
+    from far_export.quantize import MAX_FEEDS, calibration_feeds, spread
+    from runtime.backends import open_backend
+
+    assert {i % 8 for i in spread(64 * 8, MAX_FEEDS)} == set(range(8))
+    assert spread(5, MAX_FEEDS) == set(range(5)) and spread(1, MAX_FEEDS) == {0}
+    _, fp32, _ = engines
+    m = load_manifest(fp32)
+    steps = m.model.num_iter
+    backend = open_backend("ort", fp32, m, threads=1)
+    try:
+        feeds = calibration_feeds(
+            backend, fp32, m, {"backbone": steps, "head": 1, "update": 1, "vae_decoder": 1}, 0
+        )
+    finally:
+        backend.close()
+    known = {int((f["mask"] == 0).sum()) for f in feeds["backbone"]}  # known tokens of the batch at that step
+    assert len(feeds["backbone"]) <= MAX_FEEDS and len(known) == steps, known
