@@ -75,6 +75,23 @@ def test_int8_build_writes_qdq_graphs_with_per_channel_int8_weights(engines):
     assert m.validation["graphs"]["backbone"]["real (held-out)"]["z"]["max"] >= 0
 
 
+def test_weight_products_are_quantized_on_their_inputs_only(engines):
+    """Every activation Q/DQ pair feeds a weight product: none sits on a product's output only for the float
+    ops after it (TensorRT's recommended placement; such a pair cost a Q + DQ pass and split the GELU that
+    ONNX Runtime fuses)."""
+    _, _, out = engines
+    for g in ("backbone", "head", "vae_decoder"):
+        m = onnx.load(str(out / load_manifest(out).graphs[g].file))
+        inits = {t.name for t in m.graph.initializer}
+        consumers: dict[str, list[str]] = {}
+        for n in m.graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n.op_type)
+        for n in m.graph.node:
+            if n.op_type == "DequantizeLinear" and n.input[0] not in inits:  # an activation, not a weight
+                assert {"Gemm", "MatMul", "Conv"} & set(consumers[n.output[0]]), (g, n.name)
+
+
 def test_a_quantized_graph_that_fails_validation_ships_fp32_with_a_note(engines, tmp_path, monkeypatch):
     import far_export.build as build_mod
     from far_export.validate import ValidationError
