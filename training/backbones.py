@@ -201,7 +201,7 @@ class MaskedBackbone(_ClassEmbedding):
         pos = torch.cat([pos[:buf].expand(B, -1, -1), pos[buf + known]], dim=1)  # (B, buf + c, D)
         keys = torch.cat([torch.ones_like(valid[:, :1]).expand(B, buf), valid], dim=1)  # (B, buf + c)
         x = self._encode(x, pos, class_vec, keys)  # (B, buf + c, D)
-        # the slots back at their L positions: a one-hot product (exact, pads weigh 0), the mask token elsewhere
+        # slots back at their L positions: a one-hot product (exact, pads weigh 0), mask token elsewhere
         onehot = (known[:, :, None] == torch.arange(L, device=known.device)).to(x.dtype)  # (B, c, L)
         onehot = onehot * valid[:, :, None].to(x.dtype)
         rows = torch.einsum("bcl,bcd->bld", onehot, x[:, buf:])  # (B, L, D)
