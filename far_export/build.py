@@ -303,7 +303,7 @@ def _build_into(
     if precision == "int8" and cfg.head == "mar":
         graph_precision["head"] = "fp32"
         notes["head"] = MAR_INT8_NOTE
-    variants = tuple(name for name in specs if is_variant(name))
+    variants = shapes.variant_names
     # what the graphs compute
     modules = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision, variants=variants)
     # the reference: the fp32 model (what the checkpoint means); per-precision tolerances bound the difference

@@ -156,6 +156,11 @@ class GraphShapes:
         )
 
     @property
+    def variant_names(self) -> tuple[str, ...]:
+        """The encoder variants' graph names (graph_modules' `variants`)."""
+        return tuple(variant_name(c) for c in self.encoder_capacities)
+
+    @property
     def rows(self) -> int:
         """N: head rows per call (every queried token of every image)."""
         return self.batch * self.max_query

@@ -39,7 +39,9 @@ def test_build_writes_a_valid_manifest(built):
     ckpt, out, output = built
     cfg = FARConfig.load(ckpt / "config.json")
     m = load_manifest(out)  # verifies every graph's sha256
-    assert set(m.graphs) == set(GRAPHS) and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
+    variants = {"backbone_k16": 16, "backbone_k32": 32, "backbone_k48": 48}  # L = 64: L/4, L/2, 3L/4
+    assert set(m.graphs) == {*GRAPHS, *variants} and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
+    assert {c: n for n, c in variants.items()} == m.encoder_variants
     assert m.model.max_query == max_tokens_per_step(cfg.seq_len, cfg.num_iter)
     assert (m.model.num_iter, m.model.seq_len, m.model.token_dim, m.model.cfg) == (
         cfg.num_iter,
@@ -50,7 +52,7 @@ def test_build_writes_a_valid_manifest(built):
     v = m.validation
     assert v["passed"] and v["end_to_end"]["passed"]
     assert v["end_to_end"]["image"]["max"] < 1e-4  # fp32 graphs sample the reference's image
-    for name in GRAPHS:
+    for name in m.graphs:
         for kind in ("random", "real"):
             for st in v["graphs"][name][kind].values():
                 assert st["max"] <= GRAPH_FP32 * st["scale"], (name, kind, st)
