@@ -413,6 +413,8 @@ def test_build_refuses_bad_configs(ws, config, flags, match):
         (["--workspace-gb", "nan"], "not a finite number"),
         (["--batch", "999999999"], "Invalid value for '--batch'"),
         (["--num-iter", "0"], "Invalid value for '--num-iter'"),
+        (["--encoder-variants", "17"], "Invalid value for '--encoder-variants'"),
+        (["--encoder-variants", "-1"], "Invalid value for '--encoder-variants'"),
         (["--out", "{ckpt}"], "not an engine directory to replace"),
     ],
 )

@@ -68,6 +68,8 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
     assert res.exit_code == 0, res.output
     for word in (
         "backbone.onnx",
+        "backbone_k16: backbone_k16.onnx (encoder on <= 16 known tokens",
+        "known int64[2,16]",
         "query int64[2,",
         "x_next float32",
         "image float32[2,3,16,16]",
@@ -77,6 +79,7 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
         assert word in res.output
     res = _invoke("inspect", out, "--json")
     assert json.loads(res.output)["graphs"]["head"]["file"] == "head.onnx"
+    assert json.loads(res.output)["graphs"]["backbone_k48"]["known_capacity"] == 48
 
 
 def _one_line_error(res, *words: str) -> None:

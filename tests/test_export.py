@@ -236,3 +236,14 @@ def test_reduced_precision_keeps_the_mar_head_network_fp32(precision):
         assert p.dtype == torch.float32 and torch.equal(p, ref[name]), name  # exact: a copy, not a round trip
     assert next(mods["backbone"].parameters()).dtype == TORCH_DTYPES[precision]
     assert model.head.net.input_proj.weight.dtype == torch.float32  # the checkpoint's model is untouched
+
+
+def test_bad_encoder_variants_raise_typed_errors():
+    """The library refuses what the CLI's range refuses: a negative count or more than the build allows."""
+    from far_export.build import BuildError, BuildOptions
+
+    model, _ = tiny_model()
+    with pytest.raises(ExportError, match="encoder variants must be >= 0"):
+        GraphShapes.for_config(model.cfg, 1, True, encoder_variants=-1)
+    with pytest.raises(BuildError, match=r"--encoder-variants must be in \[0, 16\], got 17"):
+        BuildOptions(encoder_variants=17).check()
