@@ -28,9 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.flops import graph_flops  # noqa: E402
-from runtime.manifest import load_manifest  # noqa: E402
-from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.schedule import masked_schedule  # noqa: E402
+from runtime.manifest import is_variant, load_manifest  # noqa: E402
+from runtime.pipeline import Pipeline, steps_per_batch  # noqa: E402
 
 MODELS = {  # name -> checkpoint directory
     "FAR (masked, shortcut head)": ROOT / "checkpoints/far-mnist",
@@ -429,9 +428,10 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
         d = engine_dir(ckpt, "fp32", batch)
         m = load_manifest(d)
         f = {g: graph_flops(d / spec.file) for g, spec in m.graphs.items()}
-        steps = len(masked_schedule(m.model.seq_len, m.model.num_iter))
         k = m.model.head_steps
-        per_image = (f["backbone"] * steps + f["head"] * k * steps + f["vae_decoder"]) / batch
+        calls = steps_per_batch(m, m.model.num_iter, k)  # the full backbone or an encoder variant per step
+        backbone = sum(f[g] * n for g, n in calls.items() if g == "backbone" or is_variant(g))
+        per_image = (backbone + f["head"] * calls["head"] + f["vae_decoder"]) / batch
         pipe = open_pipe(d)
         classes = [i % m.model.num_classes for i in range(batch)]
         t = (
@@ -454,8 +454,8 @@ def roofline(batches: list[int], reps: int) -> tuple[str, list[dict]]:
             [
                 batch,
                 per_image / 1e6,
-                f["backbone"] * steps / batch / 1e6,
-                f["head"] * k * steps / batch / 1e6,
+                backbone / batch / 1e6,
+                f["head"] * calls["head"] / batch / 1e6,
                 f["vae_decoder"] / batch / 1e6,
                 t * 1e3,
                 per_image / t / 1e9,

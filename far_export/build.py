@@ -29,6 +29,7 @@ import numpy as np
 
 from far_export import __version__
 from far_export.export import (
+    ENCODER_VARIANTS,
     PRECISIONS,
     ExportError,
     GraphIO,
@@ -61,10 +62,13 @@ from runtime.manifest import (
     GraphSpec,
     Manifest,
     ModelInfo,
+    is_variant,
     load_manifest,
     sha256_file,
 )
 from training.config import FARConfig
+
+MAX_ENCODER_VARIANTS = 16
 
 
 class BuildError(FarError, RuntimeError):
@@ -77,6 +81,7 @@ class BuildOptions:
     batch: int = 8
     cfg_guidance: bool | None = None  # None: guided when the checkpoint's default cfg != 1
     num_iter: int | None = None  # masked backbone: AR steps Q is sized for; None: the checkpoint's
+    encoder_variants: int = ENCODER_VARIANTS  # masked backbone: encoder variants on known tokens (0: none)
     validate: bool = True  # per-graph checks against PyTorch
     end_to_end: bool = True  # the whole loop against the reference sampler
     seed: int = 0
@@ -94,6 +99,10 @@ class BuildOptions:
             raise BuildError(f"--seed must be a non-negative integer below 2^63, got {self.seed}")
         if self.num_iter is not None and self.num_iter < 1:
             raise BuildError(f"--num-iter must be >= 1, got {self.num_iter}")
+        if not 0 <= self.encoder_variants <= MAX_ENCODER_VARIANTS:
+            raise BuildError(
+                f"--encoder-variants must be in [0, {MAX_ENCODER_VARIANTS}], got {self.encoder_variants}"
+            )
         if not 0 <= self.opt_level <= 5:
             raise BuildError(f"--opt-level must be in 0..5, got {self.opt_level}")
         if not (math.isfinite(self.workspace_gb) and 0 < self.workspace_gb <= 1024):
@@ -260,7 +269,7 @@ def build(
         )
     guided = cfg.cfg != 1.0 if opts.cfg_guidance is None else opts.cfg_guidance
     try:
-        shapes = GraphShapes.for_config(cfg, opts.batch, guided, opts.num_iter)
+        shapes = GraphShapes.for_config(cfg, opts.batch, guided, opts.num_iter, opts.encoder_variants)
     except ExportError as e:
         raise BuildError(str(e)) from None
     specs = graph_specs(cfg, shapes, opts.precision)
@@ -296,12 +305,14 @@ def _build_into(
     if precision == "int8" and cfg.head == "mar":
         graph_precision["head"] = "fp32"
         notes["head"] = MAR_INT8_NOTE
-    modules = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision)  # what the graphs compute
+    variants = shapes.variant_names
+    # what the graphs compute
+    modules = graph_modules(ckpt.model, ckpt.vae, shapes.guided, precision, variants=variants)
     # the reference: the fp32 model (what the checkpoint means); per-precision tolerances bound the difference
     refs = (
         modules
         if precision in ("fp32", "int8")
-        else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32")
+        else graph_modules(ckpt.model, ckpt.vae, shapes.guided, "fp32", variants=variants)
     )
     feeds = {name: random_feeds(cfg, io_) for name, io_ in specs.items()}
     for name, io_ in specs.items():
@@ -362,7 +373,7 @@ def _build_into(
                             notes[name] = f"int8 failed validation, falls back to fp32: {e}"
                         else:
                             modules[name] = graph_modules(
-                                ckpt.model, ckpt.vae, shapes.guided, precision, "fp32"
+                                ckpt.model, ckpt.vae, shapes.guided, precision, "fp32", variants
                             )[name]
                             export_graph(modules[name], io_, tmp / io_.file, feeds[name][0])
                             notes.pop(name, None)
@@ -422,6 +433,7 @@ def _manifest(
             fp32_islands=fp32_islands(name, cfg, graph_precision[name])
             if graph_precision[name] != "fp32"
             else (),
+            known_capacity=io_.known_capacity,
         )
         for name, io_ in specs.items()
     }
@@ -445,10 +457,19 @@ MAR_INT8_NOTE = (
 )
 
 
-def _steps_per_batch(cfg: FARConfig, shapes: GraphShapes, head_steps: int) -> dict[str, int]:
-    """Calls of each graph per engine batch of the runtime's loop."""
-    steps = shapes.num_iter if cfg.backbone == "masked" else cfg.seq_len
-    return {"backbone": steps, "head": steps * head_steps, "update": steps, "vae_decoder": 1}
+def with_backbone_feeds(
+    calls: dict[str, list[dict[str, Any]]], limit: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """`calls` (recorded inputs per graph) where the full backbone also gets every encoder variant's inputs
+    without `known`: they are valid inputs of it, and the loop may never call the full backbone when the
+    variants cover every step. At most `limit` backbone feeds, spread evenly."""
+    feeds = list(calls.get("backbone", []))
+    for name, fs in calls.items():
+        if is_variant(name):
+            feeds += [{k: v for k, v in f.items() if k != "known"} for f in fs]
+    if limit and len(feeds) > limit:
+        feeds = feeds[:: math.ceil(len(feeds) / limit)]
+    return {**calls, "backbone": feeds} if feeds else calls
 
 
 def _quantize(
@@ -466,22 +487,24 @@ def _quantize(
     graphs were fed while the runtime's loop sampled CALIBRATION_IMAGES images; returns per graph three
     recorded inputs of one more batch (other seeds), the held-out set the quantized graphs are
     validated on."""
-    from far_export.quantize import CALIBRATION_IMAGES, calibration_feeds, quantize_graph
+    from far_export.quantize import CALIBRATION_IMAGES, MAX_FEEDS, calibration_feeds, quantize_graph
+    from runtime.pipeline import steps_per_batch
 
     sessions = {name: ort_session(tmp / io_.file) for name, io_ in specs.items()}
     fp32 = _manifest(tmp, ckpt_sha, cfg, shapes, specs, dict.fromkeys(specs, "fp32"), "fp32", {})
-    steps = _steps_per_batch(cfg, shapes, cfg.resolved_head_steps)
+    steps = steps_per_batch(fp32, shapes.num_iter, cfg.resolved_head_steps)
     batches = max(1, math.ceil(CALIBRATION_IMAGES / shapes.batch))
     seed = opts.seed + 1  # not the end-to-end check's seed
     with stage(
         log, f"int8: record calibration inputs ({batches * shapes.batch} images through the fp32 graphs)"
     ):
         calib = calibration_feeds(SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed)
+        calib = with_backbone_feeds(calib, MAX_FEEDS)
     with stage(log, "int8: record held-out validation inputs (one more batch)"):
         held = calibration_feeds(
             SessionBackend(tmp, fp32, sessions), tmp, fp32, steps, seed + batches, images=shapes.batch
         )
-        held = {g: [f[0], f[len(f) // 2], f[-1]] for g, f in held.items()}
+        held = {g: [f[0], f[len(f) // 2], f[-1]] for g, f in with_backbone_feeds(held).items()}
     fp32_dir.mkdir()
     for name, io_ in specs.items():
         if graph_precision[name] != "int8":
@@ -532,7 +555,7 @@ def _end_to_end(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The runtime's own loop over the build's sessions against the reference sampler, then every graph
     on the inputs that loop fed it (first, middle and last call of each graph)."""
-    from runtime.pipeline import Pipeline
+    from runtime.pipeline import Pipeline, steps_per_batch
     from training.sample import SamplingSettings, decode_tokens, sample_tokens
 
     # int8's error is a distribution over images (the loop samples a few tokens differently and a stroke
@@ -541,7 +564,7 @@ def _end_to_end(
     labels = [i % cfg.num_classes for i in range(n)]
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
-    total = _steps_per_batch(cfg, shapes, s.head_steps)
+    total = steps_per_batch(manifest, shapes.num_iter, s.head_steps)
     backend = RecordingBackend(
         SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
         keep=lambda graph, i: i in (0, total[graph] // 2, total[graph] - 1),
@@ -568,6 +591,7 @@ def _end_to_end(
         st["note"] = f"tokens max {tok['max']:.2g}, image max {img['max']:.2g} mean {img['mean']:.2g}"
     e2e = {"labels": labels, "settings": dataclasses.asdict(s), "tokens": tok, "image": img}
     real: dict[str, Any] = {}
+    recorded = with_backbone_feeds(backend.calls)
     with stage(log, "validate graphs on real inputs (recorded while sampling)") as st:
         for name, io_ in specs.items():
             tol = io_.tolerances[graph_precision[name]]
@@ -576,7 +600,7 @@ def _end_to_end(
                 io_,
                 ort_runner(sessions[name], io_),
                 torch_runner(refs[name], io_),
-                backend.calls[name],
+                recorded[name],
                 tol,
                 "real",
             )

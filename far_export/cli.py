@@ -82,6 +82,14 @@ def cli() -> None:
     default=None,
     help="Masked backbone: AR steps the per-step query size is fixed for. Default: the checkpoint's.",
 )
+@click.option(
+    "--encoder-variants",
+    type=click.IntRange(min=0, max=16),
+    default=3,
+    show_default=True,
+    help="Masked backbone: static encoder variants that run on the known tokens only (capacities "
+    "L/4, L/2, 3L/4 for 3; those the schedule uses). 0: the full backbone at every step.",
+)
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the end-to-end check.")
 @click.option("--no-validate", is_flag=True, help="Skip the per-graph checks against PyTorch.")
 @click.option(
@@ -110,6 +118,7 @@ def build(checkpoint_dir: str, out_dir: str, **kw: Any) -> None:
             batch=kw["batch"],
             cfg_guidance=kw["cfg_guidance"],
             num_iter=kw["num_iter"],
+            encoder_variants=kw["encoder_variants"],
             validate=not kw["no_validate"],
             end_to_end=not kw["no_end_to_end"],
             seed=kw["seed"],

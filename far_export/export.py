@@ -32,8 +32,8 @@ from torch import nn
 
 from far_export.tolerances import TOLERANCES, Tolerance
 from runtime.errors import FarError
-from runtime.manifest import TensorSpec
-from runtime.schedule import max_tokens_per_step
+from runtime.manifest import TensorSpec, variant_name
+from runtime.schedule import encoder_capacities, encoder_capacity, masked_schedule, max_tokens_per_step
 from training.config import FARConfig
 from training.model import FAR, TokenUpdateStep, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
@@ -43,12 +43,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # int8 graphs are exported fp32, then quantized (far_export/quantize.py)
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 NUMPY_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
-GRAPH_FILES = {
-    "backbone": "backbone.onnx",
-    "head": "head.onnx",
-    "update": "update.onnx",
-    "vae_decoder": "vae_decoder.onnx",
-}
+ENCODER_VARIANTS = 3  # masked backbone: encoder variants a build exports by default (0: none)
 # What stays fp32 inside a reduced-precision graph (training/layers.py, the models' explicit casts).
 _ISLANDS = {
     "backbone": ("LayerNorm statistics", "attention logits + mask bias + softmax", "graph inputs/outputs"),
@@ -112,10 +107,11 @@ class GraphIO:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: TOLERANCES)
+    known_capacity: int = 0  # encoder variants of the masked backbone: known-token slots
 
     @property
     def file(self) -> str:
-        return GRAPH_FILES[self.name]
+        return f"{self.name}.onnx"
 
 
 @dataclass(frozen=True)
@@ -126,19 +122,43 @@ class GraphShapes:
     guided: bool  # CFG doubles the batch inside the graphs
     num_iter: int  # masked AR steps the query size Q is computed for
     max_query: int  # Q (1 for the causal backbone)
+    encoder_capacities: tuple[int, ...] = ()  # masked backbone: known-token slots of each encoder variant
 
     @classmethod
-    def for_config(cls, cfg: FARConfig, batch: int, guided: bool, num_iter: int | None = None) -> GraphShapes:
+    def for_config(
+        cls,
+        cfg: FARConfig,
+        batch: int,
+        guided: bool,
+        num_iter: int | None = None,
+        encoder_variants: int = ENCODER_VARIANTS,
+    ) -> GraphShapes:
+        """Sizes for `batch`; a masked backbone gets up to `encoder_variants` encoder variants
+        (runtime/schedule.py encoder_capacities), those that a step of the num_iter schedule runs: every
+        graph of a build is validated and calibrated on the inputs its own loop feeds it."""
         if batch < 1:
             raise ExportError(f"batch must be >= 1, got {batch}")
+        if encoder_variants < 0:
+            raise ExportError(f"encoder variants must be >= 0, got {encoder_variants}")
         n = cfg.num_iter if num_iter is None else num_iter
-        if cfg.backbone == "masked":
-            if not 1 <= n <= cfg.seq_len:
-                raise ExportError(f"num_iter must be in [1, seq_len={cfg.seq_len}], got {n}")
-            q = max_tokens_per_step(cfg.seq_len, n)
-        else:
-            q = 1
-        return cls(batch=batch, guided=guided, num_iter=n, max_query=q)
+        if cfg.backbone != "masked":
+            return cls(batch=batch, guided=guided, num_iter=n, max_query=1)
+        if not 1 <= n <= cfg.seq_len:
+            raise ExportError(f"num_iter must be in [1, seq_len={cfg.seq_len}], got {n}")
+        caps = encoder_capacities(cfg.seq_len, encoder_variants)
+        used = {encoder_capacity(step, cfg.seq_len, caps) for step in masked_schedule(cfg.seq_len, n)}
+        return cls(
+            batch=batch,
+            guided=guided,
+            num_iter=n,
+            max_query=max_tokens_per_step(cfg.seq_len, n),
+            encoder_capacities=tuple(c for c in caps if c in used),
+        )
+
+    @property
+    def variant_names(self) -> tuple[str, ...]:
+        """The encoder variants' graph names (graph_modules' `variants`)."""
+        return tuple(variant_name(c) for c in self.encoder_capacities)
 
     @property
     def rows(self) -> int:
@@ -210,7 +230,16 @@ def graph_specs(cfg: FARConfig, shapes: GraphShapes, precision: str = "fp32") ->
     vae = GraphIO(
         "vae_decoder", (_t("tokens", (B, L, C)),), (_t("image", (B, 3, cfg.img_size, cfg.img_size)),)
     )
-    return {"backbone": backbone, "head": head, "update": update, "vae_decoder": vae}
+    variants = {
+        variant_name(c): GraphIO(
+            variant_name(c),
+            (*backbone.inputs, _t("known", (B, c), "int64")),
+            backbone.outputs,
+            known_capacity=c,
+        )
+        for c in shapes.encoder_capacities
+    }
+    return {"backbone": backbone, **variants, "head": head, "update": update, "vae_decoder": vae}
 
 
 # ----------------------------------------------------------------------------
@@ -234,9 +263,15 @@ class _DiffusionHeadAlwaysCfg(nn.Module):
 
 
 def graph_modules(
-    model: FAR, vae: AutoencoderKL, guided: bool, precision: str = "fp32", vae_precision: str | None = None
+    model: FAR,
+    vae: AutoencoderKL,
+    guided: bool,
+    precision: str = "fp32",
+    vae_precision: str | None = None,
+    variants: tuple[str, ...] = (),
 ) -> dict[str, nn.Module]:
-    """The eval-mode torch modules that the graphs compute, in `precision` (copies when not fp32)."""
+    """The eval-mode torch modules that the graphs compute, in `precision` (copies when not fp32); the
+    encoder `variants` (graph names) are the backbone's module given a `known` input."""
     dtype = TORCH_DTYPES[precision]
     vdtype = TORCH_DTYPES[vae_precision or precision]
     m = model if dtype == torch.float32 else copy.deepcopy(model)
@@ -254,8 +289,10 @@ def graph_modules(
     head = head_step(m, guided)
     if model.cfg.head == "mar":
         head = _DiffusionHeadAlwaysCfg(head, guided)
+    backbone = backbone_step(m, guided)
     mods = {
-        "backbone": backbone_step(m, guided),
+        "backbone": backbone,
+        **dict.fromkeys(variants, backbone),
         "head": head,
         "update": TokenUpdateStep(),
         "vae_decoder": VAEDecoderStep(model.cfg, v),

@@ -47,6 +47,8 @@ def example_inputs(cfg: ModelLike, io_: GraphLike, rng: np.random.Generator) -> 
             a = rng.integers(0, L, shape)
         elif n == "mask":
             a = (rng.random(shape) < 0.5).astype(np.float32)
+        elif n == "known":  # an encoder variant: a mask with at most c known tokens and their positions
+            a, out["mask"] = known_slots(L, shape, rng)
         elif n == "t":
             a = rng.random(shape) if cfg.head == "shortcut" else rng.integers(0, cfg.diffusion_steps, shape)
         elif n == "d":
@@ -67,6 +69,24 @@ def example_inputs(cfg: ModelLike, io_: GraphLike, rng: np.random.Generator) -> 
             a = rng.standard_normal(shape)
         out[n] = _as_dtype(np.asarray(a), spec.dtype)
     return out
+
+
+def known_slots(
+    seq_len: int, shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(known (B, c) int64, mask (B, L) float32) of an encoder variant: per image 0..c known tokens
+    (mask 0) at random positions, their positions in random slots, the other slots padded with unknown
+    positions (at least one token is unknown, as at every AR step)."""
+    B, c = shape
+    known = np.zeros(shape, np.int64)
+    mask = np.ones((B, seq_len), np.float32)
+    for b in range(B):
+        order = rng.permutation(seq_len)
+        k = int(rng.integers(0, min(c, seq_len - 1) + 1))
+        mask[b, order[:k]] = 0.0
+        slots = np.concatenate([order[:k], rng.choice(order[k:], c - k)])
+        known[b] = rng.permutation(slots)
+    return known, mask
 
 
 def engine_feed(io_: GraphLike, feed: dict[str, np.ndarray]) -> dict[str, Any]:

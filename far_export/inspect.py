@@ -41,8 +41,9 @@ def lines(m: Manifest, directory: Path) -> list[str]:
     for name, g in m.graphs.items():
         size = (directory / g.file).stat().st_size / 1e6 if (directory / g.file).exists() else 0.0
         islands = f"; fp32 islands: {', '.join(g.fp32_islands)}" if g.fp32_islands else ""
+        variant = f"encoder on <= {g.known_capacity} known tokens, " if g.known_capacity else ""
         out += [
-            f"    {name}: {g.file} ({size:.1f} MB, {g.precision}{islands})",
+            f"    {name}: {g.file} ({variant}{size:.1f} MB, {g.precision}{islands})",
             f"      in:  {_tensors(g.inputs)}",
             f"      out: {_tensors(g.outputs)}",
         ]

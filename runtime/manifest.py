@@ -3,7 +3,10 @@
 Written by `far_export` (build, compile), read by the runtime. The manifest is the
 only thing the runtime reads to know the model. numpy/stdlib only.
 
-Graph names: "backbone", "head", "update", "vae_decoder".
+Graph names: "backbone", "head", "update", "vae_decoder", and for a masked backbone optional encoder
+variants "backbone_k{c}": the backbone with one more input, `known (B, c) int64`, whose encoder runs on
+c known-token slots only (`known_capacity` = c); the runtime picks per AR step the smallest that holds
+the step's known tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +33,19 @@ from runtime.errors import directory as check_directory
 from runtime.files import write_atomic
 from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
-SCHEMA_VERSION = 2  # 2: the "update" graph (the scatter of each AR step)
+SCHEMA_VERSION = 3  # 2: the "update" graph (the scatter of each AR step); 3: encoder variants
 MANIFEST = "manifest.json"
-GRAPHS = ("backbone", "head", "update", "vae_decoder")
+GRAPHS = ("backbone", "head", "update", "vae_decoder")  # every engine directory has these
+_VARIANT = re.compile(r"backbone_k([1-9][0-9]{0,6})")
+
+
+def variant_name(capacity: int) -> str:
+    """The graph name of the masked backbone's encoder variant with `capacity` known-token slots."""
+    return f"backbone_k{capacity}"
+
+
+def is_variant(name: str) -> bool:
+    return _VARIANT.fullmatch(name) is not None
 
 
 class ManifestError(FarError, RuntimeError):
@@ -53,6 +67,7 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     precision: str  # what runs inside: fp32 | fp16 | bf16 | int8 (QDQ)
     fp32_islands: tuple[str, ...] = ()  # ops kept in fp32 inside a reduced-precision graph
+    known_capacity: int = 0  # encoder variants: known-token slots of the encoder (0: every position)
 
 
 @dataclass(frozen=True)
@@ -144,19 +159,21 @@ class Manifest:
                 f"manifest schema {version} is older than this runtime's ({SCHEMA_VERSION}); {REBUILD}"
             )
         graphs_raw = _field(d, "graphs", dict)
-        unknown = sorted(set(graphs_raw) - set(GRAPHS))
+        unknown = sorted(k for k in graphs_raw if k not in GRAPHS and not is_variant(k))
         if unknown:
             raise ManifestError(
-                f"manifest graphs: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}"
+                f"manifest graphs: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}, "
+                f"backbone_k<capacity>); {REBUILD}"
             )
         missing = [g for g in GRAPHS if g not in graphs_raw]
         if missing:
             raise ManifestError(f"manifest lists no {missing[0]!r} graph; {REBUILD}")
         engines_raw = _field(d, "engines", dict, {})
-        unknown = sorted(set(engines_raw) - set(GRAPHS))
+        unknown = sorted(set(engines_raw) - set(graphs_raw))
         if unknown:
             raise ManifestError(
-                f"manifest engines: unknown graph {unknown[0]!r} (known: {', '.join(GRAPHS)}); {REBUILD}"
+                f"manifest engines: {unknown[0]!r} is not a graph of the manifest "
+                f"(graphs: {', '.join(graphs_raw)}); {REBUILD}"
             )
         timing_cache = d.get("timing_cache")
         m = cls(
@@ -168,7 +185,9 @@ class Manifest:
             batch=_int(d, "batch", 1, MAX_BATCH),
             cfg_guidance=_field(d, "cfg_guidance", bool),
             model=_model(_field(d, "model", dict)),
-            graphs={k: _graph(_field(graphs_raw, k, dict, where="graphs."), f"graphs.{k}") for k in GRAPHS},
+            graphs={
+                k: _graph(_field(graphs_raw, k, dict, where="graphs."), f"graphs.{k}") for k in graphs_raw
+            },
             validation=_field(d, "validation", dict, {}),
             engines={
                 k: _engine(_field(engines_raw, k, dict, where="engines."), f"engines.{k}")
@@ -177,7 +196,13 @@ class Manifest:
             timing_cache=None if timing_cache is None else _file_name(timing_cache, "timing_cache"),
         )
         _check_sizes(m)
+        _check_variants(m)
         return m
+
+    @property
+    def encoder_variants(self) -> dict[int, str]:
+        """Known-token capacity -> graph name of the masked backbone's encoder variants, ascending."""
+        return dict(sorted((g.known_capacity, n) for n, g in self.graphs.items() if is_variant(n)))
 
     def save(self, directory: str | Path) -> Path:
         return write_atomic(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -343,6 +368,7 @@ def _graph(d: dict[str, Any], where: str) -> GraphSpec:
         outputs=_tensors(d, "outputs", where),
         precision=_choice(d, "precision", PRECISIONS, where + "."),
         fp32_islands=tuple(islands),
+        known_capacity=_int({"known_capacity": 0, **d}, "known_capacity", 0, MAX_DIM, where + "."),
     )
 
 
@@ -381,6 +407,32 @@ def _check_sizes(m: Manifest) -> None:
                 f"manifest: the {what} buffer would take {n / 2**30:.0f} GiB (limit "
                 f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB): batch or shapes are not sane; {REBUILD}"
             )
+
+
+def _check_variants(m: Manifest) -> None:
+    """Each encoder variant is the backbone graph plus `known (batch, c) int64`, c its name's capacity,
+    1 <= c < seq_len, and only for a masked backbone; every other graph has capacity 0."""
+    backbone = m.graphs["backbone"]
+    for name, g in m.graphs.items():
+        if not is_variant(name):
+            if g.known_capacity:
+                raise ManifestError(
+                    f"manifest field graphs.{name}.known_capacity must be 0 (only backbone_k<c> graphs have "
+                    f"one), got {g.known_capacity}; {REBUILD}"
+                )
+            continue
+        c = int(name[len("backbone_k") :])
+        known = TensorSpec("known", (m.batch, c), "int64")
+        problems = [
+            (m.model.backbone == "masked", f"the {m.model.backbone} backbone has no encoder variants"),
+            (g.known_capacity == c, f"known_capacity {g.known_capacity} is not the name's {c}"),
+            (c < m.model.seq_len, f"capacity {c} is not below seq_len {m.model.seq_len}"),
+            (g.inputs == (*backbone.inputs, known), "inputs are not the backbone's + known (batch, c) int64"),
+            (g.outputs == backbone.outputs, "outputs are not the backbone's"),
+        ]
+        for ok, what in problems:
+            if not ok:
+                raise ManifestError(f"manifest graphs.{name}: {what}; {REBUILD}")
 
 
 # ----------------------------------------------------------------------------

@@ -7,7 +7,9 @@ One loop serves both backbones and both heads:
 
 - masked backbone: MAR's cosine schedule, a random reveal order per image, the step's
   positions padded to the engines' static Q (padded rows repeat the step's first
-  position; they are never written back);
+  position; they are never written back); each step runs the smallest encoder variant
+  (`backbone_k{c}`) whose c slots hold the tokens known at that step, fed their positions
+  padded with an unknown one, or the full backbone when none does (`backbone_graph`);
 - causal backbone: raster order, one token per step, the KV cache ping-ponged
   between two buffers;
 - head: K Euler steps of size 1/K (shortcut) or K respaced DDPM steps (MAR head),
@@ -47,7 +49,9 @@ from runtime.schedule import (
     causal_schedule,
     cfg_scale,
     ddpm_sampling_schedule,
+    encoder_capacity,
     image_rng,
+    known_positions,
     masked_positions,
     masked_schedule,
     max_tokens_per_step,
@@ -59,6 +63,25 @@ MAX_PLAN_BYTES = 8 * 2**30  # per-batch random draws held for one (num_iter, K) 
 
 
 Settings = SamplingSettings  # resolved from the manifest by Pipeline.settings
+
+
+def backbone_graph(manifest: Manifest, step: ARStep) -> str:
+    """The backbone graph a masked AR step runs: the smallest encoder variant that holds the tokens known at
+    the step, else the full backbone (always it for the causal backbone)."""
+    capacity = encoder_capacity(step, manifest.model.seq_len, tuple(manifest.encoder_variants))
+    return "backbone" if capacity is None else manifest.encoder_variants[capacity]
+
+
+def steps_per_batch(manifest: Manifest, num_iter: int, head_steps: int) -> dict[str, int]:
+    """Calls of each graph in one engine batch of the loop (graphs it does not call: 0)."""
+    m = manifest.model
+    masked = m.backbone == "masked"
+    schedule = masked_schedule(m.seq_len, num_iter) if masked else causal_schedule(m.seq_len)
+    calls = dict.fromkeys(manifest.graphs, 0)
+    for step in schedule:
+        calls[backbone_graph(manifest, step) if masked else "backbone"] += 1
+    S = len(schedule)
+    return {**calls, "head": S * head_steps, "update": S, "vae_decoder": 1}
 
 
 @dataclass
@@ -106,6 +129,10 @@ class _Plan:
     step_noise: np.ndarray | None  # (S, K, N, C) MAR head noise per step and head step
     query: np.ndarray  # (S, B, Q) per step, the queried (masked) or written (causal) positions
     cfg_values: np.ndarray  # (S, 1) per-step CFG scale
+    # encoder variants: per capacity c the known positions of its steps (steps_c, B, c), and per step
+    # (c, row in that table) or None where the full backbone runs
+    known: dict[int, np.ndarray]
+    known_rows: list[tuple[int, int] | None]
 
 
 class Pipeline:
@@ -133,6 +160,7 @@ class Pipeline:
             cache = self._spec("backbone", "cache")
             self._cache = (new(cache.shape, cache.dtype), new(cache.shape, cache.dtype))
         self._backbone, self._head = backend.graph("backbone"), backend.graph("head")
+        self._variants = {c: backend.graph(name) for c, name in manifest.encoder_variants.items()}
         self._update = backend.graph("update")
         vae = backend.graph("vae_decoder")
         self._vae_calls = [vae.bind({"tokens": t}, {"image": self.image}) for t in self._tokens]
@@ -388,15 +416,22 @@ class Pipeline:
             d = new((1,), "float32")
             d[0] = 1.0 / K
         x_out = self._xb if K % 2 == 1 else self._xa  # head step k writes xb (k even) or xa (k odd)
+        caps = tuple(self._variants) if masked else ()
+        step_caps = [encoder_capacity(step, L, caps) for step in schedule]
+        known = {c: new((step_caps.count(c), B, c), "int64") for c in caps if c in step_caps}
+        known_rows = [None if c is None else (c, step_caps[:i].count(c)) for i, c in enumerate(step_caps)]
 
         steps_calls = []
         for i in range(S):
             tokens, tokens_next = self._tokens[i % 2], self._tokens[(i + 1) % 2]
             mask, mask_next = self._mask[i % 2], self._mask[(i + 1) % 2]
             if masked:
-                backbone = self._backbone.bind(
-                    {"tokens": tokens, "mask": mask, "labels": self.labels, "query": query[i]}, {"z": self._z}
-                )
+                feeds = {"tokens": tokens, "mask": mask, "labels": self.labels, "query": query[i]}
+                graph = self._backbone
+                if known_rows[i] is not None:  # an encoder variant: the step's known positions
+                    c, row = known_rows[i]
+                    feeds["known"], graph = known[c][row], self._variants[c]
+                backbone = graph.bind(feeds, {"z": self._z})
             else:  # the previous step's head output is the previous token (ignored at position 0)
                 cache, cache_next = self._cache[i % 2], self._cache[(i + 1) % 2]
                 backbone = self._backbone.bind(
@@ -422,7 +457,7 @@ class Pipeline:
             )
             steps_calls.append([backbone, *heads, update])
         self.backend.upload([count, pos, times, coef] if mar else [count, pos, times, d])  # once per plan
-        tables = [x0, query, cfg_values, self.labels, self._tokens[0], self._mask[0]]
+        tables = [x0, query, cfg_values, self.labels, self._tokens[0], self._mask[0], *known.values()]
         if mar:
             tables.append(step_noise)
         if not masked:
@@ -438,6 +473,8 @@ class Pipeline:
             step_noise=step_noise,
             query=query,
             cfg_values=cfg_values,
+            known=known,
+            known_rows=known_rows,
         )
         self._plans[key] = plan
         return plan
@@ -471,6 +508,11 @@ class Pipeline:
                     positions = masked_positions(order, step)
                     plan.query[i, b, :n] = positions
                     plan.query[i, b, n:] = positions[0]  # padded rows: a valid position, never written back
+                    if plan.known_rows[i] is not None:
+                        c, row = plan.known_rows[i]
+                        have = known_positions(order, step)
+                        plan.known[c][row, b, : len(have)] = have
+                        plan.known[c][row, b, len(have) :] = order[0]  # pads: unknown at every step
                 if real:
                     block = draws[offset : offset + per * n].reshape(per, n, C)
                     offset += per * n

@@ -153,6 +153,25 @@ def masked_positions(order: np.ndarray, step: ARStep) -> np.ndarray:
     return np.sort(order[lo : step.unknown_before])
 
 
+def known_positions(order: np.ndarray, step: ARStep) -> np.ndarray:
+    """Token positions known at the start of `step` (order[unknown_before:]), ascending."""
+    return np.sort(order[step.unknown_before :])
+
+
+def encoder_capacities(seq_len: int, variants: int) -> tuple[int, ...]:
+    """Known-token capacities of the masked backbone's encoder variants: ceil(i * L / (variants + 1)) for
+    i = 1..variants (L/4, L/2, 3L/4 for 3), deduplicated, ascending, each below L."""
+    caps = {-(-i * seq_len // (variants + 1)) for i in range(1, variants + 1)}
+    return tuple(sorted(c for c in caps if 1 <= c < seq_len))
+
+
+def encoder_capacity(step: ARStep, seq_len: int, capacities: tuple[int, ...]) -> int | None:
+    """The smallest capacity that holds the tokens known at `step`, None when none does (the full
+    backbone runs). A step always has an unknown token to pad with (unknown_before >= 1)."""
+    known = seq_len - step.unknown_before
+    return next((c for c in sorted(capacities) if c >= known), None)
+
+
 def cfg_scale(cfg: float, schedule: str, seq_len: int, step: ARStep) -> float:
     """MAR's CFG schedule (after MUSE): linear in the share of tokens known after the step."""
     if schedule == "constant":

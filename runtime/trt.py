@@ -34,7 +34,7 @@ from runtime.device import (
     probe_gpu,
     stream_handle,
 )
-from runtime.manifest import GRAPHS, EngineSpec, Manifest, sha256_file
+from runtime.manifest import EngineSpec, Manifest, sha256_file
 
 
 class EngineMismatchError(BackendError):
@@ -58,13 +58,13 @@ def check_engine(graph: str, spec: EngineSpec, device: DeviceInfo) -> None:
 
 
 def check_engines(manifest: Manifest, device: DeviceInfo) -> None:
-    missing = [g for g in GRAPHS if g not in manifest.engines]
+    missing = [g for g in manifest.graphs if g not in manifest.engines]
     if missing:
         raise BackendError(
             f"the manifest lists no TensorRT plan for {missing[0]!r}; build plans on this device with "
             "far-export compile, or use --backend ort"
         )
-    for g in GRAPHS:
+    for g in manifest.graphs:
         check_engine(g, manifest.engines[g], device)
 
 
@@ -231,7 +231,7 @@ class TrtBackend(Backend):
 
     def __init__(self, directory: Path, manifest: Manifest, cuda_graph: bool = False):
         self.directory, self.manifest, self.cuda_graph = directory, manifest, cuda_graph
-        if any(g not in manifest.engines for g in GRAPHS):
+        if any(g not in manifest.engines for g in manifest.graphs):
             check_engines(manifest, DeviceInfo("", "", ""))  # raises the one-line "no plan" error
         try:
             self.trt = import_tensorrt()
@@ -242,7 +242,7 @@ class TrtBackend(Backend):
         self.cuda = _Cuda()
         device = self.cuda.device(str(self.trt.__version__))
         check_engines(manifest, device)
-        for g in GRAPHS:
+        for g in manifest.graphs:
             plan = directory / manifest.engines[g].file
             if not plan.is_file():
                 raise BackendError(f"TensorRT plan {plan} ({g}) is missing; rebuild with far-export compile")

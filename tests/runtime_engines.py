@@ -24,16 +24,17 @@ def built_engines(
     precision: str = "fp32",
     batch: int = 2,
     guided: bool = True,
+    encoder_variants: int = 3,
     **changes,
 ) -> tuple[Path, Path]:
     """(checkpoint dir, engine dir), cached for the session; `changes` go to the tiny config."""
-    key = (backbone, head, precision, batch, guided, tuple(sorted(changes.items())))
+    key = (backbone, head, precision, batch, guided, encoder_variants, tuple(sorted(changes.items())))
     if key not in _BUILT:
         from conftest import make_tiny_checkpoint
 
         from far_export.build import BuildOptions, build
 
-        root = tmp_path_factory.mktemp(f"rt-{backbone}-{head}-{precision}-b{batch}")
+        root = tmp_path_factory.mktemp(f"rt-{backbone}-{head}-{precision}-b{batch}-e{encoder_variants}")
         ckpt = root / "ckpt"
         if not ckpt.exists():
             make_tiny_checkpoint(ckpt, backbone, head, seed=0, **changes)
@@ -44,6 +45,7 @@ def built_engines(
             validate=False,
             end_to_end=False,
             engines=False,
+            encoder_variants=encoder_variants,
         )
         build(ckpt, root / "engines", opts, log=lambda s: None)
         _BUILT[key] = (ckpt, root / "engines")

@@ -117,6 +117,52 @@ def test_masked_step_gathers_queries_and_doubles_for_cfg() -> None:
     assert_close_to_scale(z, torch.cat([expect_c, expect_u]), FP32, "gathered z")
 
 
+def _known_table(mask: torch.Tensor, capacity: int, seed: int) -> torch.Tensor:
+    """(B, c): each image's known positions (mask 0) in a random slot order, padded with unknown ones."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for m in mask:
+        known, unknown = (m == 0).nonzero()[:, 0], (m == 1).nonzero()[:, 0]
+        pads = unknown[torch.randint(len(unknown), (capacity - len(known),), generator=g)]
+        slots = torch.cat([known, pads])
+        rows.append(slots[torch.randperm(capacity, generator=g)])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("num_known,capacity", [(0, 16), (1, 16), (16, 16), (20, 32), (47, 48)])
+def test_masked_known_slots_encoder_equals_full_encoder(num_known: int, capacity: int) -> None:
+    """Protects the encoder variants: running the encoder on c gathered slots (known tokens + pads, in any
+    slot order) gives the full backbone's z at every position, relative to scale."""
+    model, _ = tiny_model("masked", "mar", seed=3, enc_depth=2, dec_depth=1, buffer_size=4)
+    bb = model.backbone
+    B, L, C = 3, model.cfg.seq_len, model.cfg.token_dim
+    g = torch.Generator().manual_seed(num_known)
+    tokens = torch.randn(B, L, C, generator=g) * 3
+    mask = _mask_with(B, L, L - num_known, seed=num_known)
+    known = _known_table(mask, capacity, seed=capacity)
+    class_vec = bb.class_vector(torch.tensor([0, 1, 3]))
+    with torch.no_grad():
+        ours = bb.forward_known(tokens, mask, class_vec, known)
+        ref = bb(tokens, mask, class_vec)
+    assert ours.shape == ref.shape == (B, L, model.cfg.width) and ref.abs().mean() > 0.1
+    assert_close_to_scale(ours, ref, FP32, f"encoder on {capacity} known slots vs every position")
+
+
+def test_masked_step_with_known_slots_equals_full_step() -> None:
+    """Protects the variant graph's module: the same step with a `known` input gives the same z (CFG rows
+    too)."""
+    model, _ = tiny_model("masked", "shortcut", seed=5)
+    B, L, C = 2, model.cfg.seq_len, model.cfg.token_dim
+    tokens, mask = torch.randn(B, L, C), _mask_with(B, L, L - 10, seed=2)
+    labels, query = torch.tensor([1, 2]), torch.tensor([[5, 0, 9], [63, 7, 7]])
+    known = _known_table(mask, 16, seed=0)
+    step = backbone_step(model, True)
+    with torch.no_grad():
+        assert_close_to_scale(
+            step(tokens, mask, labels, query, known), step(tokens, mask, labels, query), FP32, "z"
+        )
+
+
 # ----------------------------------------------------------------------------
 # Causal backbone: KV cache == teacher forcing
 # ----------------------------------------------------------------------------

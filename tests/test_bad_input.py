@@ -264,9 +264,10 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
         (_set("cfg_guidance", "yes"), "cfg_guidance must be true or false"),
         (_set("precision", "fp8"), "precision must be one of fp32, fp16, bf16, int8"),
         (_set("schema_version", 0), "schema_version must be >= 1"),
-        (_set("schema_version", 1), "manifest schema 1 is older than this runtime's (2); rebuild"),
+        (_set("schema_version", 1), "manifest schema 1 is older than this runtime's (3); rebuild"),
         (_set("graphs.evil", {}), "unknown graph 'evil'"),
-        (_set("engines", {"../../evil": {}}), "unknown graph '../../evil'"),
+        (_set("engines", {"../../evil": {}}), "'../../evil' is not a graph of the manifest"),
+        (_set("graphs.backbone_k4", {}), "graphs.backbone_k4.file must be a plain file name"),
         (_set("engines", {"head": {"file": "../head.plan"}}), "engines.head.file must be a plain file name"),
         (_set("timing_cache", "../timing.cache"), "timing_cache must be a plain file name"),
         (_set("graphs.head.inputs", "x"), "graphs.head.inputs must be a list"),
@@ -295,7 +296,7 @@ def test_compile_refuses_crafted_graph_names(ws):
         (b"", "is not valid JSON"),
         (b"\xff\xfe{}", "is not valid JSON"),
         (b"[" * 100000, "is not valid JSON"),
-        (b'{"schema_version": 2}', "manifest field graphs is missing"),
+        (b'{"schema_version": 3}', "manifest field graphs is missing"),
     ],
 )
 def test_unreadable_manifests(ws, content, match):
@@ -412,6 +413,8 @@ def test_build_refuses_bad_configs(ws, config, flags, match):
         (["--workspace-gb", "nan"], "not a finite number"),
         (["--batch", "999999999"], "Invalid value for '--batch'"),
         (["--num-iter", "0"], "Invalid value for '--num-iter'"),
+        (["--encoder-variants", "17"], "Invalid value for '--encoder-variants'"),
+        (["--encoder-variants", "-1"], "Invalid value for '--encoder-variants'"),
         (["--out", "{ckpt}"], "not an engine directory to replace"),
     ],
 )

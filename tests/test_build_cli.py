@@ -39,7 +39,9 @@ def test_build_writes_a_valid_manifest(built):
     ckpt, out, output = built
     cfg = FARConfig.load(ckpt / "config.json")
     m = load_manifest(out)  # verifies every graph's sha256
-    assert set(m.graphs) == set(GRAPHS) and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
+    variants = {"backbone_k16": 16, "backbone_k32": 32, "backbone_k48": 48}  # L = 64: L/4, L/2, 3L/4
+    assert set(m.graphs) == {*GRAPHS, *variants} and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
+    assert {c: n for n, c in variants.items()} == m.encoder_variants
     assert m.model.max_query == max_tokens_per_step(cfg.seq_len, cfg.num_iter)
     assert (m.model.num_iter, m.model.seq_len, m.model.token_dim, m.model.cfg) == (
         cfg.num_iter,
@@ -50,7 +52,7 @@ def test_build_writes_a_valid_manifest(built):
     v = m.validation
     assert v["passed"] and v["end_to_end"]["passed"]
     assert v["end_to_end"]["image"]["max"] < 1e-4  # fp32 graphs sample the reference's image
-    for name in GRAPHS:
+    for name in m.graphs:
         for kind in ("random", "real"):
             for st in v["graphs"][name][kind].values():
                 assert st["max"] <= GRAPH_FP32 * st["scale"], (name, kind, st)
@@ -66,6 +68,8 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
     assert res.exit_code == 0, res.output
     for word in (
         "backbone.onnx",
+        "backbone_k16: backbone_k16.onnx (encoder on <= 16 known tokens",
+        "known int64[2,16]",
         "query int64[2,",
         "x_next float32",
         "image float32[2,3,16,16]",
@@ -75,6 +79,7 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
         assert word in res.output
     res = _invoke("inspect", out, "--json")
     assert json.loads(res.output)["graphs"]["head"]["file"] == "head.onnx"
+    assert json.loads(res.output)["graphs"]["backbone_k48"]["known_capacity"] == 48
 
 
 def _one_line_error(res, *words: str) -> None:

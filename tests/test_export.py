@@ -55,6 +55,17 @@ def test_graph_specs_follow_the_io_contract():
         "query": ((3, Q), "int64"),
         "z": ((2 * 3 * Q, D), "float32"),
     }
+    # encoder variants: the backbone's I/O plus the known positions; L = 64 -> 16, 32, 48 slots (all used)
+    assert shapes.encoder_capacities == (16, 32, 48)
+    for c in (16, 32, 48):
+        assert _shape(specs, f"backbone_k{c}") == {**_shape(specs, "backbone"), "known": ((3, c), "int64")}
+        assert (
+            specs[f"backbone_k{c}"].known_capacity == c
+            and specs[f"backbone_k{c}"].file == f"backbone_k{c}.onnx"
+        )
+    assert GraphShapes.for_config(cfg, 3, True, encoder_variants=0).encoder_capacities == ()
+    # 2 AR steps know 0 and 19 tokens: the 48-slot variant would never run, so it is not exported
+    assert GraphShapes.for_config(cfg, 3, True, num_iter=2).encoder_capacities == (16, 32)
     assert [t.name for t in specs["head"].inputs] == ["x", "t", "d", "z", "cfg"]
     assert _shape(specs, "vae_decoder")["image"] == ((3, 3, cfg.img_size, cfg.img_size), "float32")
 
@@ -84,7 +95,7 @@ def test_exported_graphs_are_static_and_match_pytorch(tmp_path, backbone, head, 
     model, vae = tiny_model(backbone, head)
     shapes = GraphShapes.for_config(model.cfg, batch=2, guided=guided)
     specs = graph_specs(model.cfg, shapes)
-    modules = graph_modules(model, vae, guided)
+    modules = graph_modules(model, vae, guided, variants=shapes.variant_names)
     for name, io_ in specs.items():
         feeds = random_feeds(model.cfg, io_)
         path = export_graph(modules[name], io_, tmp_path / io_.file, feeds[0])
@@ -157,8 +168,11 @@ def test_runtime_loop_over_torch_graph_modules_equals_reference_sampler(backbone
     cfg = model.cfg
     shapes = GraphShapes.for_config(cfg, batch=3, guided=True)
     specs = graph_specs(cfg, shapes)
-    mods = graph_modules(model, vae, True)
-    graphs = {n: GraphSpec(io_.file, "-", io_.inputs, io_.outputs, "fp32") for n, io_ in specs.items()}
+    mods = graph_modules(model, vae, True, variants=shapes.variant_names)
+    graphs = {
+        n: GraphSpec(io_.file, "-", io_.inputs, io_.outputs, "fp32", known_capacity=io_.known_capacity)
+        for n, io_ in specs.items()
+    }
     manifest = Manifest(
         SCHEMA_VERSION, "test", "-", "-", "fp32", shapes.batch, True, model_info(cfg, shapes), graphs
     )
@@ -205,7 +219,8 @@ def test_far_b_preset_exports_and_validates(tmp_path):
     res = json.loads(out.read_text())
     assert res["params_million"] == pytest.approx(207.9, abs=0.1)
     assert res["end_to_end_image_max"] < 1e-3
-    assert set(res["validation"]) == {"backbone", "head", "update", "vae_decoder"}
+    variants = {"backbone_k64", "backbone_k128", "backbone_k192"}  # L = 256: L/4, L/2, 3L/4
+    assert set(res["validation"]) == {"backbone", *variants, "head", "update", "vae_decoder"}
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -241,3 +256,14 @@ def test_onnx_runtime_fuses_the_backbone_gelu(tmp_path):
     ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
     blocks = model.cfg.enc_depth + model.cfg.dec_depth
     assert ops.count("Gelu") == blocks and "Erf" not in ops, sorted(set(ops))
+
+
+def test_bad_encoder_variants_raise_typed_errors():
+    """The library refuses what the CLI's range refuses: a negative count or more than the build allows."""
+    from far_export.build import BuildError, BuildOptions
+
+    model, _ = tiny_model()
+    with pytest.raises(ExportError, match="encoder variants must be >= 0"):
+        GraphShapes.for_config(model.cfg, 1, True, encoder_variants=-1)
+    with pytest.raises(BuildError, match=r"--encoder-variants must be in \[0, 16\], got 17"):
+        BuildOptions(encoder_variants=17).check()

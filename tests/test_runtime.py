@@ -18,7 +18,8 @@ from runtime_engines import built_engines
 
 from runtime.backends import BackendError, resolve_providers
 from runtime.manifest import SCHEMA_VERSION, EngineSpec, ManifestError, load_manifest, sha256_file
-from runtime.pipeline import Pipeline, RequestError
+from runtime.pipeline import Pipeline, RequestError, backbone_graph
+from runtime.schedule import masked_schedule
 from runtime.trt import DeviceInfo, EngineMismatchError, check_engine, check_engines
 
 pytest.importorskip("torch")  # the engines are built from a checkpoint
@@ -91,8 +92,11 @@ def test_calls_bound_once_per_plan_and_timed(engines):
     pipe.generate([1], seed=1, head_steps=4)
     assert backend.binds == binds
     steps = pipe.model.num_iter
+    # tiny: L = 64, 4 steps know 0, 5, 19, 40 tokens -> encoder variants of 16, 16, 32 and 48 slots
     assert backend.counts == {
-        "backbone": 2 * steps,
+        "backbone_k16": 2 * 2,
+        "backbone_k32": 2,
+        "backbone_k48": 2,
         "head": 2 * 4 * steps,
         "update": 2 * steps,
         "vae_decoder": 2,
@@ -116,10 +120,45 @@ def test_nothing_crosses_to_the_host_between_ar_steps(tmp_path_factory, backbone
     s = pipe.settings()
     backend.events.clear()
     pipe.generate([0, 1, 2], head_steps=s.head_steps)  # two batches of 2
-    steps = pipe.model.num_iter if backbone == "masked" else pipe.model.seq_len
-    one_step = ["run backbone"] + ["run head"] * s.head_steps + ["run update"]
-    batch = ["upload", *one_step * steps, "run vae_decoder", "download"]
+    if backbone == "masked":
+        backbones = [backbone_graph(manifest, step) for step in masked_schedule(64, pipe.model.num_iter)]
+        assert backbones == ["backbone_k16", "backbone_k16", "backbone_k32", "backbone_k48"]
+    else:
+        backbones = ["backbone"] * pipe.model.seq_len
+    steps = [[f"run {b}", *["run head"] * s.head_steps, "run update"] for b in backbones]
+    batch = ["upload", *sum(steps, []), "run vae_decoder", "download"]
     assert backend.events == batch * 2
+
+
+def test_encoder_variants_get_every_known_position_and_pads_that_are_unknown(engines):
+    """Per step the known table lists exactly the tokens known before it (mask 0 in the state the step reads)
+    and pads with unknown positions; a request with more steps than the build runs the full backbone where
+    no variant holds its known tokens."""
+    from runtime.backends import RecordingBackend, open_backend
+
+    manifest = load_manifest(engines)
+    backend = RecordingBackend(open_backend("ort", engines, manifest))
+    pipe = Pipeline(engines, manifest, backend)
+    pipe.generate([0, 3], seed=2, num_iter=8)
+    for name in manifest.encoder_variants.values():
+        for feed in backend.calls[name]:
+            for mask, known in zip(feed["mask"], feed["known"]):
+                have = set(np.flatnonzero(mask == 0))
+                assert set(known[mask[known] == 0]) == have and len(have) == (mask[known] == 0).sum()
+                assert len(have) <= len(known) and (mask[known] == 1).sum() == len(known) - len(have)
+    graphs = [backbone_graph(manifest, step) for step in masked_schedule(64, 8)]
+    assert backend.counts["backbone"] == graphs.count("backbone") >= 1  # steps past 48 known tokens
+    assert {g for g in graphs if g != "backbone"} == set(manifest.encoder_variants.values())
+
+
+def test_engines_without_encoder_variants_give_the_same_images(tmp_path_factory, pipe):
+    """--encoder-variants 0: the full backbone at every step, and the same images up to float rounding."""
+    plain = built_engines(tmp_path_factory, "masked", "shortcut", encoder_variants=0)[1]
+    manifest = load_manifest(plain)
+    assert set(manifest.graphs) == {"backbone", "head", "update", "vae_decoder"}
+    with Pipeline.load(plain) as other:
+        a, b = other.generate([0, 1, 2], seed=4), pipe.generate([0, 1, 2], seed=4)
+    assert np.abs(a.astype(int) - b).max() <= 1  # uint8: a rounding level where a value sits on x.5
 
 
 @pytest.mark.parametrize("backbone,head", [("masked", "mar"), ("causal", "shortcut")])
@@ -232,6 +271,36 @@ def test_newer_schema(copy):
 def test_manifest_missing_fields(copy):
     _edit_manifest(copy, lambda d: d["model"].pop("seq_len"))
     with pytest.raises(ManifestError, match="manifest field model.seq_len is missing") as e:
+        Pipeline.load(copy)
+    _one_line(e)
+
+
+def _rename_variant(d):
+    d["graphs"]["backbone_k20"] = d["graphs"].pop("backbone_k16")
+
+
+def _variant_input(d):
+    d["graphs"]["backbone_k16"]["inputs"][-1]["shape"] = [2, 17]
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d["graphs"]["backbone_k16"].update(known_capacity=15), "known_capacity 15 is not"),
+        (lambda d: d["graphs"]["backbone_k16"].update(known_capacity="16"), "known_capacity must be an"),
+        (lambda d: d["graphs"]["head"].update(known_capacity=4), "head.known_capacity must be 0"),
+        (_rename_variant, "known_capacity 16 is not the name's 20"),
+        (_variant_input, "inputs are not the backbone's"),
+        (lambda d: d["graphs"].update(backbone_k8x=d["graphs"]["head"]), "unknown graph 'backbone_k8x'"),
+        (lambda d: d["model"].update(backbone="causal"), "causal backbone has no encoder variants"),
+        (lambda d: d["engines"].update(backbone_k4={}), "'backbone_k4' is not a graph"),
+    ],
+)
+def test_encoder_variant_fields_are_checked_as_data(copy, edit, match):
+    """Protects the schema-3 fields: a variant's capacity, name and inputs must agree, only masked backbones
+    have variants; a bad manifest is one line."""
+    _edit_manifest(copy, edit)
+    with pytest.raises(ManifestError, match=match) as e:
         Pipeline.load(copy)
     _one_line(e)
 

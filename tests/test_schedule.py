@@ -10,7 +10,10 @@ import pytest
 from runtime.schedule import (
     causal_schedule,
     cfg_scale,
+    encoder_capacities,
+    encoder_capacity,
     image_rng,
+    known_positions,
     masked_positions,
     masked_schedule,
     max_tokens_per_step,
@@ -135,3 +138,20 @@ def test_image_rng_contract() -> None:
         [-1.667279001670178, 0.06387511169027424, 1.4946322078314938],
         rtol=1e-12,
     )
+
+
+def test_encoder_capacities_and_the_variant_each_step_runs():
+    """Protects the variant choice: L/4, L/2, 3L/4 (rounded up, deduplicated, below L); a step runs the
+    smallest that holds its known tokens (L - unknown_before), the full backbone past the largest."""
+    assert encoder_capacities(256, 3) == (64, 128, 192)
+    assert encoder_capacities(16, 3) == (4, 8, 12) and encoder_capacities(3, 3) == (1, 2)
+    assert encoder_capacities(16, 0) == () and encoder_capacities(16, 1) == (8,)
+    steps = masked_schedule(16, 8)
+    known = [16 - s.unknown_before for s in steps]
+    assert known == [0, 1, 2, 3, 5, 8, 10, 13]
+    assert [encoder_capacity(s, 16, (4, 8, 12)) for s in steps] == [4, 4, 4, 4, 8, 8, 12, None]
+    order = np.random.Generator(np.random.PCG64(0)).permutation(16)
+    for s in steps:  # the known positions are the reveal order's tail, disjoint from what the step predicts
+        have = known_positions(order, s)
+        assert len(have) == 16 - s.unknown_before and not set(have) & set(masked_positions(order, s))
+        assert order[0] not in have  # the pad every known table uses is unknown at every step

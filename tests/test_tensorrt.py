@@ -18,7 +18,7 @@ from far_export.tensorrt import (
     plan_name,
 )
 from runtime.device import DeviceInfo
-from runtime.manifest import GRAPHS, load_manifest
+from runtime.manifest import load_manifest
 
 
 def _trt_reason() -> str | None:
@@ -158,11 +158,11 @@ def test_compile_records_engines_reuses_and_rebuilds_on_change(engine_dir, fake_
         assert (e.sm_count, e.total_memory_mb) == (16, 62_000)  # tells an AGX from an NX
         assert e.settings["validation"]["passed"]
     assert load_manifest(out).engines == m.engines
-    assert len(fake_trt["build"]) == len(GRAPHS)
+    assert len(fake_trt["build"]) == len(m.graphs)
     compile_directory(out, EngineSettings(workspace_gb=1.0))
-    assert len(fake_trt["build"]) == len(GRAPHS)  # unchanged key: nothing rebuilt
+    assert len(fake_trt["build"]) == len(m.graphs)  # unchanged key: nothing rebuilt
     compile_directory(out, EngineSettings(workspace_gb=2.0))
-    assert len(fake_trt["build"]) == 2 * len(GRAPHS)  # new settings: every plan rebuilt
+    assert len(fake_trt["build"]) == 2 * len(m.graphs)  # new settings: every plan rebuilt
     assert not list(out.glob("*.new"))
 
 
@@ -189,10 +189,10 @@ def test_build_with_engines_reuses_plans_of_the_previous_build(engine_dir, fake_
     opts = BuildOptions(batch=1, validate=False, end_to_end=False, require_engines=True)
     lines: list[str] = []
     m = build(ckpt, out, opts, log=lines.append)
-    assert set(m.engines) == set(m.graphs) and len(fake_trt["build"]) == len(GRAPHS)
+    assert set(m.engines) == set(m.graphs) and len(fake_trt["build"]) == len(m.graphs)
     build(ckpt, out, opts, log=lines.append)  # same graphs (the export is deterministic), same settings
-    assert len(fake_trt["build"]) == len(GRAPHS)
-    assert sum(line.startswith("reuse TensorRT plan") for line in lines) == len(GRAPHS)
+    assert len(fake_trt["build"]) == len(m.graphs)
+    assert sum(line.startswith("reuse TensorRT plan") for line in lines) == len(m.graphs)
 
 
 def test_compile_without_polygraphy_says_it_skips_plan_validation(

@@ -1,9 +1,10 @@
 """The two FAR backbones: known tokens (+ class) -> condition vector z per token.
 
 - `MaskedBackbone`: MAR's bidirectional encoder-decoder with MAR's parameter names.
-  MAR drops masked tokens with a data-dependent `nonzero` gather; here the encoder
-  keeps every position and masks the keys instead, which gives the same outputs on
-  visible tokens with static shapes (tests/test_backbones.py checks it).
+  MAR drops masked tokens with a data-dependent `nonzero` gather; here `forward` keeps
+  every position in the encoder and masks the keys instead, and `forward_known` (the
+  exported encoder variants) gathers a static number of known-token slots given as an
+  index input: both give MAR's outputs with static shapes (tests/test_backbones.py).
 - `CausalBackbone`: GPT-style, raster order after a class token, with a static-size
   KV cache for sampling (position is an input; the step reads the cache and writes every block's
   new row into it in one torch.where).
@@ -181,22 +182,54 @@ class MaskedBackbone(_ClassEmbedding):
         B = tokens.shape[0]
         buf = self.buffer_size
         known = torch.cat([torch.ones_like(mask[:, :1]).expand(B, buf), 1 - mask], dim=1)  # (B, T)
-        # encoder: buffer slots hold the class vector; unknown tokens are hidden as keys
-        x = self.z_proj(tokens)  # (B, L, D)
-        x = torch.cat([class_vec[:, None, :].expand(B, buf, -1).to(x.dtype), x], dim=1)  # (B, T, D)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        key_bias = ((1 - known.float()) * NEG)[:, None, None, :]  # (B, 1, 1, T), fp32: -1e9 overflows fp16
+        # encoder: every position, unknown tokens hidden as keys
+        x = self._encode(self.z_proj(tokens), self.encoder_pos_embed_learned, class_vec, known)  # (B, T, D)
+        # decoder: unknown positions become the mask token
+        return self._decode(torch.where(known[:, :, None] > 0.5, x, self.mask_token.to(x.dtype)))
+
+    def forward_known(
+        self, tokens: torch.Tensor, mask: torch.Tensor, class_vec: torch.Tensor, known: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward` with the encoder run on the buffer and c gathered slots only, as MAR's encoder drops
+        unknown tokens, but with static shapes. known (B, c) int64: the positions of every known token
+        (mask 0), padded with unknown positions (mask 1), which are invalid slots. Same z as `forward`."""
+        B, L, C = tokens.shape
+        buf = self.buffer_size
+        valid = 1 - torch.gather(mask, 1, known)  # (B, c): 0 on the pads
+        x = self.z_proj(torch.gather(tokens, 1, known[:, :, None].expand(-1, -1, C)))  # (B, c, D)
+        pos = self.encoder_pos_embed_learned[0]  # (T, D)
+        pos = torch.cat([pos[:buf].expand(B, -1, -1), pos[buf + known]], dim=1)  # (B, buf + c, D)
+        keys = torch.cat([torch.ones_like(valid[:, :1]).expand(B, buf), valid], dim=1)  # (B, buf + c)
+        x = self._encode(x, pos, class_vec, keys)  # (B, buf + c, D)
+        # slots back at their L positions: a one-hot product (exact, pads weigh 0), mask token elsewhere
+        onehot = (known[:, :, None] == torch.arange(L, device=known.device)).to(x.dtype)  # (B, c, L)
+        onehot = onehot * valid[:, :, None].to(x.dtype)
+        rows = torch.einsum("bcl,bcd->bld", onehot, x[:, buf:])  # (B, L, D)
+        written = onehot.sum(1)[:, :, None] > 0.5  # (B, L, 1)
+        rows = torch.where(written, rows, self.mask_token.to(x.dtype))
+        return self._decode(torch.cat([x[:, :buf], rows], dim=1))
+
+    def _encode(
+        self, x: torch.Tensor, pos: torch.Tensor, class_vec: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, n, D) projected tokens; pos (B or 1, buf + n, D); keys (B, buf + n) 1 = a key, 0 = hidden
+        -> (B, buf + n, D) in the decoder's width. The buffer slots hold the class vector."""
+        B, buf = x.shape[0], self.buffer_size
+        x = torch.cat([class_vec[:, None, :].expand(B, buf, -1).to(x.dtype), x], dim=1)  # (B, buf + n, D)
+        x = self.z_proj_ln(x + pos)
+        key_bias = ((1 - keys.float()) * NEG)[:, None, None, :]  # (B, 1, 1, T), fp32: -1e9 overflows fp16
         for blk in self.encoder_blocks:
             x = blk(x, key_bias)
-        x = self.encoder_norm(x)
-        # decoder: unknown positions become the mask token, everything attends to everything
-        x = self.decoder_embed(x)
-        x = torch.where(known[:, :, None] > 0.5, x, self.mask_token.to(x.dtype))
+        return self.decoder_embed(self.encoder_norm(x))
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) the decoder's input (mask token at unknown positions) -> z (B, L, D); everything
+        attends to everything."""
         x = x + self.decoder_pos_embed_learned
         no_bias = torch.zeros(1, 1, 1, 1, device=x.device)
         for blk in self.decoder_blocks:
             x = blk(x, no_bias)
-        x = self.decoder_norm(x)[:, buf:]  # (B, L, D)
+        x = self.decoder_norm(x)[:, self.buffer_size :]  # (B, L, D)
         return x + self.diffusion_pos_embed_learned
 
 

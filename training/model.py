@@ -76,14 +76,17 @@ class FAR(nn.Module):
 
 class MaskedBackboneStep(nn.Module):
     """tokens (B, L, C), mask (B, L) 1 = unknown, labels (B,) int64, query (B, Q) int64
-    -> z (2*B*Q, D) [cond rows, then uncond rows] with CFG, (B*Q, D) without."""
+    [, known (B, c) int64] -> z (2*B*Q, D) [cond rows, then uncond rows] with CFG, (B*Q, D) without.
+
+    With `known` (the positions of every known token, padded with unknown positions) it is an encoder
+    variant: the encoder runs on those c slots only (MaskedBackbone.forward_known), same z."""
 
     def __init__(self, model: FAR, cfg_guidance: bool):
         super().__init__()
         assert isinstance(model.backbone, MaskedBackbone)
         self.backbone, self.guided = model.backbone, cfg_guidance
 
-    def forward(self, tokens, mask, labels, query):
+    def forward(self, tokens, mask, labels, query, known=None):
         dtype = self.backbone.z_proj.weight.dtype
         class_vec = self.backbone.class_vector(labels)
         if self.guided:
@@ -93,8 +96,13 @@ class MaskedBackboneStep(nn.Module):
                 torch.cat([mask, mask]),
                 torch.cat([query, query]),
             )
+            known = None if known is None else torch.cat([known, known])
             class_vec = torch.cat([class_vec, self.backbone.null_vector(B).to(class_vec.dtype)])
-        z = self.backbone(tokens.to(dtype), mask.to(dtype), class_vec)  # (B', L, D)
+        tokens, mask = tokens.to(dtype), mask.to(dtype)
+        if known is None:
+            z = self.backbone(tokens, mask, class_vec)  # (B', L, D)
+        else:
+            z = self.backbone.forward_known(tokens, mask, class_vec, known)
         D = z.shape[-1]
         z = torch.gather(z, 1, query[:, :, None].expand(-1, -1, D))  # (B', Q, D)
         return z.reshape(-1, D).float()
