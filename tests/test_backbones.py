@@ -144,8 +144,13 @@ def test_masked_known_slots_encoder_equals_full_encoder(num_known: int, capacity
     with torch.no_grad():
         ours = bb.forward_known(tokens, mask, class_vec, known)
         ref = bb(tokens, mask, class_vec)
+        query = torch.randint(L, (B, 5), generator=g)  # with repeats, as the padded query rows are
+        at_query = bb.forward_known(tokens, mask, class_vec, known, query)
     assert ours.shape == ref.shape == (B, L, model.cfg.width) and ref.abs().mean() > 0.1
     assert_close_to_scale(ours, ref, FP32, f"encoder on {capacity} known slots vs every position")
+    # the last decoder block on the queried rows only
+    expect = torch.stack([ref[b, query[b]] for b in range(B)])
+    assert_close_to_scale(at_query, expect, FP32, "z at the queried positions")
 
 
 def test_masked_step_with_known_slots_equals_full_step() -> None:

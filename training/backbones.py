@@ -15,6 +15,7 @@ Shapes: B batch, L tokens, C token channels, D width, H heads, T sequence with b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.config import FARConfig
@@ -48,9 +49,18 @@ class Attention(nn.Module):
         B, H, T, hd = out.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, H * hd)))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """bias: additive fp32 mask broadcastable to (B, H, T, T)."""
-        q, k, v = self._qkv(x)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """bias: additive fp32 mask broadcastable to (B, H, T, T). rows (B, Q) int64: the output at those
+        rows only (B, Q, D): queries from them, keys and values from every row."""
+        if rows is None:
+            q, k, v = self._qkv(x)
+        else:
+            B, T, D = x.shape
+            H, hd = self.num_heads, self.head_dim
+            w, b = self.qkv.weight, self.qkv.bias  # (3D, D): the q, k and v rows, in that order
+            q = F.linear(gather_rows(x, rows), w[:D], b[:D]).reshape(B, -1, H, hd).transpose(1, 2)
+            kv = F.linear(x, w[D:], b[D:]).reshape(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
         return self._attend(q, k, v, bias)
 
     def forward_cached(
@@ -76,6 +86,11 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, H * hd))), torch.stack([k, v])
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), rows (B, Q) int64 -> (B, Q, D)."""
+    return torch.gather(x, 1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float):
         super().__init__()
@@ -96,8 +111,10 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows (B, Q) int64: the block's output at those rows only (B, Q, D); every row is a key."""
+        h = self.attn(self.norm1(x), bias, rows)
+        x = (x if rows is None else gather_rows(x, rows)) + h
         return x + self.mlp(self.norm2(x))
 
     def forward_cached(self, x, bias, kv):
@@ -177,22 +194,35 @@ class MaskedBackbone(_ClassEmbedding):
         ):
             nn.init.normal_(p, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, class_vec: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L, C); mask (B, L) 1 = unknown; class_vec (B, D) -> z (B, L, D) for every position."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        class_vec: torch.Tensor,
+        query: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, L, C); mask (B, L) 1 = unknown; class_vec (B, D) -> z (B, L, D) for every position, or
+        with query (B, Q) int64 for those positions only (B, Q, D)."""
         B = tokens.shape[0]
         buf = self.buffer_size
         known = torch.cat([torch.ones_like(mask[:, :1]).expand(B, buf), 1 - mask], dim=1)  # (B, T)
         # encoder: every position, unknown tokens hidden as keys
         x = self._encode(self.z_proj(tokens), self.encoder_pos_embed_learned, class_vec, known)  # (B, T, D)
         # decoder: unknown positions become the mask token
-        return self._decode(torch.where(known[:, :, None] > 0.5, x, self.mask_token.to(x.dtype)))
+        return self._decode(torch.where(known[:, :, None] > 0.5, x, self.mask_token.to(x.dtype)), query)
 
     def forward_known(
-        self, tokens: torch.Tensor, mask: torch.Tensor, class_vec: torch.Tensor, known: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        class_vec: torch.Tensor,
+        known: torch.Tensor,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`forward` with the encoder run on the buffer and c gathered slots only, as MAR's encoder drops
         unknown tokens, but with static shapes. known (B, c) int64: the positions of every known token
-        (mask 0), padded with unknown positions (mask 1), which are invalid slots. Same z as `forward`."""
+        (mask 0), padded with unknown positions (mask 1), which are invalid slots. Same z as `forward`, and
+        with `query` the same rows."""
         B, L, C = tokens.shape
         buf = self.buffer_size
         valid = 1 - torch.gather(mask, 1, known)  # (B, c): 0 on the pads
@@ -207,7 +237,7 @@ class MaskedBackbone(_ClassEmbedding):
         rows = torch.einsum("bcl,bcd->bld", onehot, x[:, buf:])  # (B, L, D)
         written = onehot.sum(1)[:, :, None] > 0.5  # (B, L, 1)
         rows = torch.where(written, rows, self.mask_token.to(x.dtype))
-        return self._decode(torch.cat([x[:, :buf], rows], dim=1))
+        return self._decode(torch.cat([x[:, :buf], rows], dim=1), query)
 
     def _encode(
         self, x: torch.Tensor, pos: torch.Tensor, class_vec: torch.Tensor, keys: torch.Tensor
@@ -222,15 +252,20 @@ class MaskedBackbone(_ClassEmbedding):
             x = blk(x, key_bias)
         return self.decoder_embed(self.encoder_norm(x))
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) the decoder's input (mask token at unknown positions) -> z (B, L, D); everything
-        attends to everything."""
+        attends to everything. With query (B, Q) int64 positions: z at those only (B, Q, D), and the last
+        block computes its queries, MLP and output on those rows alone (MAR's decoder runs them on all)."""
         x = x + self.decoder_pos_embed_learned
         no_bias = torch.zeros(1, 1, 1, 1, device=x.device)
-        for blk in self.decoder_blocks:
+        *body, last = self.decoder_blocks  # dec_depth >= 1 (FARConfig checks it)
+        for blk in body:
             x = blk(x, no_bias)
-        x = self.decoder_norm(x)[:, self.buffer_size :]  # (B, L, D)
-        return x + self.diffusion_pos_embed_learned
+        pos = self.diffusion_pos_embed_learned
+        if query is None:
+            return self.decoder_norm(last(x, no_bias))[:, self.buffer_size :] + pos  # (B, L, D)
+        x = last(x, no_bias, query + self.buffer_size)  # (B, Q, D)
+        return self.decoder_norm(x) + pos[0][query]
 
 
 # ----------------------------------------------------------------------------

@@ -100,12 +100,10 @@ class MaskedBackboneStep(nn.Module):
             class_vec = torch.cat([class_vec, self.backbone.null_vector(B).to(class_vec.dtype)])
         tokens, mask = tokens.to(dtype), mask.to(dtype)
         if known is None:
-            z = self.backbone(tokens, mask, class_vec)  # (B', L, D)
+            z = self.backbone(tokens, mask, class_vec, query)  # (B', Q, D)
         else:
-            z = self.backbone.forward_known(tokens, mask, class_vec, known)
-        D = z.shape[-1]
-        z = torch.gather(z, 1, query[:, :, None].expand(-1, -1, D))  # (B', Q, D)
-        return z.reshape(-1, D).float()
+            z = self.backbone.forward_known(tokens, mask, class_vec, known, query)
+        return z.reshape(-1, z.shape[-1]).float()
 
 
 class CausalBackboneStep(nn.Module):
