@@ -18,10 +18,31 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.config import FARConfig
+    from training.model import FAR
+    from training.vae import AutoencoderKL
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+def random_far(cfg: FARConfig, seed: int = 0) -> tuple[FAR, AutoencoderKL]:
+    """A FAR model and its VAE with random weights for `cfg` (the same for the same seed and torch)."""
+    import torch
+
+    from training.model import FAR
+    from training.vae import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
+    with torch.no_grad():  # AdaLN-zero init makes the head the identity: perturb so its check is real
+        for p in (*model.parameters(), *vae.parameters()):
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval(), vae.eval()
 
 
 def main() -> None:
@@ -42,10 +63,7 @@ def main() -> None:
     from far_export.build import BuildOptions, build
     from training.checkpoint import save_checkpoint
     from training.config import preset
-    from training.model import FAR
-    from training.vae import AutoencoderKL
 
-    torch.manual_seed(0)
     cfg = preset(args.preset, num_iter=args.num_iter)
     lines: list[tuple[float, str]] = []
     t_start = time.perf_counter()
@@ -56,10 +74,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="far-b-export-") as tmp:
         t0 = time.perf_counter()
-        model, vae = FAR(cfg), AutoencoderKL(cfg.vae)
-        with torch.no_grad():  # AdaLN-zero init makes the head the identity: perturb so its check is real
-            for p in (*model.parameters(), *vae.parameters()):
-                p.add_(torch.randn_like(p) * 0.02)
+        model, vae = random_far(cfg)
         params = sum(p.numel() for p in model.parameters())
         vae_params = sum(p.numel() for p in vae.parameters())
         save_checkpoint(Path(tmp) / "ckpt", model, vae)

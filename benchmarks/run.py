@@ -1,6 +1,9 @@
 """Benchmarks anyone can rerun: FAR vs MAR, runtime vs PyTorch, KV cache, precision, roofline, memory.
 
     python benchmarks/run.py [--quick] [--json results.json] [--plots DIR] [--markdown FILE] [--sections ...]
+    python benchmarks/run.py --sections mar-b [--mar-b-runtime] --markdown benchmarks/results/MAR-B.md
+
+The mar-b section (MAR-B dims, random weights) is opt-in: it runs only when --sections names it.
 
 A script, not a test. Each comparison runs its sides in the same process,
 alternating, after a warm-up, and reports medians and ratios. Engines are built
@@ -41,7 +44,8 @@ DIT_STEPS = (4, 8, 16, 32, 64)  # the DiT's N Euler steps in the speed tables (e
 ENGINES = ROOT / "engines/bench"
 THREADS = 1  # intra-op threads of both PyTorch and ONNX Runtime (--threads)
 RESULTS = ROOT / "benchmarks/results"
-SECTIONS = ("far-vs-mar", "kv-cache", "precision", "roofline", "memory")  # --sections, in run order
+SECTIONS = ("far-vs-mar", "kv-cache", "precision", "roofline", "memory", "mar-b")  # --sections, in run order
+OPT_IN = ("mar-b",)  # minutes at MAR-B dims on one thread: run only when named in --sections
 
 
 # ----------------------------------------------------------------------------
@@ -513,6 +517,105 @@ def sample_memory() -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------
+# 7. MAR-B dims: FAR K=4 through the runtime vs MAR's gather encoder with its 100-step head
+# ----------------------------------------------------------------------------
+
+MARB_STEPS = 16  # masked AR steps (as the official-code comparison in issue 12)
+MARB_CFG = 2.9  # MAR-B's guidance scale, linear schedule (any value != 1 doubles the batch)
+
+
+def marb_checkpoint(head: str) -> Path:
+    """A random-weight far-b checkpoint (MAR-B dims, KL-16 VAE; timing needs no training) with `head`
+    ("shortcut" or "mar"), written under engines/bench/ and reused while its config is the same."""
+    from benchmarks.export_far_b import random_far
+    from training.checkpoint import save_checkpoint
+    from training.config import load_checkpoint_config, preset
+
+    cfg = preset("far-b", head=head, num_iter=MARB_STEPS, cfg=MARB_CFG)
+    out = ENGINES / f"far-b-{head}-random"
+    try:
+        if load_checkpoint_config(out) == cfg:
+            return out
+    except Exception:  # missing or another config: write it
+        pass
+    print(f"    writing random-weight checkpoint {out}", flush=True)
+    save_checkpoint(out, *random_far(cfg))
+    return out
+
+
+def mar_b(reps: int, runtime_mar: bool) -> tuple[str, dict]:
+    """One image (batch 1, CFG on, fp32, MARB_STEPS AR steps) at MAR-B dims: A FAR K=4 through the runtime
+    (ORT, encoder variants), B MAR-100 in PyTorch with MAR's gather encoder (exactly the known tokens each
+    step, no pads) and MAR's DDPM head, C FAR K=4 in PyTorch (the reference sampler, full masked
+    encoder), D (`runtime_mar`) MAR-100 through the runtime. Interleaved, one round per rep."""
+    from runtime.images import to_uint8
+    from training.checkpoint import load_checkpoint
+    from training.sample import decode_tokens, generate, resolve_settings, sample_tokens
+
+    far_ckpt, mar_ckpt = marb_checkpoint("shortcut"), marb_checkpoint("mar")
+    far, mar = load_checkpoint(far_ckpt), load_checkpoint(mar_ckpt)
+    s_far, s_mar = resolve_settings(far.cfg, seed=0), resolve_settings(mar.cfg, seed=0)  # K=4 / N=100
+    labels = [0]
+    pipes = {"A": open_pipe(engine_dir(far_ckpt, "fp32", 1))}
+    if runtime_mar:
+        pipes["D"] = open_pipe(engine_dir(mar_ckpt, "fp32", 1))
+    sides: dict[str, Callable[[], object]] = {
+        k: (lambda pipe=pipe: pipe.generate(labels, seed=0)) for k, pipe in pipes.items()
+    }
+    sides["B"] = lambda: to_uint8(
+        decode_tokens(mar.cfg, mar.vae, sample_tokens(mar.model, labels, s_mar, gather_known=True))
+    )
+    sides["C"] = lambda: generate(far.model, far.vae, labels, s_far)
+    t = alternate(sides, reps)
+    shares = {k: _stage_shares(pipe) for k, pipe in pipes.items()}
+    for pipe in pipes.values():
+        pipe.close()
+    names = {
+        "A": "FAR K=4, runtime (ORT fp32, encoder variants)",
+        "B": "MAR-100, PyTorch, gather encoder (known tokens only)",
+        "C": "FAR K=4, PyTorch reference (full masked encoder)",
+        "D": "MAR-100, runtime (ORT fp32, encoder variants)",
+    }
+    res = {
+        "ar_steps": MARB_STEPS,
+        "cfg": MARB_CFG,
+        "batch": 1,
+        "ms_per_image": {k: t[k] * 1e3 for k in sorted(t)},
+        "runtime_stage_shares": shares,
+        "ratio_B_over_A": t["B"] / t["A"],
+        "ratio_C_over_A": t["C"] / t["A"],
+    }
+    if "D" in t:
+        res["ratio_D_over_A"] = t["D"] / t["A"]
+    rows = [
+        [k, names[k], t[k] * 1e3, t["B"] / t[k], "-" if k not in shares else shares[k]] for k in sorted(t)
+    ]
+    text = table(
+        f"MAR-B dims (width 768, 12+12 blocks, 256 tokens, buffer 64; head 1024 x 6), random weights: one "
+        f"image, batch 1, CFG {MARB_CFG} on, fp32, {MARB_STEPS} AR steps, {THREADS} thread(s)",
+        [
+            "side",
+            "what",
+            "ms / image",
+            "speed-up vs B (MAR-100 gather)",
+            "runtime time in backbone / head / VAE",
+        ],
+        rows,
+    )
+    text += (
+        f"\nFAR K=4 through the runtime is {res['ratio_B_over_A']:.2f}x faster than MAR's gather-based "
+        "backbone with its 100-step head (issue 12's target: at least 3x).\n"
+    )
+    return text, res
+
+
+def _stage_shares(pipe: Pipeline) -> str:
+    """Backbone / head / VAE shares of the last generate's wall time."""
+    tm = pipe.timings
+    return " / ".join(f"{100 * getattr(tm, k) / tm.wall:.0f}%" for k in ("backbone", "head", "vae"))
+
+
+# ----------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------
 
@@ -659,10 +762,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all results as JSON")
     ap.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     ap.add_argument("--markdown", type=Path, help="write the tables as Markdown")
+    default_sections = ",".join(x for x in SECTIONS if x not in OPT_IN)
     ap.add_argument(
         "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma list of sections to run (default: all of {','.join(SECTIONS)})",
+        default=default_sections,
+        help=f"comma list of sections to run (default: {default_sections}; opt-in: {','.join(OPT_IN)})",
+    )
+    ap.add_argument(
+        "--mar-b-runtime",
+        action="store_true",
+        help="mar-b: also MAR-100 through the runtime (builds a second far-b engine directory)",
     )
     ap.add_argument(
         "--threads",
@@ -685,7 +794,8 @@ def main() -> None:
         f"onnxruntime {info['onnxruntime']}; {args.threads} intra-op thread(s) for both PyTorch and "
         "ONNX Runtime. "
         f"Command: `python benchmarks/run.py{' --quick' if args.quick else ''} --threads {args.threads}"
-        + (f" --sections {args.sections}" if args.sections != ",".join(SECTIONS) else "")
+        + (f" --sections {args.sections}" if args.sections != default_sections else "")
+        + (" --mar-b-runtime" if args.mar_b_runtime else "")
         + "`.\n"
     ]
     results: dict[str, object] = {"machine": info, "quick": args.quick}
@@ -704,6 +814,11 @@ def main() -> None:
             lambda: roofline([1, 64] if not args.quick else [1, 16], reps),
         ),
         "memory": ("6. memory", "memory", sample_memory),
+        "mar-b": (
+            "7. MAR-B dims: FAR K=4 (runtime) vs MAR-100 with the gather encoder",
+            "mar_b",
+            lambda: mar_b(2, args.mar_b_runtime),
+        ),
     }
     chosen = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))

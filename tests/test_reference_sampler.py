@@ -62,6 +62,29 @@ def test_image_does_not_depend_on_batching(backbone: str, head: str) -> None:
     assert not np.allclose(whole[1], whole[4])  # same class, other index: another image
 
 
+@pytest.mark.parametrize("head", ["shortcut", "mar"])
+def test_gather_known_samples_the_same_tokens(head: str) -> None:
+    """Protects the MAR reference of benchmarks/run.py's mar-b section: sampling with the encoder on
+    exactly the known tokens (MAR's gather; the first step with none known) gives the tokens of the
+    full masked encoder, and the sampler really takes the gathered path (it calls forward_known with
+    no pads after the first step)."""
+    model, _ = tiny_model("masked", head, seed=4)
+    s = SamplingSettings.resolve(model.cfg, seed=1, cfg=2.0, **FAST[head])
+    counts: list[int] = []  # slots per call of the real forward_known
+    real = model.backbone.forward_known
+
+    def counted(tokens, mask, class_vec, known):
+        counts.append(known.shape[1])
+        return real(tokens, mask, class_vec, known)
+
+    model.backbone.forward_known = counted
+    gathered = sample_tokens(model, [1, 2], s, gather_known=True)
+    del model.backbone.forward_known
+    L = model.cfg.seq_len
+    assert counts == [1] + [L - st.unknown_before for st in masked_schedule(L, s.num_iter)[1:]]
+    assert_close_to_scale(gathered, sample_tokens(model, [1, 2], s), FP32, "gathered vs full encoder")
+
+
 def test_masked_shortcut_follows_the_documented_draw_order() -> None:
     """Protects the randomness contract that the runtime reimplements: a loop written from the
     docstring of runtime/schedule.py (permutation, then temperature * normal per step, positions

@@ -22,6 +22,7 @@ from runtime.schedule import (
     cfg_scale,
     ddpm_sampling_schedule,
     image_rng,
+    known_positions,
     masked_positions,
     masked_schedule,
     shortcut_times,
@@ -97,8 +98,13 @@ def sample_tokens(
     s: SamplingSettings,
     first_index: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    gather_known: bool = False,
 ) -> np.ndarray:
-    """Generate token latents (B, L, C) float32 for images first_index .. first_index + B - 1."""
+    """Generate token latents (B, L, C) float32 for images first_index .. first_index + B - 1.
+
+    `gather_known` (masked backbone): the encoder runs on exactly the known tokens of each step
+    (`MaskedBackbone.forward_known` without pads), as MAR's encoder does with its `nonzero` gather;
+    the same tokens up to float rounding, at the encoder cost of the official code."""
     if isinstance(model, DiT):
         return sample_dit_tokens(model, labels, s, first_index, progress)
     cfg = model.cfg
@@ -117,7 +123,12 @@ def sample_tokens(
         schedule = masked_schedule(L, s.num_iter)
         for i, step in enumerate(schedule):
             pos = torch.as_tensor(np.stack([masked_positions(o, step) for o in orders]))  # (B, n)
-            z = bstep(tokens, mask, labels_t, pos)
+            known = None
+            if gather_known:  # every image knows L - unknown_before tokens: no pads, except one at the
+                # first step, where none is known (an unknown position, hidden as a key: the buffer's result)
+                slots = [known_positions(o, step) if step.unknown_before < L else o[:1] for o in orders]
+                known = torch.as_tensor(np.stack(slots))
+            z = bstep(tokens, mask, labels_t, pos, known)
             x = head(z, rngs, step.num_pred, cfg_scale(s.cfg, s.cfg_schedule, L, step))
             rows = torch.arange(B)[:, None]
             tokens[rows, pos] = x.reshape(B, step.num_pred, C).to(tokens.dtype)
