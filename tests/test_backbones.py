@@ -129,7 +129,7 @@ def _known_table(mask: torch.Tensor, capacity: int, seed: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("num_known,capacity", [(0, 16), (1, 16), (16, 16), (20, 32), (47, 48)])
+@pytest.mark.parametrize("num_known,capacity", [(0, 0), (0, 16), (1, 16), (16, 16), (20, 32), (47, 48)])
 def test_masked_known_slots_encoder_equals_full_encoder(num_known: int, capacity: int) -> None:
     """Protects the encoder variants: running the encoder on c gathered slots (known tokens + pads, in any
     slot order) gives the full backbone's z at every position, relative to scale."""

@@ -67,21 +67,21 @@ def test_gather_known_samples_the_same_tokens(head: str) -> None:
     """Protects the MAR reference of benchmarks/run.py's mar-b section: sampling with the encoder on
     exactly the known tokens (MAR's gather; the first step with none known) gives the tokens of the
     full masked encoder, and the sampler really takes the gathered path (it calls forward_known with
-    no pads after the first step)."""
+    no pads: none at all on the first step)."""
     model, _ = tiny_model("masked", head, seed=4)
     s = SamplingSettings.resolve(model.cfg, seed=1, cfg=2.0, **FAST[head])
     counts: list[int] = []  # slots per call of the real forward_known
     real = model.backbone.forward_known
 
-    def counted(tokens, mask, class_vec, known):
+    def counted(tokens, mask, class_vec, known, query=None):
         counts.append(known.shape[1])
-        return real(tokens, mask, class_vec, known)
+        return real(tokens, mask, class_vec, known, query)
 
     model.backbone.forward_known = counted
     gathered = sample_tokens(model, [1, 2], s, gather_known=True)
     del model.backbone.forward_known
     L = model.cfg.seq_len
-    assert counts == [1] + [L - st.unknown_before for st in masked_schedule(L, s.num_iter)[1:]]
+    assert counts == [L - st.unknown_before for st in masked_schedule(L, s.num_iter)]
     assert_close_to_scale(gathered, sample_tokens(model, [1, 2], s), FP32, "gathered vs full encoder")
 
 

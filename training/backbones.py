@@ -229,7 +229,8 @@ class MaskedBackbone(_ClassEmbedding):
         x = self.z_proj(torch.gather(tokens, 1, known[:, :, None].expand(-1, -1, C)))  # (B, c, D)
         pos = self.encoder_pos_embed_learned[0]  # (T, D)
         pos = torch.cat([pos[:buf].expand(B, -1, -1), pos[buf + known]], dim=1)  # (B, buf + c, D)
-        keys = torch.cat([torch.ones_like(valid[:, :1]).expand(B, buf), valid], dim=1)  # (B, buf + c)
+        buffer = torch.ones(B, buf, dtype=valid.dtype, device=valid.device)
+        keys = torch.cat([buffer, valid], dim=1)  # (B, buf + c); c may be 0 (the first step)
         x = self._encode(x, pos, class_vec, keys)  # (B, buf + c, D)
         # slots back at their L positions: a one-hot product (exact, pads weigh 0), mask token elsewhere
         onehot = (known[:, :, None] == torch.arange(L, device=known.device)).to(x.dtype)  # (B, c, L)

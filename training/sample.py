@@ -124,10 +124,8 @@ def sample_tokens(
         for i, step in enumerate(schedule):
             pos = torch.as_tensor(np.stack([masked_positions(o, step) for o in orders]))  # (B, n)
             known = None
-            if gather_known:  # every image knows L - unknown_before tokens: no pads, except one at the
-                # first step, where none is known (an unknown position, hidden as a key: the buffer's result)
-                slots = [known_positions(o, step) if step.unknown_before < L else o[:1] for o in orders]
-                known = torch.as_tensor(np.stack(slots))
+            if gather_known:  # every image knows L - unknown_before tokens: no pads
+                known = torch.as_tensor(np.stack([known_positions(o, step) for o in orders]))
             z = bstep(tokens, mask, labels_t, pos, known)
             x = head(z, rngs, step.num_pred, cfg_scale(s.cfg, s.cfg_schedule, L, step))
             rows = torch.arange(B)[:, None]
