@@ -732,6 +732,44 @@ def quality_vs_time(results: list[dict], out: Path) -> list[Path]:
     return [path]
 
 
+def precision_plot(rows: list[dict], out: Path) -> list[Path]:
+    """Time per image against Frechet distance of the fp32 / fp16 / int8 engines, one point per batch
+    (the quality of an engine's samples does not depend on the batch it was built for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("frechet") is not None]
+    if not rows:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for precision, marker in (("fp32", "o"), ("fp16", "s"), ("int8", "^")):
+        pts = sorted((r for r in rows if r["precision"] == precision), key=lambda r: r["batch"])
+        if not pts:
+            continue
+        ax.scatter(
+            [r["ms_per_image"] for r in pts], [r["frechet"] for r in pts], marker=marker, label=precision
+        )
+        for r in pts:
+            ax.annotate(
+                f"b{r['batch']}", (r["ms_per_image"], r["frechet"]), textcoords="offset points", xytext=(3, 3)
+            )
+    ax.set(
+        xlabel="ms per image (ONNX Runtime CPU; fp16 runs cast to fp32 there)",
+        ylabel="Frechet distance of the engine's samples",
+        title="FAR engines: time vs quality by precision",
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "precision_time_vs_quality.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -835,6 +873,9 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2, default=float) + "\n")
     if args.plots and "far_vs_mar" in results:
         for p in plots(results["far_vs_mar"], args.plots):
+            print(f"wrote {p}")
+    if args.plots and "precision" in results:
+        for p in precision_plot(results["precision"], args.plots):
             print(f"wrote {p}")
     if args.markdown:
         args.markdown.write_text("\n".join(md))
