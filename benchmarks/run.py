@@ -81,6 +81,14 @@ def open_pipe(directory: Path) -> Pipeline:
     return Pipeline.load(directory, backend="ort", threads=THREADS, spin=False)
 
 
+def _code_time() -> float:
+    """When the code that writes the graphs last changed: an engine directory built before is stale even
+    for the same checkpoint."""
+    return max(
+        p.stat().st_mtime for d in ("far_export", "training", "runtime") for p in (ROOT / d).glob("*.py")
+    )
+
+
 def engine_dir(ckpt: Path, precision: str, batch: int) -> Path:
     """Build (or reuse) an engine directory for a checkpoint, precision and batch."""
     from far_export.build import BuildOptions, build
@@ -89,7 +97,10 @@ def engine_dir(ckpt: Path, precision: str, batch: int) -> Path:
     out = ENGINES / f"{ckpt.name}-{precision}-b{batch}"
     try:
         m = load_manifest(out)
-        if m.checkpoint_sha256 == checkpoint_sha256(ckpt):
+        if (
+            m.checkpoint_sha256 == checkpoint_sha256(ckpt)
+            and (out / "manifest.json").stat().st_mtime > _code_time()
+        ):
             return out
     except Exception:  # missing or stale: rebuild
         pass
