@@ -463,12 +463,14 @@ def with_backbone_feeds(
     """`calls` (recorded inputs per graph) where the full backbone also gets every encoder variant's inputs
     without `known`: they are valid inputs of it, and the loop may never call the full backbone when the
     variants cover every step. At most `limit` backbone feeds, spread evenly."""
+    from far_export.quantize import spread
+
     feeds = list(calls.get("backbone", []))
     for name, fs in calls.items():
         if is_variant(name):
             feeds += [{k: v for k, v in f.items() if k != "known"} for f in fs]
-    if limit and len(feeds) > limit:
-        feeds = feeds[:: math.ceil(len(feeds) / limit)]
+    if limit:
+        feeds = [feeds[i] for i in sorted(spread(len(feeds), limit))]
     return {**calls, "backbone": feeds} if feeds else calls
 
 
