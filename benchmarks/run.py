@@ -277,7 +277,7 @@ def _kv_cache_at(dims: str, L: int, quick: bool, reps: int) -> dict:
     cache = torch.zeros(bb.cache_shape(B))
 
     def cached(pos: int) -> None:
-        bb.forward_step(prev, torch.tensor(pos), cls, cache)
+        bb.forward_step(prev, torch.tensor(pos), cls, cache, inplace=True)
 
     def recompute(pos: int) -> None:  # the prefix up to and including pos, no cache
         x = torch.cat([cls[:, None], bb.z_proj(tokens[:, :pos])], dim=1)

@@ -12,7 +12,7 @@ from numerics import FP16_MODULE, FP32, assert_close_to_scale
 
 from training.backbones import CausalBackbone, MaskedBackbone, count_params
 from training.config import preset
-from training.model import FAR, backbone_step
+from training.model import FAR, CausalBackboneStep, backbone_step
 
 torch.set_num_threads(1)
 
@@ -173,16 +173,17 @@ def test_masked_step_with_known_slots_equals_full_step() -> None:
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("guided", [False, True])
-def test_causal_cached_steps_equal_full_recomputation(guided: bool) -> None:
-    """Protects: the static KV cache (written with torch.where) gives teacher forcing's z at every
-    position."""
+def test_causal_cached_steps_equal_full_recomputation(guided: bool, inplace: bool) -> None:
+    """Protects: the static KV cache (the graph form: written with torch.where into a new cache; the eager
+    form: written in place, attending over the prefix only) gives teacher forcing's z at every position."""
     model, _ = tiny_model("causal", "shortcut", seed=6)
     bb: CausalBackbone = model.backbone
     B, L, C = 2, model.cfg.seq_len, model.cfg.token_dim
     labels = torch.tensor([0, 3])
     tokens = torch.randn(B, L, C, generator=torch.Generator().manual_seed(2))
-    step = backbone_step(model, guided)
+    step = CausalBackboneStep(model, guided, inplace)
     Bg = 2 * B if guided else B
     cache = torch.zeros(bb.cache_shape(Bg))
     assert cache.shape == (model.cfg.depth, 2, Bg, model.cfg.num_heads, L, model.cfg.head_dim)
@@ -190,7 +191,11 @@ def test_causal_cached_steps_equal_full_recomputation(guided: bool) -> None:
     with torch.no_grad():
         prev = torch.full((B, C), float("nan"))  # ignored at position 0
         for i in range(L):
-            z, cache = step(prev, torch.tensor([i]), labels, cache)
+            before = cache.clone()
+            z, new = step(prev, torch.tensor([i]), labels, cache)
+            assert (new is cache) == inplace
+            assert torch.equal(cache, new if inplace else before)  # the graph form never writes its input
+            cache = new
             zs.append(z)
             prev = tokens[:, i]
         z_steps = torch.stack(zs, dim=1)  # (B', L, D)

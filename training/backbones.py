@@ -64,20 +64,17 @@ class Attention(nn.Module):
         return self._attend(q, k, v, bias)
 
     def forward_cached(
-        self, x: torch.Tensor, bias: torch.Tensor, kv: torch.Tensor
+        self, x: torch.Tensor, bias: torch.Tensor | None, kv: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One new position. x (B, 1, D); bias (1, 1, 1, L): 0 on the cached positions before the new one,
-        NEG elsewhere; kv (2, B, H, L, hd) the cache, only read -> output (B, 1, D), the new position's
-        keys and values (2, B, H, 1, hd). The new position attends to the cache and to itself without
-        writing itself into a copy of the cache first."""
+        NEG elsewhere, or None when kv holds only those; kv (2, B, H, L, hd) the cache, only read ->
+        output (B, 1, D), the new position's keys and values (2, B, H, 1, hd). The new position attends
+        to the cache and to itself without writing itself into a copy of the cache first."""
         q, k, v = self._qkv(x)  # (B, H, 1, hd)
         q = q * self.head_dim**-0.5
+        past = (q @ kv[0].transpose(-2, -1)).float()  # (B, H, 1, L) the cache
         logits = torch.cat(
-            [
-                (q @ kv[0].transpose(-2, -1)).float() + bias,  # (B, H, 1, L) the cache
-                (q * k).sum(-1, keepdim=True).float(),
-            ],
-            dim=-1,
+            [past if bias is None else past + bias, (q * k).sum(-1, keepdim=True).float()], dim=-1
         )  # (B, H, 1, 1) itself
         attn = self.attn_drop(softmax32(logits).to(v.dtype))  # (B, H, 1, L + 1)
         L = kv.shape[-2]
@@ -315,10 +312,21 @@ class CausalBackbone(_ClassEmbedding):
         return (c.depth, 2, batch, c.num_heads, c.seq_len, c.head_dim)
 
     def forward_step(
-        self, prev_token: torch.Tensor, pos: torch.Tensor, class_vec: torch.Tensor, cache: torch.Tensor
+        self,
+        prev_token: torch.Tensor,
+        pos: torch.Tensor,
+        class_vec: torch.Tensor,
+        cache: torch.Tensor,
+        inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One position. prev_token (B, C) (ignored at pos 0); pos () int64; class_vec (B, D);
-        cache (depth, 2, B, H, L, hd) -> z (B, D) for token `pos`, updated cache."""
+        cache (depth, 2, B, H, L, hd) -> z (B, D) for token `pos`, updated cache.
+
+        The exported graph (default) reads the whole static cache under a bias and returns a new cache
+        with the position's row written. `inplace` is the eager form (reference sampler, benchmarks):
+        attention reads only the cached prefix and the row is written into `cache` itself, which is
+        returned; the cache is no longer copied each step (at far-b dims, 256 tokens, that copy was a
+        quarter of the step)."""
         L = self.cfg.seq_len
         slots = torch.arange(L, device=pos.device)
         onehot = (slots == pos).to(self.pos_embed_learned.dtype)  # (L,)
@@ -326,12 +334,20 @@ class CausalBackbone(_ClassEmbedding):
             :, None
         ]  # (B, 1, D)
         x = self.z_proj_ln(x + (onehot @ self.pos_embed_learned[0])[None, None])
-        bias = torch.where(slots < pos, 0.0, NEG)[None, None, None, :].float()  # (1, 1, 1, L) the cached past
+        if inplace:
+            n = int(pos)
+            past, bias = cache[..., :n, :], None  # the cached prefix only
+        else:
+            bias = torch.where(slots < pos, 0.0, NEG)[None, None, None, :].float()  # (1, 1, 1, L)
+            past = cache
         rows = []  # per block the new position's (2, B, H, 1, hd): the cache itself is only read
         for i, blk in enumerate(self.blocks):
-            x, kv = blk.forward_cached(x, bias, cache[i])
+            x, kv = blk.forward_cached(x, bias, past[i])
             rows.append(kv)
         z = self.norm(x[:, 0]) + onehot @ self.diffusion_pos_embed_learned[0]  # (B, D)
+        if inplace:
+            cache[..., n : n + 1, :] = torch.stack(rows)
+            return z, cache
         # one pass over the cache: every block's new row into its slot (was: a copy per block, then a stack)
         write = (slots == pos)[None, None, None, None, :, None]  # (1, 1, 1, 1, L, 1)
         return z, torch.where(write, torch.stack(rows), cache)

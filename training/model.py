@@ -108,12 +108,13 @@ class MaskedBackboneStep(nn.Module):
 
 class CausalBackboneStep(nn.Module):
     """prev_token (B, C), pos (1,) int64, labels (B,) int64, cache (depth, 2, B', H, L, hd)
-    -> z (B', D), new cache; B' = 2B with CFG (cond rows first)."""
+    -> z (B', D), new cache; B' = 2B with CFG (cond rows first). `inplace`: the eager form of
+    `CausalBackbone.forward_step`, which writes into `cache` (the reference sampler's own buffer)."""
 
-    def __init__(self, model: FAR, cfg_guidance: bool):
+    def __init__(self, model: FAR, cfg_guidance: bool, inplace: bool = False):
         super().__init__()
         assert isinstance(model.backbone, CausalBackbone)
-        self.backbone, self.guided = model.backbone, cfg_guidance
+        self.backbone, self.guided, self.inplace = model.backbone, cfg_guidance, inplace
 
     def forward(self, prev_token, pos, labels, cache):
         dtype = self.backbone.z_proj.weight.dtype
@@ -121,7 +122,9 @@ class CausalBackboneStep(nn.Module):
         if self.guided:
             prev_token = torch.cat([prev_token, prev_token])
             class_vec = torch.cat([class_vec, self.backbone.null_vector(labels.shape[0]).to(class_vec.dtype)])
-        z, cache = self.backbone.forward_step(prev_token.to(dtype), pos.reshape(()), class_vec, cache)
+        z, cache = self.backbone.forward_step(
+            prev_token.to(dtype), pos.reshape(()), class_vec, cache, self.inplace
+        )
         return z.float(), cache
 
 

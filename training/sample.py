@@ -29,7 +29,7 @@ from runtime.schedule import (
 )
 from training.config import DiTConfig, ModelConfig, check_euler_steps
 from training.dit import DiT, DiTStep
-from training.model import FAR, VAEDecoderStep, backbone_step, head_step
+from training.model import FAR, CausalBackboneStep, MaskedBackboneStep, VAEDecoderStep, head_step
 from training.vae import AutoencoderKL
 
 
@@ -114,10 +114,10 @@ def sample_tokens(
     rngs = [image_rng(s.seed, first_index + i) for i in range(B)]
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     head = _Head(model, s, guided)
-    bstep = backbone_step(model, guided)
     tokens = torch.zeros(B, L, C)
 
     if cfg.backbone == "masked":
+        bstep = MaskedBackboneStep(model, guided)
         orders = [r.permutation(L) for r in rngs]
         mask = torch.ones(B, L)
         schedule = masked_schedule(L, s.num_iter)
@@ -135,6 +135,7 @@ def sample_tokens(
                 progress(i + 1, len(schedule))
     else:
         Bg = 2 * B if guided else B
+        bstep = CausalBackboneStep(model, guided, inplace=True)  # the cache is this loop's own buffer
         cache = torch.zeros(model.backbone.cache_shape(Bg), dtype=model.backbone.z_proj.weight.dtype)
         prev = torch.zeros(B, C)
         schedule = causal_schedule(L)
