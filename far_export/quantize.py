@@ -9,16 +9,20 @@ here. NVIDIA ModelOpt needs CUDA for most of its ONNX path; it is not used.
 What is quantized (`weight_nodes`): only the nodes that multiply by a weight, MatMul with a constant B,
 Gemm and Conv, weights int8 per output channel (symmetric), activations uint8 (asymmetric: the u8 x s8
 kernels are ONNX Runtime's fastest on x86; measured 1.5x on far-mnist's backbone where symmetric s8 gave
-1.36x). Only their inputs carry Q/DQ, their outputs stay fp32 (`OpTypesToExcludeOutputQuantization`, the
-placement NVIDIA recommends for TensorRT): a quantized output cost a Quantize + Dequantize pass per product,
-and the Dequantize duplicated per consumer split the GELU that ONNX Runtime otherwise fuses; without them
-far-mnist's batch-64 int8 backbone went from 1.3x to 1.8x fp32 (1 thread). Everything else stays fp32 between
-the pairs, which keeps the islands of the fp16 builds in higher
-precision and more: LayerNorm/GroupNorm statistics, attention (QK^T, mask bias, softmax, AV: activation x
-activation products are not weight nodes), GELU/SiLU, residual adds, the shortcut head's timestep
-embedding (`KEEP_FP32`), and the MAR head entirely (its posterior needs eps to ~1e-4 relative, see
-far_export/export.py; the build keeps that graph fp32). TensorRT takes only symmetric (zero-point 0)
-activations: plans need `ACTIVATIONS = "s8"` (not verified here: no TensorRT on these machines).
+1.36x). For MatMul and Gemm only the inputs carry Q/DQ, the outputs stay fp32
+(`OpTypesToExcludeOutputQuantization`, the placement NVIDIA recommends for TensorRT): a quantized output cost
+a Quantize + Dequantize pass per product, and the Dequantize duplicated per consumer split the GELU that ONNX
+Runtime otherwise fuses; without them far-mnist's batch-64 int8 backbone went from 1.3x to 1.8x fp32 (1
+thread). A Conv's output is quantized: ONNX Runtime has int8 products with an fp32 output for MatMul and Gemm
+(MatMulIntegerToFloat, QGemm) but not for Conv, which fuses into QLinearConv only as DQ -> Conv -> Q; without
+the Q every convolution ran fp32 on dequantized weights, and far-mnist's int8 VAE decoder (batch 64) took 94
+ms against fp32's 88; with it, 43 ms. Everything else stays fp32 between the pairs, which keeps the islands of
+the fp16 builds in higher precision and more: LayerNorm/GroupNorm statistics, attention (QK^T, mask bias,
+softmax, AV: activation x activation products are not weight nodes), GELU/SiLU, residual adds, the shortcut
+head's timestep embedding (`KEEP_FP32`), and the MAR head entirely (its posterior needs eps to ~1e-4
+relative, see far_export/export.py; the build keeps that graph fp32). TensorRT takes only symmetric
+(zero-point 0) activations: plans need `ACTIVATIONS = "s8"` (not verified here: no TensorRT on these
+machines).
 
 Calibration: the fp32 graphs sample the checkpoint's classes through the runtime's own loop
 (`runtime.pipeline.Pipeline` over a `RecordingBackend`); the inputs each graph was fed become the
@@ -49,6 +53,7 @@ KEEP_FP32 = ("time_embed",)  # the shortcut head's timestep MLP (an fp16 island:
 ACTIVATIONS = "u8"  # "u8" (ONNX Runtime CPU) or "s8" (symmetric: TensorRT)
 CALIBRATION_IMAGES = 64  # images sampled for calibration (whole engine batches, at least one)
 MAX_FEEDS = 64  # calibration feeds kept per graph, spread over the calls
+MIN_FEEDS = 8  # and at least: more batches when a graph runs once a batch (the VAE, a large encoder variant)
 METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -140,7 +145,7 @@ def quantize_graph(
                 extra_options={
                     "ActivationSymmetric": symmetric,
                     "WeightSymmetric": True,
-                    "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul", "Conv"],  # see the docstring
+                    "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],  # not Conv: see the docstring
                 },
             )
     except Exception as e:  # the quantizer raises many types; name the graph and the first line
@@ -166,11 +171,13 @@ def calibration_feeds(
     images: int = CALIBRATION_IMAGES,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """The inputs the runtime's loop feeds each graph while sampling `images` images of all classes
-    (class i % num_classes, seeds seed, seed + 1, ... per batch) over `backend` (the fp32 graphs);
-    at most MAX_FEEDS per graph, spread evenly over the calls."""
+    (class i % num_classes, seeds seed, seed + 1, ... per batch) over `backend` (the fp32 graphs), or more
+    batches until every graph has had MIN_FEEDS calls (a batch-64 build calibrated its VAE and its largest
+    encoder variant on one call each); at most MAX_FEEDS per graph, spread evenly over the calls."""
     from runtime.pipeline import Pipeline
 
-    batches = max(1, math.ceil(images / manifest.batch))
+    fewest = min(n for n in steps_per_batch.values() if n > 0)
+    batches = max(1, math.ceil(images / manifest.batch), math.ceil(MIN_FEEDS / fewest))
     picked = {g: spread(batches * n, MAX_FEEDS) for g, n in steps_per_batch.items()}
     rec = RecordingBackend(backend, keep=lambda graph, i: i in picked[graph])
     pipe = Pipeline(directory, manifest, rec)

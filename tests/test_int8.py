@@ -73,23 +73,38 @@ def test_int8_build_writes_qdq_graphs_with_per_channel_int8_weights(engines):
         else:
             assert ops["QuantizeLinear"] == 0 and "falls back to fp32" in m.validation["notes"][g]
     assert m.validation["graphs"]["backbone"]["real (held-out)"]["z"]["max"] >= 0
+    assert m.encoder_variants and all(  # the encoder variants are the backbone's graph: the same islands
+        m.graphs[v].fp32_islands == m.graphs["backbone"].fp32_islands for v in m.encoder_variants.values()
+    )
 
 
-def test_weight_products_are_quantized_on_their_inputs_only(engines):
-    """Every activation Q/DQ pair feeds a weight product: none sits on a product's output only for the float
-    ops after it (TensorRT's recommended placement; such a pair cost a Q + DQ pass and split the GELU that
-    ONNX Runtime fuses)."""
+def test_weight_products_carry_qdq_where_onnx_runtime_fuses_them(engines):
+    """MatMul/Gemm: Q/DQ on their inputs only, none on their outputs (TensorRT's recommended placement; such a
+    pair cost a Q + DQ pass and split the GELU that ONNX Runtime fuses). Conv: on its output too, since ONNX
+    Runtime runs a convolution int8 only as DQ -> Conv -> Q (QLinearConv); without the Q it ran fp32 on
+    dequantized weights. Every activation pair feeds a weight product or follows a convolution."""
     _, _, out = engines
+    convs = 0
     for g in ("backbone", "head", "vae_decoder"):
         m = onnx.load(str(out / load_manifest(out).graphs[g].file))
         inits = {t.name for t in m.graph.initializer}
+        producer = {o: n for n in m.graph.node for o in n.output}
         consumers: dict[str, list[str]] = {}
         for n in m.graph.node:
             for i in n.input:
                 consumers.setdefault(i, []).append(n.op_type)
         for n in m.graph.node:
-            if n.op_type == "DequantizeLinear" and n.input[0] not in inits:  # an activation, not a weight
-                assert {"Gemm", "MatMul", "Conv"} & set(consumers[n.output[0]]), (g, n.name)
+            src = producer.get(n.input[0]) if n.input else None
+            if n.op_type == "QuantizeLinear":
+                assert src is None or src.op_type not in ("Gemm", "MatMul"), (g, n.name)
+            elif n.op_type == "DequantizeLinear" and n.input[0] not in inits:  # an activation, not a weight
+                before = producer.get(src.input[0]) if src is not None else None  # what the Q quantized
+                after_conv = before is not None and before.op_type == "Conv"
+                assert after_conv or {"Gemm", "MatMul", "Conv"} & set(consumers[n.output[0]]), (g, n.name)
+            elif n.op_type == "Conv" and src is not None and src.op_type == "DequantizeLinear":
+                assert consumers[n.output[0]] == ["QuantizeLinear"], (g, n.name)
+                convs += 1
+    assert convs > 0  # the VAE decoder's convolutions are quantized
 
 
 def test_a_quantized_graph_that_fails_validation_ships_fp32_with_a_note(engines, tmp_path, monkeypatch):
@@ -149,8 +164,9 @@ def test_sample_runs_an_int8_engine_close_to_the_fp32_engine(engines, tmp_path):
 def test_calibration_records_every_ar_step(engines):
     """The calibration inputs come from every AR step of the loop, not only from each batch's first step
     (a stride that was a multiple of the steps per batch calibrated batch-1 backbones on inputs without a
-    known token: they failed validation on later steps)."""
-    from far_export.quantize import MAX_FEEDS, calibration_feeds, spread
+    known token: they failed validation on later steps), and every graph gets MIN_FEEDS of them even when
+    the images asked for fill one batch (a batch-64 build calibrated its VAE on one call)."""
+    from far_export.quantize import MAX_FEEDS, MIN_FEEDS, calibration_feeds, spread
     from runtime.backends import open_backend
     from runtime.pipeline import steps_per_batch
 
@@ -160,10 +176,13 @@ def test_calibration_records_every_ar_step(engines):
     m = load_manifest(fp32)
     steps = m.model.num_iter
     backend = open_backend("ort", fp32, m, threads=1)
+    calls = steps_per_batch(m, steps, 1)
     try:
-        feeds = calibration_feeds(backend, fp32, m, steps_per_batch(m, steps, 1), 0)
+        feeds = calibration_feeds(backend, fp32, m, calls, 0)
+        one_batch = calibration_feeds(backend, fp32, m, calls, 0, images=m.batch)
     finally:
         backend.close()
+    assert all(len(one_batch[g]) >= MIN_FEEDS for g, n in calls.items() if n > 0)
     backbones = [g for g in feeds if g.startswith("backbone")]  # the full graph and the encoder variants
     assert all(len(feeds[g]) <= MAX_FEEDS for g in backbones)
     known = {int((f["mask"] == 0).sum()) for g in backbones for f in feeds[g]}  # known tokens at that step
