@@ -87,8 +87,8 @@ def cli() -> None:
     type=click.IntRange(min=0, max=16),
     default=3,
     show_default=True,
-    help="Masked backbone: static encoder variants that run on the known tokens only (capacities "
-    "L/4, L/2, 3L/4 for 3; those the schedule uses). 0: the full backbone at every step.",
+    help="Masked backbone: static encoder variants that run on the known tokens only, their capacities "
+    "fitted to the --num-iter schedule (fewest encoder rows). 0: the full backbone at every step.",
 )
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the end-to-end check.")
 @click.option("--no-validate", is_flag=True, help="Skip the per-graph checks against PyTorch.")

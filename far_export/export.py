@@ -33,7 +33,7 @@ from torch import nn
 from far_export.tolerances import TOLERANCES, Tolerance
 from runtime.errors import FarError
 from runtime.manifest import TensorSpec, variant_name
-from runtime.schedule import encoder_capacities, encoder_capacity, masked_schedule, max_tokens_per_step
+from runtime.schedule import encoder_capacities, max_tokens_per_step
 from training.config import FARConfig
 from training.model import FAR, TokenUpdateStep, VAEDecoderStep, backbone_step, head_step
 from training.vae import AutoencoderKL
@@ -86,9 +86,10 @@ _INT8_ISLANDS = {
 
 
 def fp32_islands(graph: str, cfg: FARConfig, precision: str = "fp16") -> tuple[str, ...]:
-    """What runs in fp32 inside the `graph` of a reduced-precision build."""
+    """What runs in fp32 inside `graph` (an encoder variant: as the backbone) of a reduced-precision build."""
     table = _INT8_ISLANDS if precision == "int8" else _ISLANDS
-    return table.get(cfg.head if graph == "head" else graph, ())
+    kind = cfg.head if graph == "head" else "backbone" if graph.startswith("backbone") else graph
+    return table.get(kind, ())
 
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this a graph's weights go to `<file>.data` (protobuf's 2 GB)
@@ -133,8 +134,8 @@ class GraphShapes:
         num_iter: int | None = None,
         encoder_variants: int = ENCODER_VARIANTS,
     ) -> GraphShapes:
-        """Sizes for `batch`; a masked backbone gets up to `encoder_variants` encoder variants
-        (runtime/schedule.py encoder_capacities), those that a step of the num_iter schedule runs: every
+        """Sizes for `batch`; a masked backbone gets up to `encoder_variants` encoder variants fitted to the
+        num_iter schedule (runtime/schedule.py encoder_capacities): each is run by a step of it, so every
         graph of a build is validated and calibrated on the inputs its own loop feeds it."""
         if batch < 1:
             raise ExportError(f"batch must be >= 1, got {batch}")
@@ -145,14 +146,12 @@ class GraphShapes:
             return cls(batch=batch, guided=guided, num_iter=n, max_query=1)
         if not 1 <= n <= cfg.seq_len:
             raise ExportError(f"num_iter must be in [1, seq_len={cfg.seq_len}], got {n}")
-        caps = encoder_capacities(cfg.seq_len, encoder_variants)
-        used = {encoder_capacity(step, cfg.seq_len, caps) for step in masked_schedule(cfg.seq_len, n)}
         return cls(
             batch=batch,
             guided=guided,
             num_iter=n,
             max_query=max_tokens_per_step(cfg.seq_len, n),
-            encoder_capacities=tuple(c for c in caps if c in used),
+            encoder_capacities=encoder_capacities(cfg.seq_len, encoder_variants, n),
         )
 
     @property

@@ -158,11 +158,41 @@ def known_positions(order: np.ndarray, step: ARStep) -> np.ndarray:
     return np.sort(order[step.unknown_before :])
 
 
-def encoder_capacities(seq_len: int, variants: int) -> tuple[int, ...]:
-    """Known-token capacities of the masked backbone's encoder variants: ceil(i * L / (variants + 1)) for
-    i = 1..variants (L/4, L/2, 3L/4 for 3), deduplicated, ascending, each below L."""
-    caps = {-(-i * seq_len // (variants + 1)) for i in range(1, variants + 1)}
-    return tuple(sorted(c for c in caps if 1 <= c < seq_len))
+def encoder_capacities(seq_len: int, variants: int, num_iter: int) -> tuple[int, ...]:
+    """Known-token capacities of the masked backbone's encoder variants, fitted to the num_iter schedule: at
+    most `variants` of its steps' known counts (at least 1), chosen so that the rows the encoder runs over the
+    whole schedule are fewest, a step running the smallest capacity that holds its known tokens and the full
+    backbone (seq_len rows) past the largest. Ascending; each is a step's known count, so each is used.
+
+    An exact dynamic programme over the distinct counts (at most num_iter): rows[v][j] is the fewest
+    encoder rows of the steps with the j smallest counts when v capacities hold them, the largest at the
+    j-th count."""
+    known = [max(1, seq_len - step.unknown_before) for step in masked_schedule(seq_len, num_iter)]
+    counts = sorted({k for k in known if k < seq_len})  # below L: an unknown token is left to pad with
+    # held[j]: how many steps know at most the j-th smallest count (held[0] = 0)
+    held = [0, *np.searchsorted(sorted(known), counts, side="right").tolist()]
+    m, inf = len(counts), float("inf")
+    rows = [[0.0] + [inf] * m] + [[inf] * (m + 1) for _ in range(variants)]
+    prev = [[0] * (m + 1) for _ in range(variants + 1)]
+    for v in range(1, variants + 1):
+        for j in range(1, m + 1):
+            for i in range(j):  # the capacity below holds the steps up to the i-th count, this one the rest
+                r = rows[v - 1][i] + counts[j - 1] * (held[j] - held[i])
+                if r < rows[v][j]:
+                    rows[v][j], prev[v][j] = r, i
+
+    def total(v: int, j: int) -> tuple[float, int]:  # the steps past the largest capacity run L rows
+        return rows[v][j] + seq_len * (len(known) - held[j]), v
+
+    v, j = min(
+        ((v, j) for v in range(variants + 1) for j in range(m + 1) if rows[v][j] < inf),
+        key=lambda vj: total(*vj),
+    )
+    caps = []
+    while v > 0:
+        caps.append(counts[j - 1])
+        v, j = v - 1, prev[v][j]
+    return tuple(sorted(caps))
 
 
 def encoder_capacity(step: ARStep, seq_len: int, capacities: tuple[int, ...]) -> int | None:

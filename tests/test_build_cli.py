@@ -39,7 +39,7 @@ def test_build_writes_a_valid_manifest(built):
     ckpt, out, output = built
     cfg = FARConfig.load(ckpt / "config.json")
     m = load_manifest(out)  # verifies every graph's sha256
-    variants = {"backbone_k16": 16, "backbone_k32": 32, "backbone_k48": 48}  # L = 64: L/4, L/2, 3L/4
+    variants = {"backbone_k5": 5, "backbone_k19": 19, "backbone_k40": 40}  # L = 64, 4 steps: fitted
     assert set(m.graphs) == {*GRAPHS, *variants} and m.precision == "fp32" and m.batch == 2 and m.cfg_guidance
     assert {c: n for n, c in variants.items()} == m.encoder_variants
     assert m.model.max_query == max_tokens_per_step(cfg.seq_len, cfg.num_iter)
@@ -68,8 +68,8 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
     assert res.exit_code == 0, res.output
     for word in (
         "backbone.onnx",
-        "backbone_k16: backbone_k16.onnx (encoder on <= 16 known tokens",
-        "known int64[2,16]",
+        "backbone_k5: backbone_k5.onnx (encoder on <= 5 known tokens",
+        "known int64[2,5]",
         "query int64[2,",
         "x_next float32",
         "image float32[2,3,16,16]",
@@ -79,7 +79,7 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
         assert word in res.output
     res = _invoke("inspect", out, "--json")
     assert json.loads(res.output)["graphs"]["head"]["file"] == "head.onnx"
-    assert json.loads(res.output)["graphs"]["backbone_k48"]["known_capacity"] == 48
+    assert json.loads(res.output)["graphs"]["backbone_k40"]["known_capacity"] == 40
 
 
 def _one_line_error(res, *words: str) -> None:

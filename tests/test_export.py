@@ -55,17 +55,18 @@ def test_graph_specs_follow_the_io_contract():
         "query": ((3, Q), "int64"),
         "z": ((2 * 3 * Q, D), "float32"),
     }
-    # encoder variants: the backbone's I/O plus the known positions; L = 64 -> 16, 32, 48 slots (all used)
-    assert shapes.encoder_capacities == (16, 32, 48)
-    for c in (16, 32, 48):
+    # encoder variants: the backbone's I/O plus the known positions; L = 64 in 4 steps knowing 0, 5, 19 and 40
+    # tokens -> 3 variants of 5, 19 and 40 slots (the first step runs the 5-slot one on pads)
+    assert shapes.encoder_capacities == (5, 19, 40)
+    for c in shapes.encoder_capacities:
         assert _shape(specs, f"backbone_k{c}") == {**_shape(specs, "backbone"), "known": ((3, c), "int64")}
         assert (
             specs[f"backbone_k{c}"].known_capacity == c
             and specs[f"backbone_k{c}"].file == f"backbone_k{c}.onnx"
         )
     assert GraphShapes.for_config(cfg, 3, True, encoder_variants=0).encoder_capacities == ()
-    # 2 AR steps know 0 and 19 tokens: the 48-slot variant would never run, so it is not exported
-    assert GraphShapes.for_config(cfg, 3, True, num_iter=2).encoder_capacities == (16, 32)
+    # 2 AR steps know 0 and 19 tokens: a variant each, fitted to them
+    assert GraphShapes.for_config(cfg, 3, True, num_iter=2).encoder_capacities == (1, 19)
     assert [t.name for t in specs["head"].inputs] == ["x", "t", "d", "z", "cfg"]
     assert _shape(specs, "vae_decoder")["image"] == ((3, 3, cfg.img_size, cfg.img_size), "float32")
 
@@ -219,7 +220,7 @@ def test_far_b_preset_exports_and_validates(tmp_path):
     res = json.loads(out.read_text())
     assert res["params_million"] == pytest.approx(207.9, abs=0.1)
     assert res["end_to_end_image_max"] < 1e-3
-    variants = {"backbone_k64", "backbone_k128", "backbone_k192"}  # L = 256: L/4, L/2, 3L/4
+    variants = {"backbone_k20", "backbone_k75", "backbone_k159"}  # L = 256, 4 steps: one per known count
     assert set(res["validation"]) == {"backbone", *variants, "head", "update", "vae_decoder"}
 
 

@@ -92,11 +92,11 @@ def test_calls_bound_once_per_plan_and_timed(engines):
     pipe.generate([1], seed=1, head_steps=4)
     assert backend.binds == binds
     steps = pipe.model.num_iter
-    # tiny: L = 64, 4 steps know 0, 5, 19, 40 tokens -> encoder variants of 16, 16, 32 and 48 slots
+    # tiny: L = 64, 4 steps know 0, 5, 19, 40 tokens -> encoder variants of 5, 5, 19 and 40 slots
     assert backend.counts == {
-        "backbone_k16": 2 * 2,
-        "backbone_k32": 2,
-        "backbone_k48": 2,
+        "backbone_k5": 2 * 2,
+        "backbone_k19": 2,
+        "backbone_k40": 2,
         "head": 2 * 4 * steps,
         "update": 2 * steps,
         "vae_decoder": 2,
@@ -122,7 +122,7 @@ def test_nothing_crosses_to_the_host_between_ar_steps(tmp_path_factory, backbone
     pipe.generate([0, 1, 2], head_steps=s.head_steps)  # two batches of 2
     if backbone == "masked":
         backbones = [backbone_graph(manifest, step) for step in masked_schedule(64, pipe.model.num_iter)]
-        assert backbones == ["backbone_k16", "backbone_k16", "backbone_k32", "backbone_k48"]
+        assert backbones == ["backbone_k5", "backbone_k5", "backbone_k19", "backbone_k40"]
     else:
         backbones = ["backbone"] * pipe.model.seq_len
     steps = [[f"run {b}", *["run head"] * s.head_steps, "run update"] for b in backbones]
@@ -276,20 +276,20 @@ def test_manifest_missing_fields(copy):
 
 
 def _rename_variant(d):
-    d["graphs"]["backbone_k20"] = d["graphs"].pop("backbone_k16")
+    d["graphs"]["backbone_k20"] = d["graphs"].pop("backbone_k5")
 
 
 def _variant_input(d):
-    d["graphs"]["backbone_k16"]["inputs"][-1]["shape"] = [2, 17]
+    d["graphs"]["backbone_k5"]["inputs"][-1]["shape"] = [2, 6]
 
 
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda d: d["graphs"]["backbone_k16"].update(known_capacity=15), "known_capacity 15 is not"),
-        (lambda d: d["graphs"]["backbone_k16"].update(known_capacity="16"), "known_capacity must be an"),
+        (lambda d: d["graphs"]["backbone_k5"].update(known_capacity=4), "known_capacity 4 is not"),
+        (lambda d: d["graphs"]["backbone_k5"].update(known_capacity="5"), "known_capacity must be an"),
         (lambda d: d["graphs"]["head"].update(known_capacity=4), "head.known_capacity must be 0"),
-        (_rename_variant, "known_capacity 16 is not the name's 20"),
+        (_rename_variant, "known_capacity 5 is not the name's 20"),
         (_variant_input, "inputs are not the backbone's"),
         (lambda d: d["graphs"].update(backbone_k8x=d["graphs"]["head"]), "unknown graph 'backbone_k8x'"),
         (lambda d: d["model"].update(backbone="causal"), "causal backbone has no encoder variants"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -140,16 +141,34 @@ def test_image_rng_contract() -> None:
     )
 
 
+def _encoder_rows(L: int, num_iter: int, caps: tuple[int, ...]) -> int:
+    """Known-token rows the encoder runs over a schedule: each step's capacity, L where the full backbone
+    runs."""
+    return sum(encoder_capacity(s, L, caps) or L for s in masked_schedule(L, num_iter))
+
+
 def test_encoder_capacities_and_the_variant_each_step_runs():
-    """Protects the variant choice: L/4, L/2, 3L/4 (rounded up, deduplicated, below L); a step runs the
-    smallest that holds its known tokens (L - unknown_before), the full backbone past the largest."""
-    assert encoder_capacities(256, 3) == (64, 128, 192)
-    assert encoder_capacities(16, 3) == (4, 8, 12) and encoder_capacities(3, 3) == (1, 2)
-    assert encoder_capacities(16, 0) == () and encoder_capacities(16, 1) == (8,)
+    """Protects the variant choice: at most N capacities, each a step's known count, with the fewest encoder
+    rows over the schedule of any such choice (brute force); a step runs the smallest capacity that holds
+    its known tokens (L - unknown_before), the full backbone past the largest."""
+    assert encoder_capacities(256, 3, 16) == (31, 94, 182)  # MAR-B's 16 steps: 1802 rows, L/4 L/2 3L/4 1984
+    assert _encoder_rows(256, 16, (31, 94, 182)) == 1802 and _encoder_rows(256, 16, (64, 128, 192)) == 1984
+    assert encoder_capacities(16, 0, 8) == () and encoder_capacities(1, 3, 1) == ()  # L = 1: no pad
+    for L, num_iter, n in [(16, 8, 1), (16, 8, 3), (64, 16, 3), (64, 16, 5), (50, 7, 2), (3, 3, 3)]:
+        caps = encoder_capacities(L, n, num_iter)
+        known = {max(1, L - s.unknown_before) for s in masked_schedule(L, num_iter)} - {L}
+        assert len(caps) <= n and set(caps) <= known and caps == tuple(sorted(caps))
+        best = min(
+            _encoder_rows(L, num_iter, c)
+            for k in range(n + 1)
+            for c in itertools.combinations(sorted(known), k)
+        )
+        assert _encoder_rows(L, num_iter, caps) == best, (L, num_iter, n)
     steps = masked_schedule(16, 8)
     known = [16 - s.unknown_before for s in steps]
     assert known == [0, 1, 2, 3, 5, 8, 10, 13]
-    assert [encoder_capacity(s, 16, (4, 8, 12)) for s in steps] == [4, 4, 4, 4, 8, 8, 12, None]
+    assert encoder_capacities(16, 3, 8) == (2, 5, 10)
+    assert [encoder_capacity(s, 16, (2, 5, 10)) for s in steps] == [2, 2, 2, 5, 5, 10, 10, None]
     order = np.random.Generator(np.random.PCG64(0)).permutation(16)
     for s in steps:  # the known positions are the reveal order's tail, disjoint from what the step predicts
         have = known_positions(order, s)
