@@ -241,7 +241,8 @@ def test_reduced_precision_keeps_the_mar_head_network_fp32(precision):
 
 def test_onnx_runtime_fuses_the_backbone_gelu(tmp_path):
     """The MLP's GELU reaches ONNX Runtime in a form its GeluFusion matches: one Gelu per block, no Erf.
-    fp32 only: ORT's CPU provider fuses float GELU, not fp16 (which it runs cast to fp32 anyway)."""
+    fp32 only: ORT's CPU provider fuses float GELU, not fp16 (which it runs cast to fp32 anyway). And
+    attention's q, k and v are three products: no Split of a fused qkv (a copy per block)."""
     precision = "fp32"
     import onnxruntime as ort
 
@@ -257,6 +258,7 @@ def test_onnx_runtime_fuses_the_backbone_gelu(tmp_path):
     ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
     blocks = model.cfg.enc_depth + model.cfg.dec_depth
     assert ops.count("Gelu") == blocks and "Erf" not in ops, sorted(set(ops))
+    assert "Split" not in ops, sorted(set(ops))
 
 
 def test_bad_encoder_variants_raise_typed_errors():

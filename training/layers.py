@@ -41,11 +41,12 @@ class GELU(nn.GELU):
     fused Gelu runs. TensorRT fuses either form. Eager PyTorch keeps its one-kernel F.gelu."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _exporting():
+        if exporting():
             return x * (1.0 + torch.erf(x / math.sqrt(2.0))) * 0.5
         return F.gelu(x)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
+    """True while torch.onnx.export traces: a layer may then write the form the graph runtimes fuse."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
     return bool(is_exporting and is_exporting())
