@@ -53,7 +53,6 @@ KEEP_FP32 = ("time_embed",)  # the shortcut head's timestep MLP (an fp16 island:
 ACTIVATIONS = "u8"  # "u8" (ONNX Runtime CPU) or "s8" (symmetric: TensorRT)
 CALIBRATION_IMAGES = 64  # images sampled for calibration (whole engine batches, at least one)
 MAX_FEEDS = 64  # calibration feeds kept per graph, spread over the calls
-MIN_FEEDS = 8  # and at least: more batches when a graph runs once a batch (the VAE, a large encoder variant)
 METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -171,13 +170,14 @@ def calibration_feeds(
     images: int = CALIBRATION_IMAGES,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """The inputs the runtime's loop feeds each graph while sampling `images` images of all classes
-    (class i % num_classes, seeds seed, seed + 1, ... per batch) over `backend` (the fp32 graphs), or more
-    batches until every graph has had MIN_FEEDS calls (a batch-64 build calibrated its VAE and its largest
-    encoder variant on one call each); at most MAX_FEEDS per graph, spread evenly over the calls."""
+    (class i % num_classes, seeds seed, seed + 1, ... per batch) over `backend` (the fp32 graphs); at most
+    MAX_FEEDS per graph, spread evenly over the calls. The amount is counted in images, not calls: a graph
+    that runs once a batch (the VAE) is calibrated on one call of a batch-64 build, which holds the same 64
+    images as 64 calls of a batch-1 build. (Calibrating a batch-64 build on 8 batches instead, 512 images,
+    widened the MinMax ranges: class accuracy of far-mnist's int8 engine 92.3% against 93.4%.)"""
     from runtime.pipeline import Pipeline
 
-    fewest = min(n for n in steps_per_batch.values() if n > 0)
-    batches = max(1, math.ceil(images / manifest.batch), math.ceil(MIN_FEEDS / fewest))
+    batches = max(1, math.ceil(images / manifest.batch))
     picked = {g: spread(batches * n, MAX_FEEDS) for g, n in steps_per_batch.items()}
     rec = RecordingBackend(backend, keep=lambda graph, i: i in picked[graph])
     pipe = Pipeline(directory, manifest, rec)
