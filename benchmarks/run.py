@@ -326,18 +326,18 @@ PRECISIONS = ("fp32", "fp16", "int8")
 QUALITY_BATCH, QUALITY_PER_CLASS, QUALITY_K = 64, 100, 4  # the engines the quality columns score
 
 
-def engine_quality(ckpt: Path, precision: str, run: bool) -> dict:
+def engine_quality(ckpt: Path, precision: str, score: bool) -> dict:
     """The row of `training/evaluate.py` on the batch-64 `precision` engine directory (its own samples: 1,000
-    images, K = 4), kept in benchmarks/results/eval-NAME-PRECISION-engine.json. With `run` the evaluation runs
-    when that file is missing or older than the engine directory, so the columns score the engines this run
-    times; without it (--quick) the file is read as it is (empty row when it is missing)."""
+    images, K = 4), kept in benchmarks/results/eval-NAME-PRECISION-engine.json. With `score` the evaluation
+    runs when that file is missing or older than the engine directory, so the columns score the engines this
+    run times; without it (--quick) the file is read as it is (empty row when it is missing)."""
     from dataclasses import asdict, replace
 
     from runtime.files import write_atomic
     from training.evaluate import evaluate
 
     f = RESULTS / f"eval-{ckpt.name}-{precision}-engine.json"
-    if run:
+    if score:
         engine = engine_dir(ckpt, precision, QUALITY_BATCH)
         if not f.is_file() or f.stat().st_mtime < (engine / "manifest.json").stat().st_mtime:
             print(f"    evaluating the samples of {engine.name}", flush=True)
@@ -361,7 +361,7 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def precision(batches: list[int], reps: int, evaluate: bool) -> tuple[str, list[dict]]:
+def precision(batches: list[int], reps: int, score: bool) -> tuple[str, list[dict]]:
     """fp32 / fp16 / int8 engines of FAR side by side per batch (interleaved, medians): ms per image,
     speed-up over fp32, pixel difference from the fp32 engine's images, and quality of the engines'
     samples."""
@@ -380,7 +380,7 @@ def precision(batches: list[int], reps: int, evaluate: bool) -> tuple[str, list[
         )
         for p in PRECISIONS:
             diff = np.abs(imgs[p] - imgs["fp32"])
-            q = engine_quality(ckpt, p, evaluate)
+            q = engine_quality(ckpt, p, score)
             results.append(
                 {
                     "batch": batch,
