@@ -569,10 +569,8 @@ def _end_to_end(
     labels = [i % cfg.num_classes for i in range(n)]
     s = SamplingSettings.resolve(cfg, seed=opts.seed, num_iter=shapes.num_iter)
     s = dataclasses.replace(s, cfg=cfg.cfg if shapes.guided else 1.0)
-    checked = {
-        g: spread(n, REAL_CHECK_CALLS)
-        for g, n in steps_per_batch(manifest, shapes.num_iter, s.head_steps).items()
-    }
+    calls = steps_per_batch(manifest, shapes.num_iter, s.head_steps)  # per graph, in one batch
+    checked = {g: spread(k, REAL_CHECK_CALLS) for g, k in calls.items()}
     backend = RecordingBackend(
         SessionBackend(tmp, as_run_on_cpu(manifest, upcast), sessions),
         keep=lambda graph, i: i in checked[graph],

@@ -32,7 +32,7 @@ from torch import nn
 
 from far_export.tolerances import TOLERANCES, Tolerance
 from runtime.errors import FarError
-from runtime.manifest import TensorSpec, variant_name
+from runtime.manifest import TensorSpec, is_variant, variant_name
 from runtime.schedule import encoder_capacities, max_tokens_per_step
 from training.config import FARConfig
 from training.model import FAR, TokenUpdateStep, VAEDecoderStep, backbone_step, head_step
@@ -88,7 +88,7 @@ _INT8_ISLANDS = {
 def fp32_islands(graph: str, cfg: FARConfig, precision: str = "fp16") -> tuple[str, ...]:
     """What runs in fp32 inside `graph` (an encoder variant: as the backbone) of a reduced-precision build."""
     table = _INT8_ISLANDS if precision == "int8" else _ISLANDS
-    kind = cfg.head if graph == "head" else "backbone" if graph.startswith("backbone") else graph
+    kind = cfg.head if graph == "head" else "backbone" if is_variant(graph) else graph
     return table.get(kind, ())
 
 
