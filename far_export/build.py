@@ -474,6 +474,16 @@ def with_backbone_feeds(
     return {**calls, "backbone": feeds} if feeds else calls
 
 
+def tensorrt_present() -> bool:
+    from far_export.tensorrt import TensorRTUnavailable, detect_device
+
+    try:
+        detect_device()
+    except TensorRTUnavailable:
+        return False
+    return True
+
+
 def _quantize(
     tmp: Path,
     fp32_dir: Path,
@@ -508,12 +518,15 @@ def _quantize(
         )
         held = {g: [f[0], f[len(f) // 2], f[-1]] for g, f in with_backbone_feeds(held).items()}
     fp32_dir.mkdir()
+    # TensorRT takes symmetric int8 only: where plans will be built, activations are s8 (zero point 0);
+    # elsewhere u8, ONNX Runtime's faster x86 kernels (far_export/quantize.py)
+    activations = "s8" if (opts.engines or opts.require_engines) and tensorrt_present() else "u8"
     for name, io_ in specs.items():
         if graph_precision[name] != "int8":
             continue
         with stage(log, f"int8: quantize {io_.file}") as st:
             shutil.copyfile(tmp / io_.file, fp32_dir / io_.file)
-            q = quantize_graph(fp32_dir / io_.file, tmp / io_.file, calib[name])
+            q = quantize_graph(fp32_dir / io_.file, tmp / io_.file, calib[name], activations=activations)
             kept = f", kept fp32: {', '.join(q.kept_fp32)}" if q.kept_fp32 else ""
             st["note"] = f"{q.quantized} weight nodes int8 on {len(calib[name])} recorded inputs{kept}"
     return held

@@ -89,26 +89,6 @@ def known_slots(
     return known, mask
 
 
-def engine_feed(io_: GraphLike, feed: dict[str, np.ndarray]) -> dict[str, Any]:
-    """`feed` (from example_inputs) for a TensorRT plan: a bf16 input (the causal KV cache of a bf16 build)
-    must be fed as bf16, which numpy cannot hold, so it becomes a torch.bfloat16 tensor (exact: the values
-    are bf16 already); the other inputs stay numpy. Without torch: ValueError naming the fix."""
-    bf16 = [t.name for t in io_.inputs if t.dtype == "bfloat16"]
-    if not bf16:
-        return feed
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(
-            f"validating a plan with the bf16 input {bf16[0]!r} needs torch (numpy has no bfloat16); "
-            "install torch or compile with --no-validate"
-        ) from None
-    return {
-        k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) if k in bf16 else v
-        for k, v in feed.items()
-    }
-
-
 def _as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":  # numpy has no bfloat16: keep float32 values that are exactly bf16
         return to_bf16_values(a.astype(np.float32))

@@ -21,8 +21,8 @@ the fp16 builds in higher precision and more: LayerNorm/GroupNorm statistics, at
 softmax, AV: activation x activation products are not weight nodes), GELU/SiLU, residual adds, the shortcut
 head's timestep embedding (`KEEP_FP32`), and the MAR head entirely (its posterior needs eps to ~1e-4
 relative, see far_export/export.py; the build keeps that graph fp32). TensorRT takes only symmetric
-(zero-point 0) activations: plans need `ACTIVATIONS = "s8"` (not verified here: no TensorRT on these
-machines).
+(zero-point 0) activations: a build where TensorRT is present quantizes them "s8"
+(far_export/build.py), and `far-export compile` refuses a u8 directory in one line.
 
 Weights take 7 bits with u8 activations (`reduce_range`): on x86 CPUs without VNNI (AVX2, AVX-512F) ONNX
 Runtime's u8 x s8 kernels multiply with VPMADDUBSW, whose int16 sum of two products saturates; the
@@ -98,9 +98,14 @@ def _quiet() -> Iterator[None]:
 
 
 def quantize_graph(
-    src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax"
+    src: Path,
+    dst: Path,
+    feeds: list[dict[str, np.ndarray]],
+    method: str = "minmax",
+    activations: str = ACTIVATIONS,
 ) -> Quantized:
-    """Write the QDQ int8 form of the fp32 graph `src` to `dst`, activations calibrated on `feeds`."""
+    """Write the QDQ int8 form of the fp32 graph `src` to `dst`, activations calibrated on `feeds`:
+    "u8" (asymmetric, ONNX Runtime on x86) or "s8" (symmetric, what TensorRT takes)."""
     import tempfile
 
     import onnx
@@ -136,7 +141,7 @@ def quantize_graph(
             pre = Path(work) / "pre.onnx"
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             take, keep = weight_nodes(onnx.load(str(pre), load_external_data=False))
-            symmetric = ACTIVATIONS == "s8"
+            symmetric = activations == "s8"
             quantize_static(
                 str(pre),
                 str(dst),

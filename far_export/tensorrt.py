@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from far_export.tolerances import PLAN_TOLERANCES, describe_error, error_stats, within
 from runtime.device import DeviceError, DeviceInfo, describe, import_tensorrt, probe
 from runtime.errors import FarError
@@ -163,62 +165,68 @@ def plan_validation_missing() -> str | None:
     """What plan validation needs and is not installed here (None: all there)."""
     import importlib.util
 
-    missing = [m for m in ("polygraphy", "onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
     return ", ".join(missing) or None
 
 
 def validate_plan(
     onnx_path: Path, plan_path: Path, graph: str, spec: GraphSpec, model: ModelInfo, count: int = 2
 ) -> dict[str, Any]:
-    """Run the plan (TensorRT) and the graph (ONNX Runtime on CPU; bf16 graphs upcast to fp32) on the same
-    valid random inputs with polygraphy's runners; EngineBuildError when an output differs beyond the
-    precision's PLAN_TOLERANCES (far_export/tolerances.py, the scheme every comparison uses)."""
+    """Run the plan (TensorRT, through runtime/trt.py's run_plan: the backend's own CUDA calls, no
+    polygraphy, whose CUDA wrapper does not find pip's libcudart) and the graph (ONNX Runtime on CPU; bf16
+    graphs upcast to fp32) on the same valid random inputs; EngineBuildError when an output differs beyond
+    the precision's PLAN_TOLERANCES (far_export/tolerances.py, the scheme every comparison uses)."""
     import numpy as np
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    import onnxruntime as ort
 
-    from far_export.feeds import engine_feed, example_inputs, upcast_bf16
+    from far_export.feeds import example_inputs, upcast_bf16
+    from runtime.backends import BackendError
+    from runtime.trt import run_plan
 
     tol = PLAN_TOLERANCES[spec.precision]
     source = upcast_bf16(onnx_path) if spec.precision == "bf16" else str(onnx_path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     rng = np.random.Generator(np.random.PCG64(1234))
-    feeds = [example_inputs(model, spec, rng) for _ in range(count)]  # bf16 inputs: bf16-exact float32
+    plan = plan_path.read_bytes()
     worst: dict[str, float] = {}
-    with (
-        OnnxrtRunner(SessionFromOnnx(source, providers=["CPUExecutionProvider"])) as ort_runner,
-        TrtRunner(EngineFromBytes(plan_path.read_bytes())) as trt_runner,
-    ):
-        for feed in feeds:
-            ref = ort_runner.infer(feed)
-            try:
-                trt_feed = engine_feed(spec, feed)  # bf16 inputs as bf16 tensors
-            except ValueError as e:
-                raise EngineBuildError(f"{graph}: {e}") from None
-            got = trt_runner.infer(trt_feed)
-            for t in spec.outputs:
-                stats = error_stats(_float32(got[t.name]), np.asarray(ref[t.name], dtype=np.float32))
-                if not within(stats, tol):
-                    raise EngineBuildError(
-                        f"the TensorRT plan of the {graph} graph differs from ONNX Runtime in "
-                        f"{t.name}: {describe_error(stats, tol)}"
-                    )
-                worst[t.name] = max(worst.get(t.name, 0.0), stats["max"] / stats["scale"])
+    for _ in range(count):
+        feed = example_inputs(model, spec, rng)  # bf16 inputs: bf16-exact float32
+        ref = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+        try:
+            got = run_plan(plan, feed)
+        except (BackendError, DeviceError) as e:
+            raise EngineBuildError(f"running the TensorRT plan of the {graph} graph failed: {e}") from None
+        for t in spec.outputs:
+            stats = error_stats(np.asarray(got[t.name], np.float32), np.asarray(ref[t.name], np.float32))
+            if not within(stats, tol):
+                raise EngineBuildError(
+                    f"the TensorRT plan of the {graph} graph differs from ONNX Runtime in "
+                    f"{t.name}: {describe_error(stats, tol)}"
+                )
+            worst[t.name] = max(worst.get(t.name, 0.0), stats["max"] / stats["scale"])
     return {
         "tolerance": asdict(tol),
         "inputs": count,
         "passed": True,
         "max_rel_error": worst,
-        "compared_with": "onnxruntime CPU (polygraphy runners)",
+        "compared_with": "onnxruntime CPU",
     }
 
 
-def _float32(a: Any) -> Any:
-    """A runner's output as float32 numpy (polygraphy returns torch tensors when it was fed torch tensors)."""
-    import numpy as np
+def asymmetric_int8(path: Path) -> bool:
+    """Whether a QDQ graph quantizes activations to uint8 (a zero point that is not int8 0): TensorRT
+    takes symmetric int8 only (Developer Guide, "Working with Quantized Types": zero point must be 0)."""
+    import onnx
+    from onnx import numpy_helper
 
-    if hasattr(a, "detach"):
-        a = a.detach().float().cpu().numpy()
-    return np.asarray(a, dtype=np.float32)
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
+            zp = numpy_helper.to_array(inits[n.input[2]])
+            if zp.dtype != np.int8 or zp.any():
+                return True
+    return False
 
 
 def compile_engines(
@@ -236,6 +244,18 @@ def compile_engines(
 
     settings = settings or EngineSettings()
     directory = Path(directory)
+    if manifest.precision == "int8":
+        u8 = [
+            g
+            for g, spec in manifest.graphs.items()
+            if spec.precision == "int8" and asymmetric_int8(directory / spec.file)
+        ]
+        if u8:
+            raise EngineBuildError(
+                f"the int8 graph {u8[0]!r} has uint8 (asymmetric) activations, which TensorRT cannot build: "
+                "rebuild the directory on this machine with far-export build --precision int8 (TensorRT "
+                "present: symmetric int8), or use --precision fp16"
+            )
     device = detect_device()
     log(f"device: {describe(device)}")
     if validate:
@@ -243,7 +263,7 @@ def compile_engines(
         if missing:
             log(
                 f"plan validation skipped: {missing} not installed here "
-                "(pip install polygraphy onnx onnxruntime, or onnxruntime-gpu; "
+                "(pip install onnx onnxruntime, or onnxruntime-gpu; "
                 "on Jetson from its wheel index)"
             )
             validate = False

@@ -46,6 +46,7 @@ def host_dtype(dtype: str | np.dtype) -> np.dtype:
 
 
 ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+ROW_ALIGN = 256  # TensorRT's setTensorAddress: "at least 256-byte alignment" (NvInferRuntime.h)
 
 
 class BackendError(FarError, RuntimeError):
@@ -98,6 +99,11 @@ class Backend(ABC):
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         """A zeroed host buffer that this backend can bind (TensorRT: pinned memory)."""
         return np.zeros(tuple(shape), dtype=host_dtype(dtype))
+
+    def rows(self, n: int, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        """A zeroed (n, *shape) table whose rows are bound one by one. A device backend starts each row at an
+        address its graphs accept (TensorRT: 256-byte aligned), so the table need not be contiguous."""
+        return self.empty((n, *shape), dtype)
 
     def upload(self, arrays: Sequence[np.ndarray]) -> None:  # noqa: B027 - optional hook
         """Make the graphs see what the host wrote into these buffers (from `empty`). A no-op where the graphs
@@ -191,15 +197,26 @@ class OrtDeviceMemory:
         self._buffers.append((int(mirror.ctypes.data), mirror, value))
         return mirror
 
+    def rows(self, n: int, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        """Backend.rows: rows ROW_ALIGN bytes apart in one buffer (the TensorRT EP takes device addresses
+        under TensorRT's rule, 256-byte aligned; ONNX Runtime's CUDA allocations are)."""
+        dtype = np.dtype(dtype)
+        stride = -(-max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1) // ROW_ALIGN) * ROW_ALIGN
+        flat = self.empty((n * stride,), np.uint8)
+        inner = np.empty(tuple(shape), dtype).strides
+        return np.lib.stride_tricks.as_strided(flat.view(dtype), (n, *shape), (stride, *inner))
+
     def _find(self, a: np.ndarray) -> tuple[np.ndarray, Any, int]:
         ptr = int(a.ctypes.data)
         for host, mirror, value in self._buffers:
-            if host <= ptr and ptr + a.nbytes <= host + mirror.nbytes and a.flags.c_contiguous:
+            if host <= ptr < host + max(mirror.nbytes, 1):
                 return mirror, value, ptr - host
-        raise BackendError("a buffer bound to a device graph must be (a contiguous view of) one from empty()")
+        raise BackendError("a buffer bound to a device graph must be (a view of) one from empty() or rows()")
 
     def address(self, a: np.ndarray) -> int:
-        _, value, offset = self._find(a)
+        mirror, value, offset = self._find(a)
+        if not a.flags.c_contiguous or offset + a.nbytes > mirror.nbytes:
+            raise BackendError("a buffer bound to a device graph must be contiguous")
         return int(value.data_ptr()) + offset
 
     def upload(self, arrays: Sequence[np.ndarray]) -> None:
@@ -355,6 +372,9 @@ class OrtBackend(Backend):
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.memory.empty(shape, dtype) if self.memory else super().empty(shape, dtype)
 
+    def rows(self, n: int, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        return self.memory.rows(n, shape, dtype) if self.memory else super().rows(n, shape, dtype)
+
     def upload(self, arrays: Sequence[np.ndarray]) -> None:
         if self.memory:
             self.memory.upload(arrays)
@@ -424,6 +444,9 @@ class RecordingBackend(Backend):
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.inner.empty(shape, dtype)
 
+    def rows(self, n: int, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
+        return self.inner.rows(n, shape, dtype)
+
     def upload(self, arrays: Sequence[np.ndarray]) -> None:
         self.events.append("upload")
         self.inner.upload(arrays)
@@ -485,6 +508,10 @@ def open_backend(
     that sleep instead of busy-waiting (`spin=True` lets them spin: a few percent faster on an idle
     machine, several times slower on a loaded one, where spinning threads fight for the cores)."""
     directory = Path(directory)
+    if cuda_graph and kind != "trt":
+        raise BackendError(
+            "CUDA graphs (--cuda-graph) need the TensorRT backend: add --backend trt, or drop it"
+        )
     if kind == "ort":
         return OrtBackend(directory, manifest, providers, threads, spin)
     if kind == "trt":

@@ -29,6 +29,11 @@ _HINTS = {
 }
 
 
+# Strongly typed networks, DataType.BF16/INT64, ExecutionContextAllocationStrategy: TensorRT 10 (JetPack 6.1
+# ships 10.3; JetPack 6.0 ships 8.6, which has none of them).
+MIN_TENSORRT = (10, 3)
+
+
 class DeviceError(FarError, RuntimeError):
     """TensorRT, the CUDA bindings or a usable GPU is missing (one line, with the CUDA error name)."""
 
@@ -69,6 +74,12 @@ def import_tensorrt() -> Any:
         raise DeviceError(f"tensorrt cannot be imported ({type(e).__name__}: {first})") from None
     if not hasattr(trt, "Runtime"):
         raise DeviceError("the installed tensorrt package is a stub without its libraries")
+    version = str(getattr(trt, "__version__", "0"))
+    if int(version.split(".")[0] or 0) < MIN_TENSORRT[0]:
+        raise DeviceError(
+            f"TensorRT {version} is too old: far-export needs TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} "
+            "(strongly typed networks; JetPack >= 6.1 on Jetson, pip install 'far-export[gpu]' elsewhere)"
+        )
     return trt
 
 

@@ -165,6 +165,7 @@ class Pipeline:
         vae = backend.graph("vae_decoder")
         self._vae_calls = [vae.bind({"tokens": t}, {"image": self.image}) for t in self._tokens]
         self._plans: dict[tuple[int, int], _Plan] = {}
+        self._closed = False
         self.timings = Timings()
         self._plan(self.settings())  # bind everything once, so a mismatched graph fails at load time
 
@@ -193,7 +194,11 @@ class Pipeline:
             cuda_graph=cuda_graph,
             spin=spin,
         )
-        return cls(directory, manifest, be)
+        try:
+            return cls(directory, manifest, be)
+        except BaseException:  # a graph that does not match its manifest: release the device first
+            be.close()
+            raise
 
     @property
     def model(self) -> ModelInfo:
@@ -262,6 +267,8 @@ class Pipeline:
         return labels
 
     def check_batch(self, batch: int | None) -> int:
+        if self._closed:
+            raise RequestError("this pipeline is closed: open the engine directory again (Pipeline.load)")
         if batch is None:
             return self.B
         batch = int(batch)
@@ -363,6 +370,16 @@ class Pipeline:
         return self.image[:n].copy()
 
     def close(self) -> None:
+        """Release the backend. The pipeline's buffers (`image`, the plans' tables) are the backend's memory:
+        they are dropped first, and a closed pipeline refuses further requests. Images it returned are
+        copies and stay valid."""
+        if self._closed:
+            return
+        self._closed = True
+        self._plans.clear()
+        self._vae_calls = []
+        self._tokens = self._mask = self._cache = ()
+        self.labels = self.image = self._xa = self._xb = self._z = None  # type: ignore[assignment]
         self.backend.close()
 
     def __enter__(self) -> Pipeline:
@@ -397,19 +414,21 @@ class Pipeline:
                 f"(limit {MAX_PLAN_BYTES / 2**30:.0f} GiB): use fewer head steps or a smaller batch"
             )
 
-        # per-batch tables (filled by _draw) and per-plan constants
-        x0 = new((S, N, C), "float32")
-        step_noise = new((S, K, N, C), "float32") if mar else None
-        query = new((S, B, Q), "int64")
-        cfg_values = new((S, 1), "float32")
-        count, pos = new((S, 1), "int64"), new((S, 1), "int64")
+        # per-batch tables (filled by _draw) and per-plan constants; tables whose rows are bound one by one
+        # are `rows` tables: on a device each row starts at an address TensorRT accepts (256-byte aligned)
+        rows = self.backend.rows
+        x0 = rows(S, (N, C), "float32")
+        step_noise = rows(S * K, (N, C), "float32").reshape(S, K, N, C) if mar else None
+        query = rows(S, (B, Q), "int64")
+        cfg_values = rows(S, (1,), "float32")
+        count, pos = rows(S, (1,), "int64"), rows(S, (1,), "int64")
         count[:, 0] = [step.num_pred for step in schedule]
         pos[:, 0] = np.arange(S)
-        times = new((K, 1), "float32")
+        times = rows(K, (1,), "float32")
         if mar:
             steps, coef_table = ddpm_sampling_schedule(m.diffusion_steps, K)
             times[:, 0] = steps
-            coef = new((K, 6), "float32")
+            coef = rows(K, (6,), "float32")
             coef[:] = coef_table
         else:
             times[:, 0] = shortcut_times(K)
@@ -418,7 +437,7 @@ class Pipeline:
         x_out = self._xb if K % 2 == 1 else self._xa  # head step k writes xb (k even) or xa (k odd)
         caps = tuple(self._variants) if masked else ()
         step_caps = [encoder_capacity(step, L, caps) for step in schedule]
-        known = {c: new((step_caps.count(c), B, c), "int64") for c in caps if c in step_caps}
+        known = {c: rows(step_caps.count(c), (B, c), "int64") for c in caps if c in step_caps}
         known_rows = [None if c is None else (c, step_caps[:i].count(c)) for i, c in enumerate(step_caps)]
 
         steps_calls = []
