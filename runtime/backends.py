@@ -293,9 +293,13 @@ def gpu_session_config(providers: Sequence[str]) -> dict[str, str]:
     return {"session.disable_cpu_ep_fallback": "1"} if gpu and "CPUExecutionProvider" not in providers else {}
 
 
-def provider_options(providers: Sequence[str], directory: Path) -> list[dict[str, str]]:
+def provider_options(
+    providers: Sequence[str], directory: Path, precision: str = "fp32"
+) -> list[dict[str, str]]:
     """One options dict per provider. The TensorRT EP caches its engines and timing cache inside the engine
-    directory (without them it rebuilds every session: minutes on an Orin); the others take the defaults."""
+    directory (without them it rebuilds every session: minutes on an Orin), and runs an fp16 directory's
+    graphs with fp16 kernels (`trt_fp16_enable`: the EP builds weakly typed networks, fp32 kernels
+    otherwise); the others take the defaults."""
     cache = str(Path(directory) / ORT_TRT_CACHE)
     trt = {
         "trt_engine_cache_enable": "True",
@@ -303,7 +307,27 @@ def provider_options(providers: Sequence[str], directory: Path) -> list[dict[str
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": cache,
     }
+    if precision == "fp16":
+        trt["trt_fp16_enable"] = "True"
     return [dict(trt) if p == "TensorrtExecutionProvider" else {} for p in providers]
+
+
+def load_gpu_libraries(ort: Any, providers: Sequence[str]) -> None:
+    """Put pip's NVIDIA libraries where the GPU providers find them, before the first session: TensorRT's
+    (`import tensorrt_libs`, which loads them; otherwise only LD_LIBRARY_PATH is searched), then the CUDA
+    and cuDNN of onnxruntime-gpu's [cuda,cudnn] extras (`onnxruntime.preload_dlls()`, onnxruntime-gpu >=
+    1.21). Where neither is installed (JetPack, a system CUDA) the loader finds the system's."""
+    if "TensorrtExecutionProvider" in providers:
+        try:
+            import tensorrt_libs  # noqa: F401
+        except ImportError:
+            pass
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # noqa: BLE001 - a missing optional package: session creation names the problem
+            pass
 
 
 class OrtBackend(Backend):
@@ -351,7 +375,8 @@ class OrtBackend(Backend):
         self._opts = opts
         self._provider_options = None  # the CPU path as ONNX Runtime's defaults have it
         if any(p in GPU_PROVIDERS for p in self.providers):
-            self._provider_options = provider_options(self.providers, directory)
+            load_gpu_libraries(ort, self.providers)
+            self._provider_options = provider_options(self.providers, directory, manifest.precision)
             if "TensorrtExecutionProvider" in self.providers:
                 try:
                     (Path(directory) / ORT_TRT_CACHE).mkdir(exist_ok=True)

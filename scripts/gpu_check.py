@@ -89,24 +89,30 @@ def env() -> bool:
 
 
 class StubContext:
-    """TensorRT's IExecutionContext as runtime/trt.py uses it; 'inference' copies input to output on the
-    GPU."""
+    """TensorRT's IExecutionContext as runtime/trt.py uses it, under TensorRT's documented address rule
+    (setTensorAddress: 256-byte aligned, NvInferRuntime.h); 'inference' copies the input, shifted by one
+    element, to the output on the GPU: a call run twice shows as a shift of two."""
 
     def __init__(self, backend: Any, src: str, dst: str, nbytes: int):
         self.backend, self.src, self.dst, self.nbytes = backend, src, dst, nbytes
         self.addresses: dict[str, int] = {}
 
+    def set_device_memory(self, memory: int, size: int) -> None:
+        pass
+
     def set_tensor_address(self, name: str, address: int) -> bool:
+        if name not in (self.src, self.dst) or address % 256:
+            return False
         self.addresses[name] = address
-        return name in (self.src, self.dst)
+        return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         cuda = self.backend.cuda
         assert stream_handle == self.backend.stream_handle
         cuda.copy_async(
             self.addresses[self.dst],
-            self.addresses[self.src],
-            self.nbytes,
+            self.addresses[self.src] + 4,
+            self.nbytes - 4,
             cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
             self.backend.stream,
         )
@@ -114,9 +120,19 @@ class StubContext:
 
 
 def stub_backend(cuda_graph: bool) -> Any:
-    """runtime/trt.py's TrtBackend minus TensorRT: its CUDA half (buffers, stream, calls) with stub graphs."""
+    """runtime/trt.py's TrtBackend minus TensorRT: its CUDA half (buffers, stream, contexts per call, CUDA
+    graphs) with stub graphs."""
+    from types import SimpleNamespace
+
     from runtime.device import stream_handle
     from runtime.trt import TrtBackend, TrtGraph, _Cuda
+
+    class StubEngine:
+        def __init__(self, backend: Any, nbytes: int):
+            self.backend, self.nbytes = backend, nbytes
+
+        def create_execution_context(self, strategy: Any) -> StubContext:
+            return StubContext(self.backend, "x", "y", self.nbytes)
 
     class StubGraph(TrtGraph):
         def __init__(self, backend: Any, shape: tuple[int, ...]):
@@ -125,15 +141,17 @@ def stub_backend(cuda_graph: bool) -> Any:
             self.spec = GraphSpec(
                 file="stub.plan", sha256="", inputs=(t("x"),), outputs=(t("y"),), precision="fp32"
             )
-            self.context = StubContext(backend, "x", "y", int(np.prod(shape)) * 4)
+            self.engine = StubEngine(backend, int(np.prod(shape)) * 4)
 
     class StubBackend(TrtBackend):
         def __init__(self) -> None:
             self.cuda_graph, self.cuda = cuda_graph, _Cuda()
+            self.trt = SimpleNamespace(ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED=2))
             self.device = self.cuda.device("stub")
             self.stream = self.cuda.stream()
             self.stream_handle = stream_handle(self.stream)
-            self._graphs, self._buffers, self._sequences = {}, [], []
+            self._graphs, self._buffers, self._sequences, self._calls, self.notes = {}, [], [], [], []
+            self.scratch, self.scratch_bytes = 0, 0
 
         def stub_graph(self, shape: tuple[int, ...]) -> StubGraph:
             return StubGraph(self, shape)
@@ -141,39 +159,53 @@ def stub_backend(cuda_graph: bool) -> Any:
     return StubBackend()
 
 
+def _stub_run(be: Any, shape: tuple[int, ...], replays: int) -> str:
+    """A ping-pong sequence x -> y -> x -> y (state carried between calls, as the AR loop's tokens are),
+    bound once on row views of one `rows` table, replayed with fresh host inputs: y must be each new x
+    shifted by 3 (one per call: a call run twice, or a stale replay, shifts otherwise), and x's device copy
+    must not come back. Returns the figure of the run."""
+    table = be.rows(2, shape, "float32")
+    x, y = table[0], table[1]
+    graph = be.stub_graph(shape)
+    loop = be.sequence([graph.bind({"x": a}, {"y": b}) for a, b in ((x, y), (y, x), (x, y))])
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for i in range(replays):
+        fresh = rng.standard_normal(shape, dtype=np.float32)
+        x[...] = fresh  # fresh host input, same pinned buffer
+        be.upload([table])
+        loop.run()
+        be.download([table])
+        if not np.array_equal(y.reshape(-1)[:-3], fresh.reshape(-1)[3:]):
+            raise BackendError(f"run {i}: the output is not the new input shifted by 3 (a call ran twice?)")
+    ms = (time.perf_counter() - t0) * 1e3 / replays
+    flat = be.empty((2 * x.size,), "float32")
+    try:
+        view = flat[1 : 1 + x.size].reshape(shape)  # 4 bytes into an allocation: not 256-byte aligned
+        graph.bind({"x": view}, {"y": y})
+    except BackendError as e:
+        if "not 256-byte aligned" not in str(e):
+            raise
+    else:
+        raise BackendError("a view 4 bytes into a buffer was bound: TensorRT refuses unaligned addresses")
+    return f"{ms:.3f} ms/run ({x.nbytes >> 10} KiB up and down); an unaligned view is refused"
+
+
 def stub_check(replays: int = 5, shape: tuple[int, ...] = (16, 4096)) -> bool:
-    """Two stub calls x -> y -> z bound once and run as one sequence (one CUDA graph with capture), replayed
-    with fresh host inputs: z must equal each new x, and y (device-only state) must never come back."""
+    """The stub ping-pong sequence, plainly enqueued and as one CUDA graph (first run plain, then captured
+    and replayed)."""
     rt, why = cuda_or_reason()
     if rt is None:
         _say("skipped", f"TensorRT backend's CUDA half with a stub engine: no CUDA device ({why})")
         return True
     ok = True
     for cuda_graph in (False, True):
-        mode = "one CUDA graph of 2 calls, captured + replayed" if cuda_graph else "plain enqueue"
+        mode = "one CUDA graph of 3 ping-pong calls" if cuda_graph else "plain enqueue of 3 ping-pong calls"
         what = f"stub engine, {mode}"
         be = stub_backend(cuda_graph)
         try:
-            x, y, z = (be.empty(shape, "float32") for _ in range(3))
-            graph = be.stub_graph(shape)
-            loop = be.sequence([graph.bind({"x": x}, {"y": y}), graph.bind({"x": y}, {"y": z})])
-            rng = np.random.default_rng(0)
-            t0 = time.perf_counter()
-            for i in range(replays):
-                x[...] = rng.standard_normal(shape, dtype=np.float32)  # fresh host input, same pinned buffer
-                be.upload([x])
-                loop.run()
-                be.download([z])
-                if not np.array_equal(x, z):
-                    raise BackendError(f"run {i}: the output is not the new input (stale replay?)")
-                if np.any(y):
-                    raise BackendError(f"run {i}: the intermediate buffer came back to the host")
-            ms = (time.perf_counter() - t0) * 1e3 / replays
-            _say(
-                "ok",
-                f"{what}, {replays} runs: output == fresh input, intermediate stayed on the device, "
-                f"{ms:.3f} ms/run ({x.nbytes >> 10} KiB up and down)",
-            )
+            figure = _stub_run(be, shape, replays)
+            _say("ok", f"{what}, {replays} runs: state carried, each call ran once, {figure}")
         except BackendError as e:
             ok = False
             _say("FAILED", f"{what}: {e}")

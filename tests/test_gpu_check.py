@@ -47,6 +47,15 @@ def test_shell_script_exits_0_on_cpu_and_names_each_skip():
     assert p.returncode == 0, p.stdout + p.stderr
     assert "skipped: PyTorch reference on CUDA" in p.stdout or "ok: training/sample.py" in p.stdout
     assert "skipped: pytest -m 'gpu or tensorrt'" in p.stdout or "passed" in p.stdout
+    assert p.stdout.strip().splitlines()[-1] == "summary: 0 check groups ran on a GPU, 3 skipped"
+    strict = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--require-gpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+    )
+    assert strict.returncode == 1 and "--require-gpu: no check could run on a GPU" in strict.stderr
 
 
 def test_unknown_check_is_a_one_line_error():
@@ -59,6 +68,17 @@ def test_unknown_check_is_a_one_line_error():
 def test_stub_engine_on_the_gpu():
     """Pinned buffers bound once, replays with fresh host inputs, with and without CUDA-graph capture."""
     assert gpu_check.stub_check(replays=4, shape=(8, 256))
+
+
+def test_stub_engine_on_the_simulated_gpu(monkeypatch):
+    """The same check on tests/gpusim's CUDA rules (asynchrony, capture, bounds): it passes there, and a
+    sequence whose first CUDA-graph run computes twice would fail its shift check."""
+    import gpusim
+
+    sim, _ = gpusim.install(monkeypatch, None)
+    monkeypatch.setattr(gpu_check, "cuda_or_reason", lambda: (sim.module(), None))
+    assert gpu_check.stub_check(replays=3, shape=(4, 64))
+    assert sim.calls.count("cudaGraphLaunch") == 2  # runs 2 and 3; run 1 plain, then captured
 
 
 def test_reference_sampler_refuses_cuda_without_it():

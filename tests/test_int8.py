@@ -183,3 +183,32 @@ def test_calibration_records_every_ar_step(engines):
     assert all(len(feeds[g]) <= MAX_FEEDS for g in backbones)
     known = {int((f["mask"] == 0).sum()) for g in backbones for f in feeds[g]}  # known tokens at that step
     assert len(known) == steps, known
+
+
+def test_u8_int8_directory_is_refused_by_compile_and_s8_graphs_are_symmetric(engines, tmp_path, monkeypatch):
+    """TensorRT takes symmetric int8 only: `compile` of this (u8, built without TensorRT) directory stops in
+    one line before building anything, and the s8 graphs a TensorRT machine's build writes have zero points
+    0."""
+    import shutil
+
+    import gpusim
+
+    from far_export.feeds import example_inputs
+    from far_export.quantize import quantize_graph
+    from far_export.tensorrt import asymmetric_int8
+
+    _, fp32, int8 = engines
+    copy = tmp_path / "int8"
+    shutil.copytree(int8, copy)
+    gpusim.install(monkeypatch, "10.3")
+    r = _invoke("compile", copy)
+    assert r.exit_code == 1 and "uint8 (asymmetric) activations" in r.output.strip().splitlines()[-1]
+    assert not list(copy.glob("*.plan"))
+    m = load_manifest(fp32)
+    spec = m.graphs["backbone"]
+    rng = np.random.default_rng(0)
+    feeds = [example_inputs(m.model, spec, rng) for _ in range(4)]
+    out = tmp_path / "s8.onnx"
+    quantize_graph(fp32 / spec.file, out, feeds, activations="s8")
+    assert asymmetric_int8(int8 / load_manifest(int8).graphs["head"].file)
+    assert not asymmetric_int8(out)
