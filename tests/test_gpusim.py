@@ -214,3 +214,29 @@ def test_tensorrt_names_follow_each_release(monkeypatch):
     assert "device_memory_size" in trt10.ICudaEngine._allowed  # deprecated in 10.1, removed in 11
     assert "device_memory_size" not in trt11.ICudaEngine._allowed
     assert "device_memory_size_v2" in trt11.ICudaEngine._allowed
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "far-mnist",
+        pytest.param("mar-mnist", marks=pytest.mark.slow),  # the tiny kinds above cover MAR and causal
+        pytest.param("far-mnist-causal", marks=pytest.mark.slow),
+    ],
+)
+def test_shipped_checkpoints_on_simulated_tensorrt(name, monkeypatch, tmp_path):
+    """The shipped checkpoints (batch 2, no validation: test_build covers it) compiled and sampled with a
+    CUDA graph on TensorRT 11.0 rules give ONNX Runtime's images."""
+    from pathlib import Path
+
+    out = tmp_path / name
+    ckpt = Path(__file__).resolve().parent.parent / "checkpoints" / name
+    r = _cli("build", ckpt, "--out", out, "--batch", "2", "--no-engines", "--no-validate")
+    assert r.exit_code == 0, r.output
+    ort = np.asarray(Pipeline.load(out).generate([0, 1, 2], seed=5))
+    gpusim.install(monkeypatch, "11.0")
+    r = _cli("compile", out, "--no-validate")
+    assert r.exit_code == 0, r.output
+    with Pipeline.load(out, backend="trt", cuda_graph=True) as pipe:
+        images = pipe.generate([0, 1, 2], seed=5)
+    assert np.abs(images.astype(int) - ort).max() <= 2
