@@ -222,6 +222,16 @@ class TritonProcess:
             time.sleep(0.1)
         raise ServeError(f"model {MODEL!r} not ready after {timeout:.0f} s: {self.log_tail()}")
 
+    def children(self) -> set[int]:
+        """The server's child processes (its Python backend stubs, one per model instance)."""
+        kids: set[int] = set()
+        try:
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                kids.update(int(k) for k in (task / "children").read_text().split())
+        except OSError:
+            pass
+        return kids
+
     def statistics(self) -> dict[str, Any]:
         status, body = self._get(f"/v2/models/{MODEL}/stats")
         if status != 200:
@@ -276,8 +286,15 @@ def serve(
         try:
             with TritonProcess(repo, host, port) as server:
                 server.wait_ready()
+                stubs = server.children()
                 log(f"serving {engine_dir} at {server.url}/v2/models/{MODEL} (Ctrl-C stops)")
                 while not stop:
+                    dead = stubs - server.children()
+                    if dead:  # Triton keeps the model "ready" and answers every request with an error
+                        raise ServeError(
+                            f"the model process (pid {min(dead)}) died: {server.log_tail()}; "
+                            "see the lines above, fix and restart far-export serve"
+                        )
                     if server.proc.poll() is not None:
                         raise ServeError(
                             f"tritonserver exited with {server.proc.returncode}: {server.log_tail()}"
