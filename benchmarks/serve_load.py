@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing as mp
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"direct Pipeline.generate, batch {pipe.B}: {direct_rate:.2f} images/s ({total} images)")
 
     ctx = mp.get_context("spawn")
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         repo = write_repository(
             args.engine_dir, Path(tmp) / "repo", ServeOptions(threads=args.threads), copy=False
         )

@@ -225,11 +225,13 @@ class TritonProcess:
     def children(self) -> set[int]:
         """The server's child processes (its Python backend stubs, one per model instance)."""
         kids: set[int] = set()
-        try:
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                kids.update(int(k) for k in (task / "children").read_text().split())
-        except OSError:
-            pass
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":  # state, ppid: a dead stub is a zombie
+                kids.add(int(stat.parent.name))
         return kids
 
     def statistics(self) -> dict[str, Any]:
@@ -292,8 +294,8 @@ def serve(
                     dead = stubs - server.children()
                     if dead:  # Triton keeps the model "ready" and answers every request with an error
                         raise ServeError(
-                            f"the model process (pid {min(dead)}) died: {server.log_tail()}; "
-                            "see the lines above, fix and restart far-export serve"
+                            f"the model process (pid {min(dead)}) died; restart far-export serve "
+                            f"(tritonserver's last line: {server.log_tail()})"
                         )
                     if server.proc.poll() is not None:
                         raise ServeError(

@@ -217,3 +217,26 @@ def test_repository_only_and_bad_input(engines, tmp_path):
     assert r.exit_code == 1 and "exists" in r.output
     r = CliRunner().invoke(cli, ["serve", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_cli_serve_exits_1_when_the_model_process_dies(engines):
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "far-export"), "serve", str(engines), "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert "serving" in proc.stdout.readline()
+        server = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        stubs = subprocess.run(["pgrep", "-P", server[0]], capture_output=True, text=True).stdout.split()
+        os.kill(int(stubs[0]), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        out = proc.stdout.read()
+        assert "the model process" in out and "died" in out and "Traceback" not in out
+        assert not Path(f"/proc/{server[0]}").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
