@@ -144,14 +144,11 @@ def check_keys(seeds: Sequence[int], indices: Sequence[int], n: int) -> list[tup
         raise RequestError(
             f"{n} classes but {len(seeds)} seeds and {len(indices)} indices: give one of each per image"
         )
-    keys = []
     for name, values in (("seed", seeds), ("index", indices)):
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) <= MAX_SEED:
                 raise RequestError(f"{name} {v!r} is not an integer in [0, {MAX_SEED}]: give one in range")
-    for seed, index in zip(seeds, indices):
-        keys.append((int(seed), int(index)))
-    return keys
+    return [(int(seed), int(index)) for seed, index in zip(seeds, indices)]
 
 
 class Pipeline:
