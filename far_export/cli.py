@@ -366,6 +366,81 @@ def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     _run(go)
 
 
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (HTTP and gRPC).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option(
+    "--repository-only",
+    "repository",
+    type=click.Path(),
+    default=None,
+    help="Write a self-contained Triton model repository here (engines inside) and exit: for an NGC "
+    "container, a JetPack Triton or Kubernetes.",
+)
+@click.option(
+    "--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's."
+)
+@click.option(
+    "--cfg",
+    type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
+    default=None,
+    help="CFG scale. Default: the model's.",
+)
+@click.option("--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="Default: the model's.")
+@click.option(
+    "--temperature", type=FiniteFloat(min=0, min_open=True), default=None, help="Default: the model's."
+)
+@click.option(
+    "--num-iter",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Masked backbone: AR steps. Default: the model's.",
+)
+@click.option(
+    "--queue-delay-us",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(0, 10_000_000),
+    help="How long Triton waits to fill a batch.",
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Queued requests beyond this are rejected (not held in memory).",
+)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--providers", default="cpu", show_default=True, help="ONNX Runtime providers, as for sample.")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads.")
+def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: Any) -> None:
+    """Serve ENGINE_DIR with Triton Inference Server (dynamic batching across requests); the sampling
+    settings are fixed per served model."""
+
+    def go() -> None:
+        from far_export.serve import ServeOptions, check_settings, write_repository
+        from far_export.serve import serve as run_serve
+
+        names = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter")
+        settings = {k: kw[k] for k in names if kw[k] is not None}
+        opts = ServeOptions(
+            backend=kw["backend"],
+            providers=kw["providers"],
+            threads=kw["threads"],
+            settings=settings,
+            queue_delay_us=kw["queue_delay_us"],
+            max_queue=kw["max_queue"],
+        )
+        check_settings(engine_dir, opts)  # bad settings fail here, not inside the server
+        if repository:
+            click.echo(f"wrote {write_repository(engine_dir, repository, opts)}")
+            return
+        run_serve(engine_dir, opts, host, port, log=click.echo)
+
+    _run(go)
+
+
 def main() -> None:
     cli()
 

@@ -135,6 +135,22 @@ class _Plan:
     known_rows: list[tuple[int, int] | None]
 
 
+MAX_SEED = 2**63 - 1  # PCG64([seed, index]) takes non-negative integers
+
+
+def check_keys(seeds: Sequence[int], indices: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """(seed, index) per row: n of each, integers in [0, 2**63)."""
+    if len(seeds) != n or len(indices) != n:
+        raise RequestError(
+            f"{n} classes but {len(seeds)} seeds and {len(indices)} indices: give one of each per image"
+        )
+    for name, values in (("seed", seeds), ("index", indices)):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) <= MAX_SEED:
+                raise RequestError(f"{name} {v!r} is not an integer in [0, {MAX_SEED}]: give one in range")
+    return [(int(seed), int(index)) for seed, index in zip(seeds, indices)]
+
+
 class Pipeline:
     """An engine directory opened on one backend, with every buffer allocated once."""
 
@@ -332,7 +348,8 @@ class Pipeline:
             chunk = labels[first : first + batch]
             base = c * len(plan.schedule)
             step_progress = (lambda i, n, base=base: progress(base + i, total)) if progress else None
-            self._sample(plan, chunk, s, first, step_progress)
+            keys = [(s.seed, first + b) for b in range(len(chunk))]
+            self._sample(plan, chunk, s, keys, step_progress)
             t0 = time.perf_counter()
             plan.vae.run()
             self.backend.download([self.image])  # the only thing that comes back
@@ -353,9 +370,32 @@ class Pipeline:
         labels = self.check_labels(labels)
         self.check_batch(len(labels))
         plan = self._plan(settings)
-        self._sample(plan, labels, settings, first_index, progress)
+        keys = [(settings.seed, first_index + b) for b in range(len(labels))]
+        self._sample(plan, labels, settings, keys, progress)
         self.backend.download([plan.tokens_out])
         return plan.tokens_out[: len(labels)].copy()
+
+    def generate_rows(
+        self,
+        classes: Sequence[int],
+        seeds: Sequence[int],
+        indices: Sequence[int],
+        settings: Settings,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """Images (n <= B, H, W, 3) uint8 for one engine batch of independent rows: row r has class
+        classes[r] and draws from PCG64([seeds[r], indices[r]]), so it is the image `generate` gives as
+        image indices[r] of a request with seed seeds[r], whatever batch it lands in and whatever
+        shares it (a server batches rows of many requests). `progress(done, total)` counts AR steps;
+        an exception it raises stops the batch there."""
+        labels = self.check_labels(classes)
+        self.check_batch(len(labels))
+        keys = check_keys(seeds, indices, len(labels))
+        plan = self._plan(settings)
+        self._sample(plan, labels, settings, keys, progress)
+        plan.vae.run()
+        self.backend.download([self.image])
+        return to_uint8(self.image[: len(labels)])
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Token latents (n <= B, L, C) -> images (n, 3, H, W) float32 in [0, 1]."""
@@ -498,9 +538,10 @@ class Pipeline:
         self._plans[key] = plan
         return plan
 
-    def _draw(self, plan: _Plan, labels: list[int], s: Settings, first_index: int) -> None:
+    def _draw(self, plan: _Plan, labels: list[int], s: Settings, keys: list[tuple[int, int]]) -> None:
         """Per batch, before the loop: labels, reveal orders, query positions and every random number,
-        drawn per image in the contract's order (runtime/schedule.py), into the plan's tables."""
+        drawn per image from its (seed, index) key in the contract's order (runtime/schedule.py), into
+        the plan's tables."""
         m = self.model
         L, C, Q, K = m.seq_len, m.token_dim, self.Q, s.head_steps
         masked, mar = m.backbone == "masked", m.head == "mar"
@@ -513,7 +554,7 @@ class Pipeline:
                 plan.query[i] = i
         for b in range(self.B):
             real = b < len(labels)
-            rng = image_rng(s.seed, first_index + b) if real else None
+            rng = image_rng(*keys[b]) if real else None
             if masked:
                 order = rng.permutation(L) if real else np.arange(L)  # padded images: any valid order
             # 1 draw (shortcut) or K draws (MAR: x, then K-1 noises) of (n, C) per step, in step order
@@ -547,13 +588,18 @@ class Pipeline:
 
     # -- the AR loop --------------------------------------------------------------
     def _sample(
-        self, plan: _Plan, labels: list[int], s: Settings, first_index: int, progress: Progress | None
+        self,
+        plan: _Plan,
+        labels: list[int],
+        s: Settings,
+        keys: list[tuple[int, int]],
+        progress: Progress | None,
     ) -> None:
         """One batch: fill and upload the tables, then run the steps. Between steps nothing but calls run:
         no numpy, no copy to or from the host (the state lives where the graphs run)."""
         t = self.timings
         t0 = time.perf_counter()
-        self._draw(plan, labels, s, first_index)
+        self._draw(plan, labels, s, keys)
         self._tokens[0][:] = 0.0
         self._mask[0][:] = 1.0
         if self.model.backbone == "causal":

