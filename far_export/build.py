@@ -55,7 +55,7 @@ from far_export.validate import (
     upcast_bf16,
 )
 from runtime.backends import RecordingBackend
-from runtime.errors import MAX_BATCH, FarError, writable_ancestor
+from runtime.errors import MAX_BATCH, FarError, artifact_ancestor, writable_ancestor
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -136,6 +136,12 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
         o, c = out.resolve(), Path(checkpoint_dir).resolve()
         if o == c or o in c.parents:
             raise BuildError(f"--out {out} would replace the checkpoint directory {checkpoint_dir}")
+    found = artifact_ancestor(out.resolve().parent)
+    if found:
+        raise BuildError(
+            f"--out {out} is inside the {found[0]} directory {found[1]}: its next rebuild would delete "
+            f"the engines; write outside it"
+        )
     writable_ancestor(out.resolve().parent, "--out", out, BuildError)
 
 

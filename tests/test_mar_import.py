@@ -220,6 +220,23 @@ def test_online_weights_on_request(tmp_path):
     assert all(torch.equal(v, got[k]) for k, v in online.state_dict().items())
 
 
+def test_existing_checkpoint_replaced_only_with_force(tmp_path):
+    """A second import over a checkpoint is refused (weights and train_info.json kept); --force replaces."""
+    pth, kl, _, online = write_mar_files(tmp_path / "mar")
+    out = import_mar(pth, kl, tmp_path / "ckpt", MARImportOptions(num_heads=2)).path
+    (out / "train_info.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = _cli("import-mar", pth, "--vae", kl, "--out", out, "--num-heads", "2", "--online")
+    assert r.returncode != 0 and "is an existing checkpoint" in r.stderr and "--force" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = _cli("import-mar", pth, "--vae", kl, "--out", out, "--num-heads", "2", "--online", "--force")
+    assert r.returncode == 0, r.stderr
+    got = load_checkpoint(out).model.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in online.state_dict().items())
+    _error(pth, kl, out / "nested", "is inside the checkpoint directory")
+
+
 # ----------------------------------------------------------------------------
 # Bad input: one line naming the file and the problem
 # ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from runtime.errors import artifact_ancestor
 from training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -67,6 +68,7 @@ class MARImportOptions:
     temperature: float | None = None
     num_iter: int | None = None
     head_steps: int | None = None
+    force: bool = False  # replace an existing checkpoint directory at `out` (its weights, train_info.json)
 
     def check(self) -> MARImportOptions:
         if self.weights not in ("ema", "online"):
@@ -282,6 +284,17 @@ def import_mar(
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise CheckpointError(f"{out} exists and is not a checkpoint directory; choose another --out")
+    if out.is_dir() and (out / CONFIG_FILE).is_file() and not opts.force:
+        raise CheckpointError(
+            f"--out {out} is an existing checkpoint: importing would replace its weights; "
+            f"choose another --out or pass --force to replace it"
+        )
+    found = artifact_ancestor(out.resolve().parent)
+    if found:
+        raise CheckpointError(
+            f"--out {out} is inside the {found[0]} directory {found[1]}: a rebuild would delete it; "
+            f"write outside it"
+        )
     obj = read_mar_file(model_path)
     if "model" not in obj and "model_ema" not in obj:
         raise CheckpointError(
