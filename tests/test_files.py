@@ -96,3 +96,48 @@ def test_replace_dir_of_a_mkdtemp_directory(tmp_path, umask):
     assert mode(src) == 0o700
     replace_dir(src, tmp_path / "out")
     assert mode(tmp_path / "out") == 0o750 and (tmp_path / "out" / "f").read_text() == "x"
+
+
+_KILLED_IN_THE_WINDOW = """
+import os, shutil, signal, sys
+from pathlib import Path
+from runtime import files
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+real_replace = os.replace
+
+
+def replace_then_term(a, b):  # the old two-rename replace: SIGTERM lands right after its first rename
+    real_replace(a, b)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def term_before_cleanup(*a, **k):  # after the swap, before the old copy is removed
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+os.replace = replace_then_term
+shutil.rmtree = term_before_cleanup
+files.replace_dir(src, dst)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="renameat2 RENAME_EXCHANGE is Linux's")
+def test_a_sigterm_inside_the_replace_never_loses_the_directory(tmp_path):
+    """A real SIGTERM (default action: the process dies at once) delivered at every step of replacing a
+    directory: the target is always there whole, old or new, never missing."""
+    import signal
+    import subprocess
+    import sys
+
+    old, new = tmp_path / "eng", tmp_path / ".eng.build-1-x"
+    old.mkdir()
+    (old / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_THE_WINDOW, str(new), str(old)], cwd=repo, capture_output=True
+    )
+    assert r.returncode == -signal.SIGTERM, r.stderr
+    assert (old / "manifest.json").read_text() == "new"
