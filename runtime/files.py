@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -53,7 +55,8 @@ def atomic_path(path: str | Path, errors: tuple[type[BaseException], ...] = ()) 
     (a directory through `replace_dir`); on any failure it is removed. OSError, and the `errors` given
     (a writer's own error types), become a WriteError naming `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    sweep_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         if tmp.is_dir() and not tmp.is_symlink():
@@ -66,6 +69,30 @@ def atomic_path(path: str | Path, errors: tuple[type[BaseException], ...] = ()) 
         if isinstance(e, (OSError, *errors)) and not isinstance(e, FarError):
             raise WriteError(write_failure(path, e)) from None
         raise
+
+
+def sweep_stale_temporaries(path: Path) -> None:
+    """Remove the temporary siblings of `path` (`.NAME.PID-XXXXXXXX.tmp`) that a killed writer left (SIGKILL,
+    power loss): those whose process is gone. A live writer's, and anything else, stay."""
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return
+    for tmp in candidates:
+        m = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.tmp", tmp.name)
+        if m and not pid_alive(int(m.group(1))):
+            _remove(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts as alive: it is not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -141,3 +141,51 @@ def test_a_sigterm_inside_the_replace_never_loses_the_directory(tmp_path):
     )
     assert r.returncode == -signal.SIGTERM, r.stderr
     assert (old / "manifest.json").read_text() == "new"
+
+
+def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
+    """SIGKILL leaves `.NAME.PID-XXXXXXXX.tmp` (a file or a whole checkpoint directory): the next write of
+    NAME removes it when its process is gone; a live writer's temporary and other files stay."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "ckpt"
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    dead = int(child.stdout)  # that process has ended
+    stale = tmp_path / f".ckpt.{dead}-0123abcd.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".ckpt.{os.getpid()}-89abcdef.tmp"
+    live.write_text("being written")
+    other = tmp_path / ".ckpt.notes.tmp"
+    other.write_text("not ours")
+    write_atomic(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+def test_sigterm_during_a_cli_write_removes_its_temporary(tmp_path):
+    """`far-export`'s CLIs turn SIGTERM into one line and exit 143, and the write in progress removes its
+    temporary (the default action would end the process with it left behind)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, time\n"
+        "from runtime.files import atomic_path\n"
+        "from runtime.options import one_line_errors\n"
+        "with one_line_errors():\n"
+        "    with atomic_path(sys.argv[1]) as tmp:\n"
+        "        tmp.write_text('half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "g.png")], cwd=repo, capture_output=True, text=True
+    )
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert r.stderr.strip() == "Error: stopped by SIGTERM; nothing was left half-written"
+    assert list(tmp_path.iterdir()) == []
