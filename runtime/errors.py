@@ -183,7 +183,7 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     engine or checkpoint directory, or sit under a path that cannot be created or written."""
     path = Path(path)
     if (
-        len(path.name.encode()) > 200
+        len(os.fsencode(path.name)) > 200
     ):  # the temporary sibling adds a few characters; most file systems stop at 255
         raise error(f"{flag} {path.name[:20]}...: the file name is too long; use a shorter one")
     if path.is_dir():

@@ -407,6 +407,7 @@ def _copy_ckpt(ws: dict[str, Path], **config: Any) -> Path:
         ({"width": 10**6}, [], "width 1000000 is larger than any model"),
         ({"num_classes": "ten"}, [], "num_classes must be int"),
         ({"vae": [1]}, [], "vae must be an object or a preset name"),
+        ({"mlp_ratio": 1e308}, [], "mlp_ratio must be in (0, 64.0]"),
     ],
 )
 def test_build_refuses_bad_configs(ws, config, flags, match):

@@ -189,3 +189,14 @@ def test_sigterm_during_a_cli_write_removes_its_temporary(tmp_path):
     assert r.returncode == 128 + signal.SIGTERM, r.stderr
     assert r.stderr.strip() == "Error: stopped by SIGTERM; nothing was left half-written"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_checks_take_non_utf8_names(tmp_path):
+    """A name with bytes that are not UTF-8 (a surrogate-escaped str, as os.listdir gives it) is checked,
+    not a UnicodeEncodeError; a too-long one is refused in one line."""
+    from runtime.errors import RequestError, check_output_file
+
+    name = os.fsdecode(b"caf\xe9.png")
+    assert check_output_file(tmp_path / name, "--out") == tmp_path / name
+    with pytest.raises(RequestError, match="the file name is too long"):
+        check_output_file(tmp_path / (os.fsdecode(b"\xe9") * 201), "--out")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -259,6 +260,12 @@ def test_bad_files(tmp_path):
     out = tmp_path / "out"
     _error(tmp_path / "none.pth", kl, out, r"none.pth does not exist")
     _error(pth, tmp_path / "none.ckpt", out, r"none.ckpt does not exist")
+    _error(tmp_path, kl, out, r"is a directory, not a file")
+    os.mkfifo(tmp_path / "fifo.pth")
+    _error(tmp_path / "fifo.pth", kl, out, r"fifo.pth is not a regular file")
+    for bad in ("abc", "1e9", 5.5):
+        p, k, _, _ = write_mar_files(tmp_path / f"steps-{bad}", args=tiny_args(num_sampling_steps=bad))
+        _error(p, k, out, rf"saved args have num_sampling_steps = {bad!r}: not a whole number")
     _error(kl, kl, out, r"kl16.ckpt has no 'model_ema' weights; pass --online")  # VAE given as the model
     _error(kl, kl, out, r"kl16.ckpt \['model'\] is not a MAR model: no 'z_proj.weight'", weights="online")
     _error(pth, pth, out, r"checkpoint-last.pth: the VAE weights match none of the known layouts")

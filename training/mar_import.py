@@ -252,6 +252,20 @@ def infer_mar_config(
     return cfg, size
 
 
+def _saved_int(name: str, value: Any) -> int:
+    """An integer MAR saved as an int or a decimal string ("100"); anything else is a CheckpointError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, str))
+        or not re.fullmatch(r"\d{1,9}", str(value))
+    ):
+        raise CheckpointError(
+            f"the checkpoint's saved args have {name} = {value!r}: not a whole number; "
+            f"pass the value with its flag (e.g. --head-steps 100)"
+        )
+    return int(value)
+
+
 def _sampling_defaults(size: str | None, a: dict[str, Any], opts: MARImportOptions) -> dict[str, Any]:
     """MAR's README values for MAR-B/L/H, else the saved args' (MAR's flags of the same names), then the
     caller's overrides."""
@@ -260,7 +274,7 @@ def _sampling_defaults(size: str | None, a: dict[str, Any], opts: MARImportOptio
     else:
         out = {k: a[k] for k in ("cfg", "cfg_schedule", "temperature", "num_iter") if k in a}
         if "num_sampling_steps" in a:
-            out["head_steps"] = int(a["num_sampling_steps"])  # MAR's flag is a string ("100")
+            out["head_steps"] = _saved_int("num_sampling_steps", a["num_sampling_steps"])  # a string ("100")
     for k in ("cfg", "cfg_schedule", "temperature", "num_iter", "head_steps"):
         if getattr(opts, k) is not None:
             out[k] = getattr(opts, k)
