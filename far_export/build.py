@@ -132,6 +132,13 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
             f"--out {out} is a non-empty directory without {MANIFEST}: not an engine directory to "
             f"replace; choose a new or empty directory"
         )
+    if out.is_dir() and (out / MANIFEST).is_file():
+        foreign = sorted(set(os.listdir(out)) - build_files(out))
+        if foreign:
+            raise BuildError(
+                f"--out {out} holds {foreign[0]!r}, which no build wrote, and a rebuild replaces the whole "
+                f"directory: move it out first, or choose another --out"
+            )
     if checkpoint_dir is not None:
         o, c = out.resolve(), Path(checkpoint_dir).resolve()
         if o == c or o in c.parents:
@@ -143,6 +150,20 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
             f"the engines; write outside it"
         )
     writable_ancestor(out.resolve().parent, "--out", out, BuildError)
+
+
+def build_files(out: Path) -> set[str]:
+    """The names a build writes into an engine directory: the manifest and the graph, external-data, plan
+    and timing-cache files it lists (by suffix where the manifest cannot be read)."""
+    try:
+        m = load_manifest(out, verify=False)
+    except FarError:
+        return {n for n in os.listdir(out) if n.endswith((".onnx", ".data", ".plan", ".cache", MANIFEST))}
+    names = {MANIFEST, *(g.file for g in m.graphs.values()), *(e.file for e in m.engines.values())}
+    names |= {f"{g.file}.data" for g in m.graphs.values()}
+    if m.timing_cache:
+        names.add(m.timing_cache)
+    return names
 
 
 @contextmanager

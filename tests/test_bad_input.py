@@ -445,6 +445,19 @@ def test_build_flags_fail_before_work(ws, args, match):
     )
 
 
+def test_build_never_deletes_files_it_did_not_write(ws):
+    """A rebuild replaces the whole engine directory: one holding a user's file is refused, naming it."""
+    eng = ws["tmp"] / "eng"
+    shutil.copytree(ws["eng"], eng)
+    (eng / "notes.txt").write_text("mine")
+    expect_error(
+        [*FAR, "build", ws["ckpt"], "--out", eng, "--no-engines"],
+        "holds 'notes.txt', which no build wrote",
+        ws["tmp"],
+        [ws["tmp"], ws["ckpt"]],
+    )
+
+
 def test_build_checkpoint_kinds(ws):
     t = ws["tmp"]
     expect_error([*FAR, "build", t / "afile", "--out", "o"], "afile is a file, not a directory", t, [t])
