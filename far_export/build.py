@@ -56,6 +56,7 @@ from far_export.validate import (
 )
 from runtime.backends import RecordingBackend
 from runtime.errors import MAX_BATCH, FarError, artifact_ancestor, writable_ancestor
+from runtime.files import pid_alive
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -222,16 +223,6 @@ def sweep_stale(out: Path) -> None:
         if pid_alive(pid) or (m.group(3) and not out.exists()):  # an .old- copy is the only one left: keep it
             continue
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process, or not a pid we can judge: leave it
-    return True
 
 
 def model_info(cfg: FARConfig, shapes: GraphShapes) -> ModelInfo:

@@ -402,7 +402,6 @@ class Pipeline:
             if progress is not None and not callable(progress):
                 raise RequestError(f"progress must be a function (done, total) or None, got {progress!r}")
             plan = self._plan(settings)
-            self.timings = Timings()
             self._sample(plan, labels, settings, first_index, progress)
             self.backend.download([plan.tokens_out])
             return plan.tokens_out[: len(labels)].copy()
