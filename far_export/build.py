@@ -55,7 +55,8 @@ from far_export.validate import (
     upcast_bf16,
 )
 from runtime.backends import RecordingBackend
-from runtime.errors import MAX_BATCH, FarError, writable_ancestor
+from runtime.errors import MAX_BATCH, FarError, artifact_ancestor, writable_ancestor
+from runtime.files import pid_alive
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -132,11 +133,38 @@ def check_output_path(out: Path, checkpoint_dir: Path | None = None) -> None:
             f"--out {out} is a non-empty directory without {MANIFEST}: not an engine directory to "
             f"replace; choose a new or empty directory"
         )
+    if out.is_dir() and (out / MANIFEST).is_file():
+        foreign = sorted(set(os.listdir(out)) - build_files(out))
+        if foreign:
+            raise BuildError(
+                f"--out {out} holds {foreign[0]!r}, which no build wrote, and a rebuild replaces the whole "
+                f"directory: move it out first, or choose another --out"
+            )
     if checkpoint_dir is not None:
         o, c = out.resolve(), Path(checkpoint_dir).resolve()
         if o == c or o in c.parents:
             raise BuildError(f"--out {out} would replace the checkpoint directory {checkpoint_dir}")
+    found = artifact_ancestor(out.resolve().parent)
+    if found:
+        raise BuildError(
+            f"--out {out} is inside the {found[0]} directory {found[1]}: its next rebuild would delete "
+            f"the engines; write outside it"
+        )
     writable_ancestor(out.resolve().parent, "--out", out, BuildError)
+
+
+def build_files(out: Path) -> set[str]:
+    """The names a build writes into an engine directory: the manifest and the graph, external-data, plan
+    and timing-cache files it lists (by suffix where the manifest cannot be read)."""
+    try:
+        m = load_manifest(out, verify=False)
+    except FarError:
+        return {n for n in os.listdir(out) if n.endswith((".onnx", ".data", ".plan", ".cache", MANIFEST))}
+    names = {MANIFEST, *(g.file for g in m.graphs.values()), *(e.file for e in m.engines.values())}
+    names |= {f"{g.file}.data" for g in m.graphs.values()}
+    if m.timing_cache:
+        names.add(m.timing_cache)
+    return names
 
 
 @contextmanager
@@ -195,16 +223,6 @@ def sweep_stale(out: Path) -> None:
         if pid_alive(pid) or (m.group(3) and not out.exists()):  # an .old- copy is the only one left: keep it
             continue
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process, or not a pid we can judge: leave it
-    return True
 
 
 def model_info(cfg: FARConfig, shapes: GraphShapes) -> ModelInfo:

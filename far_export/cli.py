@@ -204,6 +204,7 @@ def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: b
     default=None,
     help="Default denoising steps. Default: 100 (MAR's README).",
 )
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint directory at --out.")
 def import_mar(mar_checkpoint: str, vae_path: str, out_dir: str, online: bool, **kw: Any) -> None:
     """Turn MAR's checkpoint-last.pth (or a release file) + kl16.ckpt into a checkpoint directory."""
 

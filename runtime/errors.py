@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,20 @@ def finite(name: str, value: Any, error: type[FarError] = RequestError, bound: f
     if abs(value) > bound:
         raise error(f"{name} {value} is out of range: use a value within +-{bound:g}")
     return float(value)
+
+
+def exact_int(name: str, value: Any, error: type[FarError] = RequestError) -> int:
+    """`value` as an int when it is exactly an integer (Python or numpy; not a bool, float or string), else a
+    one-line error naming `name` (3.7 must not quietly become 3, nor "37" the classes 3 and 7)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np_integer())):
+        raise error(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def np_integer() -> tuple[type, ...]:
+    """numpy's integer scalar type when numpy is already imported (this module stays stdlib only)."""
+    np = sys.modules.get("numpy")
+    return (np.integer,) if np is not None else ()
 
 
 def sampling_numbers(cfg: Any, temperature: Any, error: type[FarError] = RequestError) -> tuple[float, float]:
@@ -153,12 +168,22 @@ def artifact_dir(d: Path) -> str | None:
     return None
 
 
+def artifact_ancestor(d: Path) -> tuple[str, Path] | None:
+    """(kind, directory) for the first of `d` (resolved) and its ancestors that is an engine or checkpoint
+    directory: nothing may be written anywhere under one (a rebuild replaces the whole directory)."""
+    for p in (d, *d.parents):
+        kind = artifact_dir(p)
+        if kind:
+            return kind, p
+    return None
+
+
 def check_output_file(path: str | Path, flag: str, error: type[FarError] = RequestError) -> Path:
     """Refuse, before any work, an output file that would replace a directory or a special file, land in an
     engine or checkpoint directory, or sit under a path that cannot be created or written."""
     path = Path(path)
     if (
-        len(path.name.encode()) > 200
+        len(os.fsencode(path.name)) > 200
     ):  # the temporary sibling adds a few characters; most file systems stop at 255
         raise error(f"{flag} {path.name[:20]}...: the file name is too long; use a shorter one")
     if path.is_dir():
@@ -166,11 +191,11 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     if path.exists() and not path.is_file():
         raise error(f"{flag} {path} is not a regular file: give another file name")
     parent = path.resolve().parent
-    kind = artifact_dir(parent)
-    if kind:
+    found = artifact_ancestor(parent)
+    if found:
+        kind, d = found
         raise error(
-            f"{flag} {path} is inside the {kind} directory {parent}: it would replace its files; "
-            f"write outside it"
+            f"{flag} {path} is inside the {kind} directory {d}: a rebuild would delete it; write outside it"
         )
     writable_ancestor(parent, flag, path, error)
     return path
@@ -191,9 +216,13 @@ def check_output_dir(path: str | Path, flag: str, error: type[FarError] = Reques
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise error(f"{flag} {path} is a file, not a directory: give a directory")
-    kind = artifact_dir(path)
-    if kind:
-        raise error(f"{flag} {path} is {'an' if kind == 'engine' else 'a'} {kind} directory: write elsewhere")
+    found = artifact_ancestor(path.resolve())
+    if found:
+        kind, d = found
+        where = "is" if d == path.resolve() else f"is inside {d},"
+        raise error(
+            f"{flag} {path} {where} {'an' if kind == 'engine' else 'a'} {kind} directory: write elsewhere"
+        )
     writable_ancestor(path.resolve(), flag, path, error)
     return path
 

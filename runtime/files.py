@@ -6,10 +6,14 @@ what went wrong (a full disk named as such). stdlib only: the runtime, the expor
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import glob
 import os
+import re
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +55,8 @@ def atomic_path(path: str | Path, errors: tuple[type[BaseException], ...] = ()) 
     (a directory through `replace_dir`); on any failure it is removed. OSError, and the `errors` given
     (a writer's own error types), become a WriteError naming `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    sweep_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         if tmp.is_dir() and not tmp.is_symlink():
@@ -66,6 +71,30 @@ def atomic_path(path: str | Path, errors: tuple[type[BaseException], ...] = ()) 
         raise
 
 
+def sweep_stale_temporaries(path: Path) -> None:
+    """Remove the temporary siblings of `path` (`.NAME.PID-XXXXXXXX.tmp`) that a killed writer left (SIGKILL,
+    power loss): those whose process is gone. A live writer's, and anything else, stay."""
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return
+    for tmp in candidates:
+        m = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.tmp", tmp.name)
+        if m and not pid_alive(int(m.group(1))):
+            _remove(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts as alive: it is not ours to judge)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """`data` (text as UTF-8) written to `path` through a temporary sibling (see `atomic_path`)."""
     path = Path(path)
@@ -76,9 +105,14 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Rename the complete directory `src` (e.g. a mkdtemp one) over `dst`, it and the files and folders in
-    it with the usual permissions (mkdtemp makes 0700, safetensors writes 0600); an existing `dst` is moved
-    aside first and removed only after."""
+    it with the usual permissions (mkdtemp makes 0700, safetensors writes 0600). An existing `dst` is
+    swapped with `src` in one rename (Linux renameat2 RENAME_EXCHANGE), so a signal or a kill at any
+    point leaves `dst` whole, old or new; the old one, then at `src`'s name, is removed after. Where the
+    exchange is not supported, `dst` is moved aside first and removed only after."""
     _usual_permissions(src)
+    if dst.exists() and exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)
+        return
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -86,6 +120,29 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` (same file system) in one atomic rename; False where the kernel, the C
+    library or the file system cannot (then nothing changed)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _usual_permissions(d: Path) -> None:

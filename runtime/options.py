@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import errno
 import math
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,14 +145,49 @@ def request_from_kwargs(kwargs: dict[str, Any]) -> SampleRequest:
     return req
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread (where Python runs every handler, whatever thread the
+    kernel delivered the signal to), so that `finally` blocks and atomic writes remove their temporaries."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise Terminated (their default would end the process at once,
+    leaving temporary files behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    old = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Bad input (a FarError, or an OSError about a named file) becomes one `Error: ...` line and exit 1;
-    anything else is a bug and keeps its traceback."""
+    SIGTERM and SIGHUP one line and exit 128 + the signal's number, temporaries removed; anything else is
+    a bug and keeps its traceback."""
     try:
-        yield
+        with signals_raise():
+            yield
     except click.ClickException:
         raise
+    except Terminated as e:
+        name = signal.Signals(e.signum).name
+        click.echo(f"Error: stopped by {name}; nothing was left half-written", err=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; nothing was left half-written") from None
     except FarError as e:

@@ -31,8 +31,11 @@ numpy only: never imports torch, training or far_export.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import Backend, BackendError, Call, open_backend
-from runtime.errors import MAX_IMAGES, RequestError
+from runtime.errors import MAX_IMAGES, RequestError, exact_int
 from runtime.images import to_uint8
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
@@ -152,7 +155,16 @@ def check_keys(seeds: Sequence[int], indices: Sequence[int], n: int) -> list[tup
 
 
 class Pipeline:
-    """An engine directory opened on one backend, with every buffer allocated once."""
+    """An engine directory opened on one backend, with every buffer allocated once.
+
+    Thread safety: one pipeline may be shared by threads. Its buffers hold one batch at a time, so calls
+    take turns (a lock held per engine batch: `generate_batches` lets others run between its chunks);
+    for parallel generation open one pipeline per thread. A call from inside a `progress` callback of
+    the same pipeline is refused (RequestError), as is any use after `close()`.
+
+    Errors: bad requests raise RequestError, unusable engines ManifestError or BackendError (all
+    FarError subclasses with one-line messages); integer arguments take exact integers only (Python or
+    numpy ints, never bools, floats or strings)."""
 
     def __init__(self, directory: Path, manifest: Manifest, backend: Backend):
         self.directory, self.manifest, self.backend = directory, manifest, backend
@@ -181,8 +193,10 @@ class Pipeline:
         vae = backend.graph("vae_decoder")
         self._vae_calls = [vae.bind({"tokens": t}, {"image": self.image}) for t in self._tokens]
         self._plans: dict[tuple[int, int], _Plan] = {}
-        self._closed = False
         self.timings = Timings()
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside a call, while it holds the lock
+        self._closed = False
         self._plan(self.settings())  # bind everything once, so a mismatched graph fails at load time
 
     # -- loading ----------------------------------------------------------------
@@ -199,6 +213,15 @@ class Pipeline:
     ) -> Pipeline:
         """Open an engine directory: its manifest (schema; with `verify`, the sha256 of every graph),
         then the backend."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise RequestError(f"the engine directory must be a path, got {directory!r}")
+        if threads is not None and exact_int("threads", threads) < 1:
+            raise RequestError(f"threads must be >= 1 (or None for the default), got {threads}")
+        if providers is not None and not (
+            isinstance(providers, str)
+            or (isinstance(providers, (list, tuple)) and all(isinstance(p, str) for p in providers))
+        ):
+            raise RequestError(f"providers must be a name or a list of names, got {providers!r}")
         directory = Path(directory)
         manifest = load_manifest(directory, verify=verify)
         be = open_backend(
@@ -267,12 +290,22 @@ class Pipeline:
         return s
 
     def check_labels(self, classes: Sequence[int]) -> list[int]:
+        """The class ids of a request: a list, tuple or 1-d integer array of exact integers in range."""
+        if isinstance(classes, np.ndarray):
+            if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
+                raise RequestError(
+                    f"classes must be a 1-d integer array, got shape {classes.shape} dtype {classes.dtype}"
+                )
+        elif not isinstance(classes, (list, tuple, range)):
+            raise RequestError(
+                f"classes must be a list of class ids (e.g. [3, 7]), got {type(classes).__name__}"
+            )
         if len(classes) > MAX_IMAGES:
             raise RequestError(
                 f"{len(classes)} images in one request is more than {MAX_IMAGES}: split it into "
                 f"several requests"
             )
-        labels = [int(c) for c in classes]
+        labels = [exact_int("class id", c) for c in classes]
         if not labels:
             raise RequestError("no class given: nothing to generate")
         bad = [c for c in labels if not 0 <= c < self.model.num_classes]
@@ -283,11 +316,9 @@ class Pipeline:
         return labels
 
     def check_batch(self, batch: int | None) -> int:
-        if self._closed:
-            raise RequestError("this pipeline is closed: open the engine directory again (Pipeline.load)")
         if batch is None:
             return self.B
-        batch = int(batch)
+        batch = exact_int("batch", batch)
         if batch > self.B:
             raise RequestError(
                 f"batch {batch} is larger than the engines were built for ({self.B}); "
@@ -336,27 +367,33 @@ class Pipeline:
     ) -> Iterator[np.ndarray]:
         """`generate`, one chunk of `batch` images (n, H, W, 3) uint8 at a time, so that a large request is
         written as it goes with flat memory. Everything is checked before the first image."""
-        labels = self.check_labels(classes)
-        s = self.settings(head_steps, cfg, cfg_schedule, temperature, num_iter, seed)
-        batch = self.check_batch(batch)
+        with self._turn():
+            labels = self.check_labels(classes)
+            s = self.settings(head_steps, cfg, cfg_schedule, temperature, num_iter, seed)
+            batch = self.check_batch(batch)
+            if progress is not None and not callable(progress):
+                raise RequestError(f"progress must be a function (done, total) or None, got {progress!r}")
+            plan = self._plan(s)
         t = self.timings = Timings()
         start = time.perf_counter()
-        plan = self._plan(s)
         chunks = range(0, len(labels), batch)
         total = len(chunks) * len(plan.schedule)
         for c, first in enumerate(chunks):
             chunk = labels[first : first + batch]
             base = c * len(plan.schedule)
             step_progress = (lambda i, n, base=base: progress(base + i, total)) if progress else None
-            keys = [(s.seed, first + b) for b in range(len(chunk))]
-            self._sample(plan, chunk, s, keys, step_progress)
-            t0 = time.perf_counter()
-            plan.vae.run()
-            self.backend.download([self.image])  # the only thing that comes back
-            t.vae += time.perf_counter() - t0
-            t.images += len(chunk)
-            t.wall = time.perf_counter() - start
-            yield to_uint8(self.image[: len(chunk)])
+            with self._turn():  # the buffers hold this chunk until its images are copied out
+                self.timings = t
+                keys = [(s.seed, first + b) for b in range(len(chunk))]
+                self._sample(plan, chunk, s, keys, step_progress)
+                t0 = time.perf_counter()
+                plan.vae.run()
+                self.backend.download([self.image])  # the only thing that comes back
+                t.vae += time.perf_counter() - t0
+                t.images += len(chunk)
+                t.wall = time.perf_counter() - start
+                images = to_uint8(self.image[: len(chunk)])
+            yield images
 
     def sample_tokens(
         self,
@@ -367,13 +404,29 @@ class Pipeline:
     ) -> np.ndarray:
         """Token latents (n, L, C) float32 for at most one engine batch of images first_index.. (the
         runtime's counterpart of training.sample.sample_tokens)."""
-        labels = self.check_labels(labels)
-        self.check_batch(len(labels))
-        plan = self._plan(settings)
-        keys = [(settings.seed, first_index + b) for b in range(len(labels))]
-        self._sample(plan, labels, settings, keys, progress)
-        self.backend.download([plan.tokens_out])
-        return plan.tokens_out[: len(labels)].copy()
+        with self._turn():
+            labels = self.check_labels(labels)
+            self.check_batch(len(labels))
+            if not isinstance(settings, Settings):
+                raise RequestError(f"settings must be a Pipeline.settings(...) result, got {settings!r}")
+            settings = self.settings(
+                settings.head_steps,
+                settings.cfg,
+                settings.cfg_schedule,
+                settings.temperature,
+                settings.num_iter,
+                settings.seed,
+            )
+            first_index = exact_int("first_index", first_index)
+            if first_index < 0:
+                raise RequestError(f"first_index must be >= 0, got {first_index}")
+            if progress is not None and not callable(progress):
+                raise RequestError(f"progress must be a function (done, total) or None, got {progress!r}")
+            plan = self._plan(settings)
+            keys = [(settings.seed, first_index + b) for b in range(len(labels))]
+            self._sample(plan, labels, settings, keys, progress)
+            self.backend.download([plan.tokens_out])
+            return plan.tokens_out[: len(labels)].copy()
 
     def generate_rows(
         self,
@@ -388,39 +441,68 @@ class Pipeline:
         image indices[r] of a request with seed seeds[r], whatever batch it lands in and whatever
         shares it (a server batches rows of many requests). `progress(done, total)` counts AR steps;
         an exception it raises stops the batch there."""
-        labels = self.check_labels(classes)
-        self.check_batch(len(labels))
-        keys = check_keys(seeds, indices, len(labels))
-        plan = self._plan(settings)
-        self._sample(plan, labels, settings, keys, progress)
-        plan.vae.run()
-        self.backend.download([self.image])
-        return to_uint8(self.image[: len(labels)])
+        with self._turn():
+            labels = self.check_labels(classes)
+            self.check_batch(len(labels))
+            keys = check_keys(seeds, indices, len(labels))
+            plan = self._plan(settings)
+            self._sample(plan, labels, settings, keys, progress)
+            plan.vae.run()
+            self.backend.download([self.image])
+            return to_uint8(self.image[: len(labels)])
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Token latents (n <= B, L, C) -> images (n, 3, H, W) float32 in [0, 1]."""
-        n = len(tokens)
-        self.check_batch(n)
-        buf = self._tokens[0]
-        buf[:n] = tokens
-        buf[n:] = 0.0
-        self.backend.upload([buf])
-        self._vae_calls[0].run()
-        self.backend.download([self.image])
-        return self.image[:n].copy()
+        m = self.model
+        want = (m.seq_len, m.token_dim)
+        if not isinstance(tokens, np.ndarray) or tokens.ndim != 3 or tokens.shape[1:] != want:
+            got = tokens.shape if isinstance(tokens, np.ndarray) else type(tokens).__name__
+            raise RequestError(f"decode takes token latents of shape (n, {want[0]}, {want[1]}), got {got}")
+        if not np.issubdtype(tokens.dtype, np.floating):
+            raise RequestError(f"decode takes float token latents, got dtype {tokens.dtype}")
+        with self._turn():
+            n = len(tokens)
+            self.check_batch(n)
+            buf = self._tokens[0]
+            buf[:n] = tokens
+            buf[n:] = 0.0
+            self.backend.upload([buf])
+            self._vae_calls[0].run()
+            self.backend.download([self.image])
+            return self.image[:n].copy()
 
     def close(self) -> None:
-        """Release the backend. The pipeline's buffers (`image`, the plans' tables) are the backend's memory:
-        they are dropped first, and a closed pipeline refuses further requests. Images it returned are
-        copies and stay valid."""
-        if self._closed:
-            return
-        self._closed = True
-        self._plans.clear()
-        self._vae_calls = []
-        self._tokens = self._mask = self._cache = ()
-        self.labels = self.image = self._xa = self._xb = self._z = None  # type: ignore[assignment]
-        self.backend.close()
+        """Free the engines; waits for a call in progress. Later calls raise RequestError. The pipeline's
+        buffers (`image`, the plans' tables) are the backend's memory: they are dropped first. Images it
+        returned are copies and stay valid."""
+        if self._owner == threading.get_ident():
+            raise RequestError("close() was called from inside this pipeline's own call: close it after")
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._plans.clear()
+                self._vae_calls = []
+                self._tokens = self._mask = self._cache = ()
+                self.labels = self.image = self._xa = self._xb = self._z = None  # type: ignore[assignment]
+                self.backend.close()
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the pipeline's buffers for one call (or one chunk of `generate_batches`)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RequestError(
+                "this pipeline was called from inside its own call (a progress callback?): "
+                "use another Pipeline there"
+            )
+        with self._lock:
+            if self._closed:
+                raise RequestError("this pipeline is closed: load the engines again with Pipeline.load")
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def __enter__(self) -> Pipeline:
         return self

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.errors import RequestError, sampling_numbers
+from runtime.errors import RequestError, exact_int, sampling_numbers
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -85,13 +85,17 @@ class SamplingSettings:
         cfg, temperature = sampling_numbers(
             model.cfg if cfg is None else cfg, model.temperature if temperature is None else temperature
         )
+        if cfg_schedule is not None and not isinstance(cfg_schedule, str):
+            raise RequestError(f"cfg_schedule must be a name, got {cfg_schedule!r}")
         s = cls(
-            head_steps=model.resolved_head_steps if head_steps is None else int(head_steps),
+            head_steps=model.resolved_head_steps
+            if head_steps is None
+            else exact_int("head_steps", head_steps),
             cfg=cfg,
             cfg_schedule=cfg_schedule or model.cfg_schedule,
             temperature=temperature,
-            num_iter=model.num_iter if num_iter is None else int(num_iter),
-            seed=int(seed),
+            num_iter=model.num_iter if num_iter is None else exact_int("num_iter", num_iter),
+            seed=exact_int("seed", seed),
         )
         if not 0 <= s.seed < 2**63:
             raise RequestError(f"seed must be in [0, 2^63), got {s.seed}")

@@ -118,6 +118,10 @@ def _fill(args: list[str], ws: dict[str, Path]) -> list[str]:
         (["--out", "{ckpt}/grid.png"], "inside the checkpoint directory"),
         (["--out-dir", "{eng}"], "is an engine directory"),
         (["--out-dir", "{ckpt}"], "is a checkpoint directory"),
+        (["--out-dir", "{eng}/samples"], "is inside {eng}, an engine directory"),
+        (["--out-dir", "{ckpt}/x/y"], "is inside {ckpt}, a checkpoint directory"),
+        (["--out", "{eng}/sub/g.png"], "is inside the engine directory {eng}"),
+        (["--out", "{ckpt}/sub/g.png"], "is inside the checkpoint directory {ckpt}"),
         (["--out", "x.txt"], "unknown image extension '.txt'"),
         (["--out", "grid"], "unknown image extension"),
         (["--out", "afile/x.png"], "is a file, not a directory"),
@@ -144,7 +148,9 @@ def test_sample_flags(ws, args, match):
     cmd = [*FAR, "sample", ws["eng"], "--classes", "0-3", "--threads", "1", *_fill(args, ws)]
     if "--out" not in args and "--out-dir" not in args:
         cmd += ["--out", "x.png"]
-    expect_error(cmd, match, ws["tmp"], [ws["eng"], ws["ckpt"], ws["tmp"]])
+    expect_error(
+        cmd, match.format(eng=ws["eng"], ckpt=ws["ckpt"]), ws["tmp"], [ws["eng"], ws["ckpt"], ws["tmp"]]
+    )
 
 
 @pytest.mark.skipif(
@@ -165,6 +171,8 @@ def test_sample_unwritable_out_fails_before_work(ws):
         (["--cfg", "nan"], "not a finite number"),
         (["--cfg", "inf"], "not a finite number"),
         (["--json", "{eng}/manifest.json"], "inside the engine directory"),
+        (["--json", "{eng}/sub/b.json"], "inside the engine directory"),
+        (["--json", "{ckpt}/sub/b.json"], "inside the checkpoint directory"),
         (["--json", "adir"], "is a directory"),
         (["--runs", "0"], "Invalid value for '--runs'"),
         (["--warmup", "999999999"], "Invalid value for '--warmup'"),
@@ -179,7 +187,7 @@ def test_bench_flags(ws, args, match):
         [*FAR, "bench", ws["eng"], "--runs", "1", "--warmup", "0", "--threads", "1", *_fill(args, ws)],
         match,
         ws["tmp"],
-        [ws["eng"], ws["tmp"]],
+        [ws["eng"], ws["ckpt"], ws["tmp"]],
     )
 
 
@@ -399,6 +407,7 @@ def _copy_ckpt(ws: dict[str, Path], **config: Any) -> Path:
         ({"width": 10**6}, [], "width 1000000 is larger than any model"),
         ({"num_classes": "ten"}, [], "num_classes must be int"),
         ({"vae": [1]}, [], "vae must be an object or a preset name"),
+        ({"mlp_ratio": 1e308}, [], "mlp_ratio must be in (0, 64.0]"),
     ],
 )
 def test_build_refuses_bad_configs(ws, config, flags, match):
@@ -416,6 +425,8 @@ def test_build_refuses_bad_configs(ws, config, flags, match):
         (["--encoder-variants", "17"], "Invalid value for '--encoder-variants'"),
         (["--encoder-variants", "-1"], "Invalid value for '--encoder-variants'"),
         (["--out", "{ckpt}"], "not an engine directory to replace"),
+        (["--out", "{ckpt}/engine"], "is inside the checkpoint directory"),
+        (["--out", "{eng}/sub/engine"], "is inside the engine directory"),
     ],
 )
 def test_build_flags_fail_before_work(ws, args, match):
@@ -429,6 +440,19 @@ def test_build_flags_fail_before_work(ws, args, match):
             *(["--out", "o"] * ("--out" not in args)),
         ],
         match,
+        ws["tmp"],
+        [ws["tmp"], ws["ckpt"], ws["eng"]],
+    )
+
+
+def test_build_never_deletes_files_it_did_not_write(ws):
+    """A rebuild replaces the whole engine directory: one holding a user's file is refused, naming it."""
+    eng = ws["tmp"] / "eng"
+    shutil.copytree(ws["eng"], eng)
+    (eng / "notes.txt").write_text("mine")
+    expect_error(
+        [*FAR, "build", ws["ckpt"], "--out", eng, "--no-engines"],
+        "holds 'notes.txt', which no build wrote",
         ws["tmp"],
         [ws["tmp"], ws["ckpt"]],
     )
@@ -514,6 +538,25 @@ def test_evaluate_checks_its_output_first(ws):
     expect_error(
         [*EVALUATE, "--checkpoint", ckpt, "--json", ckpt / "report.json"],
         "inside the checkpoint directory",
+        t,
+        [t, ckpt],
+    )
+    expect_error(
+        [*EVALUATE, "--checkpoint", ckpt, "--cache-dir", ckpt / "cache"],
+        "is inside",
+        t,
+        [t, ckpt],
+    )
+    expect_error(
+        [*EVALUATE, "--checkpoint", ckpt, "--cache-dir", "afile"], "is a file, not a directory", t, [t]
+    )
+
+
+def test_reference_sampler_refuses_out_dir_inside_artifacts(ws):
+    t, ckpt = ws["tmp"], ws["ckpt"]
+    expect_error(
+        [*SAMPLE, "--checkpoint", ckpt, "--classes", "0-3", "--out-dir", ckpt / "x"],
+        "a checkpoint directory",
         t,
         [t, ckpt],
     )

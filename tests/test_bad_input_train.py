@@ -425,6 +425,36 @@ def test_resume_reuses_threads_and_logs_one_start(base_run, tmp_path):
     assert [x["step"] for x in log if x.get("stage") == "far" and "loss" in x] == [1, 2, 3]
 
 
+_HOLD_RUN = """
+import sys
+from runtime.locks import locked_dir
+from training.run_checks import TrainingError
+with locked_dir(sys.argv[1], "the run directory", TrainingError):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_run_in_use_by_another_process_is_refused(base_run, tmp_path):
+    """A second `--resume` while another process works in the run: one line, nothing written (no second
+    log, no race on the checkpoint)."""
+    out = copy_run(base_run, tmp_path / "run")
+    before = snapshot(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_RUN, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        r = cli("--out", str(out), "--resume", "train.steps=3")
+        assert_one_error(r, f"the run directory {out} is in use by another process")
+        assert snapshot(out) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    r = cli("--out", str(out), "--resume", "train.steps=3")  # free again once the other process ends
+    assert r.returncode == 0, r.stderr
+
+
 # ----------------------------------------------------------------------------
 # Corrupt images
 # ----------------------------------------------------------------------------

@@ -96,3 +96,107 @@ def test_replace_dir_of_a_mkdtemp_directory(tmp_path, umask):
     assert mode(src) == 0o700
     replace_dir(src, tmp_path / "out")
     assert mode(tmp_path / "out") == 0o750 and (tmp_path / "out" / "f").read_text() == "x"
+
+
+_KILLED_IN_THE_WINDOW = """
+import os, shutil, signal, sys
+from pathlib import Path
+from runtime import files
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+real_replace = os.replace
+
+
+def replace_then_term(a, b):  # the old two-rename replace: SIGTERM lands right after its first rename
+    real_replace(a, b)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def term_before_cleanup(*a, **k):  # after the swap, before the old copy is removed
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+os.replace = replace_then_term
+shutil.rmtree = term_before_cleanup
+files.replace_dir(src, dst)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="renameat2 RENAME_EXCHANGE is Linux's")
+def test_a_sigterm_inside_the_replace_never_loses_the_directory(tmp_path):
+    """A real SIGTERM (default action: the process dies at once) delivered at every step of replacing a
+    directory: the target is always there whole, old or new, never missing."""
+    import signal
+    import subprocess
+    import sys
+
+    old, new = tmp_path / "eng", tmp_path / ".eng.build-1-x"
+    old.mkdir()
+    (old / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_THE_WINDOW, str(new), str(old)], cwd=repo, capture_output=True
+    )
+    assert r.returncode == -signal.SIGTERM, r.stderr
+    assert (old / "manifest.json").read_text() == "new"
+
+
+def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
+    """SIGKILL leaves `.NAME.PID-XXXXXXXX.tmp` (a file or a whole checkpoint directory): the next write of
+    NAME removes it when its process is gone; a live writer's temporary and other files stay."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "ckpt"
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    dead = int(child.stdout)  # that process has ended
+    stale = tmp_path / f".ckpt.{dead}-0123abcd.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".ckpt.{os.getpid()}-89abcdef.tmp"
+    live.write_text("being written")
+    other = tmp_path / ".ckpt.notes.tmp"
+    other.write_text("not ours")
+    write_atomic(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+def test_sigterm_during_a_cli_write_removes_its_temporary(tmp_path):
+    """`far-export`'s CLIs turn SIGTERM into one line and exit 143, and the write in progress removes its
+    temporary (the default action would end the process with it left behind)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, time\n"
+        "from runtime.files import atomic_path\n"
+        "from runtime.options import one_line_errors\n"
+        "with one_line_errors():\n"
+        "    with atomic_path(sys.argv[1]) as tmp:\n"
+        "        tmp.write_text('half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "g.png")], cwd=repo, capture_output=True, text=True
+    )
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert r.stderr.strip() == "Error: stopped by SIGTERM; nothing was left half-written"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_checks_take_non_utf8_names(tmp_path):
+    """A name with bytes that are not UTF-8 (a surrogate-escaped str, as os.listdir gives it) is checked,
+    not a UnicodeEncodeError; a too-long one is refused in one line."""
+    from runtime.errors import RequestError, check_output_file
+
+    name = os.fsdecode(b"caf\xe9.png")
+    assert check_output_file(tmp_path / name, "--out") == tmp_path / name
+    with pytest.raises(RequestError, match="the file name is too long"):
+        check_output_file(tmp_path / (os.fsdecode(b"\xe9") * 201), "--out")

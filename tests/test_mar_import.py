@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,23 @@ def test_online_weights_on_request(tmp_path):
     assert all(torch.equal(v, got[k]) for k, v in online.state_dict().items())
 
 
+def test_existing_checkpoint_replaced_only_with_force(tmp_path):
+    """A second import over a checkpoint is refused (weights and train_info.json kept); --force replaces."""
+    pth, kl, _, online = write_mar_files(tmp_path / "mar")
+    out = import_mar(pth, kl, tmp_path / "ckpt", MARImportOptions(num_heads=2)).path
+    (out / "train_info.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = _cli("import-mar", pth, "--vae", kl, "--out", out, "--num-heads", "2", "--online")
+    assert r.returncode != 0 and "is an existing checkpoint" in r.stderr and "--force" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = _cli("import-mar", pth, "--vae", kl, "--out", out, "--num-heads", "2", "--online", "--force")
+    assert r.returncode == 0, r.stderr
+    got = load_checkpoint(out).model.state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in online.state_dict().items())
+    _error(pth, kl, out / "nested", "is inside the checkpoint directory")
+
+
 # ----------------------------------------------------------------------------
 # Bad input: one line naming the file and the problem
 # ----------------------------------------------------------------------------
@@ -242,6 +260,12 @@ def test_bad_files(tmp_path):
     out = tmp_path / "out"
     _error(tmp_path / "none.pth", kl, out, r"none.pth does not exist")
     _error(pth, tmp_path / "none.ckpt", out, r"none.ckpt does not exist")
+    _error(tmp_path, kl, out, r"is a directory, not a file")
+    os.mkfifo(tmp_path / "fifo.pth")
+    _error(tmp_path / "fifo.pth", kl, out, r"fifo.pth is not a regular file")
+    for bad in ("abc", "1e9", 5.5):
+        p, k, _, _ = write_mar_files(tmp_path / f"steps-{bad}", args=tiny_args(num_sampling_steps=bad))
+        _error(p, k, out, rf"saved args have num_sampling_steps = {bad!r}: not a whole number")
     _error(kl, kl, out, r"kl16.ckpt has no 'model_ema' weights; pass --online")  # VAE given as the model
     _error(kl, kl, out, r"kl16.ckpt \['model'\] is not a MAR model: no 'z_proj.weight'", weights="online")
     _error(pth, pth, out, r"checkpoint-last.pth: the VAE weights match none of the known layouts")

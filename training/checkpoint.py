@@ -167,8 +167,9 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 def read_mar_file(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    path = regular_file(path, CheckpointError)  # a directory or a FIFO named as such
     try:
         # MAR's main_mar.py saves its argparse.Namespace beside the weights: a plain attribute bag,
         # whose values still pass the weights-only unpickler's checks.

@@ -23,6 +23,9 @@ class ConfigError(FarError, ValueError):
     """An invalid model configuration (unknown key, impossible dims)."""
 
 
+MAX_MLP_RATIO = 64.0  # MLP width / model width: real models use 4; larger would overflow the sizes
+
+
 # ----------------------------------------------------------------------------
 # VAE (LDM AutoencoderKL layout, MAR's KL-16 names)
 # ----------------------------------------------------------------------------
@@ -227,8 +230,8 @@ class FARConfig:
             raise ConfigError(
                 "img_size, patch_size, head_batch_mul, diffusion_steps must be >= 1, dec_depth >= 0"
             )
-        if self.mlp_ratio <= 0 or self.buffer_size < 0:
-            raise ConfigError("mlp_ratio must be > 0 and buffer_size >= 0")
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO or self.buffer_size < 0:
+            raise ConfigError(f"mlp_ratio must be in (0, {MAX_MLP_RATIO}] and buffer_size >= 0")
         if self.img_size % (self.vae.stride * self.patch_size):
             raise ConfigError(
                 f"img_size {self.img_size} not divisible by vae stride {self.vae.stride} "
@@ -476,8 +479,10 @@ class DiTConfig:
             raise ConfigError(
                 f"dit: width {self.width} must be divisible by 4 and by num_heads {self.num_heads}"
             )
-        if self.mlp_ratio <= 0 or self.latent_scale <= 0 or self.temperature <= 0:
-            raise ConfigError("dit: mlp_ratio, latent_scale and temperature must be > 0")
+        if not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
+            raise ConfigError(f"dit: mlp_ratio must be in (0, {MAX_MLP_RATIO}], got {self.mlp_ratio}")
+        if self.latent_scale <= 0 or self.temperature <= 0:
+            raise ConfigError("dit: latent_scale and temperature must be > 0")
         if not 0 <= self.class_dropout < 1:
             raise ConfigError("dit: class_dropout must be in [0, 1)")
         try:

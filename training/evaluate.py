@@ -431,7 +431,7 @@ def _head_steps(ctx: object, param: object, value: str | None) -> list[int] | No
 def _cli():
     import click
 
-    from runtime.errors import MAX_CFG, check_output_file
+    from runtime.errors import MAX_CFG, check_output_dir, check_output_file
     from runtime.files import write_atomic
     from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
@@ -507,6 +507,7 @@ def _cli():
         with one_line_errors():
             if json_out:
                 check_output_file(json_out, "--json")  # before the evaluation, not after it
+            check_output_dir(cache_dir, "--cache-dir", EvalError)
             if engine and len(checkpoints) > 1:
                 raise click.UsageError("--engine scores one checkpoint's engines: give one --checkpoint")
             reports = [

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from runtime.errors import artifact_ancestor
 from training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -67,6 +68,7 @@ class MARImportOptions:
     temperature: float | None = None
     num_iter: int | None = None
     head_steps: int | None = None
+    force: bool = False  # replace an existing checkpoint directory at `out` (its weights, train_info.json)
 
     def check(self) -> MARImportOptions:
         if self.weights not in ("ema", "online"):
@@ -250,6 +252,20 @@ def infer_mar_config(
     return cfg, size
 
 
+def _saved_int(name: str, value: Any) -> int:
+    """An integer MAR saved as an int or a decimal string ("100"); anything else is a CheckpointError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, str))
+        or not re.fullmatch(r"\d{1,9}", str(value))
+    ):
+        raise CheckpointError(
+            f"the checkpoint's saved args have {name} = {value!r}: not a whole number; "
+            f"pass the value with its flag (e.g. --head-steps 100)"
+        )
+    return int(value)
+
+
 def _sampling_defaults(size: str | None, a: dict[str, Any], opts: MARImportOptions) -> dict[str, Any]:
     """MAR's README values for MAR-B/L/H, else the saved args' (MAR's flags of the same names), then the
     caller's overrides."""
@@ -258,7 +274,7 @@ def _sampling_defaults(size: str | None, a: dict[str, Any], opts: MARImportOptio
     else:
         out = {k: a[k] for k in ("cfg", "cfg_schedule", "temperature", "num_iter") if k in a}
         if "num_sampling_steps" in a:
-            out["head_steps"] = int(a["num_sampling_steps"])  # MAR's flag is a string ("100")
+            out["head_steps"] = _saved_int("num_sampling_steps", a["num_sampling_steps"])  # a string ("100")
     for k in ("cfg", "cfg_schedule", "temperature", "num_iter", "head_steps"):
         if getattr(opts, k) is not None:
             out[k] = getattr(opts, k)
@@ -282,6 +298,17 @@ def import_mar(
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise CheckpointError(f"{out} exists and is not a checkpoint directory; choose another --out")
+    if out.is_dir() and (out / CONFIG_FILE).is_file() and not opts.force:
+        raise CheckpointError(
+            f"--out {out} is an existing checkpoint: importing would replace its weights; "
+            f"choose another --out or pass --force to replace it"
+        )
+    found = artifact_ancestor(out.resolve().parent)
+    if found:
+        raise CheckpointError(
+            f"--out {out} is inside the {found[0]} directory {found[1]}: a rebuild would delete it; "
+            f"write outside it"
+        )
     obj = read_mar_file(model_path)
     if "model" not in obj and "model_ema" not in obj:
         raise CheckpointError(

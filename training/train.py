@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from torch import nn
 
 from runtime.errors import FarError
 from runtime.files import WriteError, atomic_path, write_atomic, write_failure
+from runtime.locks import locked_dir
 from training.checkpoint import save_checkpoint, save_tensors
 from training.config import ConfigError, DiTConfig, FARConfig
 from training.data import (
@@ -530,6 +532,7 @@ def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, An
     """Both stages (or FAR alone on `vae.init`); returns the exported checkpoint directory.
     `options` (the CLI's run-time options, e.g. threads) are stored in RUN/run.json for --resume."""
     ctx = setup_context(run.device)
+    held = ExitStack()
     try:
         if ctx.device.type == "cpu" and ctx.distributed and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, torch.get_num_threads() // ctx.world))
@@ -537,6 +540,7 @@ def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, An
         ctx.barrier()  # every rank checked the directory before rank 0 writes into it
         if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(locked_dir(out, "the run directory", TrainingError))  # one process per run
             write_atomic(out / "config.toml", dump_toml(run.to_dict()))
             if options is not None:
                 write_atomic(out / RUN_OPTIONS, json.dumps(options, indent=2) + "\n")
@@ -549,6 +553,7 @@ def train(run: RunConfig, out: Path, resume: bool = False, options: dict[str, An
         log(stage="done", vae_seconds=t1 - t0, far_seconds=time.time() - t1, world_size=ctx.world)
         return ckpt
     finally:
+        held.close()
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
