@@ -39,6 +39,7 @@ from far_export.export import (
     graph_modules,
     graph_specs,
 )
+from far_export.shared_weights import share_weights
 from far_export.validate import (
     E2E_TOLERANCES,
     TOLERANCES,
@@ -59,9 +60,11 @@ from runtime.errors import MAX_BATCH, FarError, writable_ancestor
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
+    SHARED_WEIGHTS_FILE,
     GraphSpec,
     Manifest,
     ModelInfo,
+    SharedWeights,
     is_variant,
     load_manifest,
     sha256_file,
@@ -396,7 +399,9 @@ def _build_into(
     if notes:
         validation["notes"] = notes
 
+    shared = _share_backbone_weights(tmp, specs, log)
     manifest = _manifest(tmp, ckpt_sha, cfg, shapes, specs, graph_precision, precision, validation)
+    manifest = manifest.replace(shared_weights=shared)
     if opts.end_to_end:
         graphs_v_real, e2e = _end_to_end(
             tmp, manifest, cfg, ckpt, shapes, specs, sessions, upcast, refs, opts, graph_precision, log
@@ -448,6 +453,20 @@ def _manifest(
         model=model_info(cfg, shapes),
         graphs=graphs,
         validation=validation,
+    )
+
+
+def _share_backbone_weights(tmp: Path, specs: dict[str, GraphIO], log: Log) -> SharedWeights | None:
+    """The backbone and its encoder variants read one weights file (far_export/shared_weights.py)."""
+    names = [n for n in specs if n == "backbone" or is_variant(n)]
+    with stage(log, f"share the weights of {', '.join(names)}") as st:
+        size, tensors = share_weights(tmp, {n: specs[n].file for n in names})
+        st["note"] = f"{SHARED_WEIGHTS_FILE}: {size / 1e6:.1f} MB"
+    return SharedWeights(
+        file=SHARED_WEIGHTS_FILE,
+        sha256=sha256_file(tmp / SHARED_WEIGHTS_FILE),
+        graphs=tuple(names),
+        tensors=tensors,
     )
 
 
