@@ -458,14 +458,14 @@ def _manifest(
 
 def _share_backbone_weights(tmp: Path, specs: dict[str, GraphIO], log: Log) -> SharedWeights | None:
     """The backbone and its encoder variants read one weights file (far_export/shared_weights.py)."""
-    names = [n for n in specs if n == "backbone" or is_variant(n)]
-    with stage(log, f"share the weights of {', '.join(names)}") as st:
-        size, tensors = share_weights(tmp, {n: specs[n].file for n in names})
+    files = {n: io_.file for n, io_ in specs.items() if n == "backbone" or is_variant(n)}
+    with stage(log, f"share the weights of {', '.join(files)}") as st:
+        size, tensors = share_weights(tmp, files)
         st["note"] = f"{SHARED_WEIGHTS_FILE}: {size / 1e6:.1f} MB"
     return SharedWeights(
         file=SHARED_WEIGHTS_FILE,
         sha256=sha256_file(tmp / SHARED_WEIGHTS_FILE),
-        graphs=tuple(names),
+        graphs=tuple(files),
         tensors=tensors,
     )
 
