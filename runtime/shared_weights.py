@@ -13,12 +13,13 @@ numpy and onnxruntime only.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runtime.manifest import SharedWeights
+from runtime.manifest import REBUILD, ManifestError, SharedWeights
 
 ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16; numpy has no bfloat16, its bits live in uint16
 
@@ -38,11 +39,13 @@ class SharedInitializers:
             if self._buffer is None:
                 self._buffer = np.fromfile(self._path, dtype=np.uint8)
             offset, length, dtype, shape = entry
-            a = (
-                self._buffer[offset : offset + length]
-                .view(np.uint16 if dtype == "bfloat16" else np.dtype(dtype))
-                .reshape(shape)
-            )
+            host = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+            if offset + length > self._buffer.nbytes or length != math.prod(shape) * host.itemsize:
+                raise ManifestError(
+                    f"manifest shared_weights: a {dtype}{list(shape)} tensor at {offset}+{length} is not in "
+                    f"{self._path} ({self._buffer.nbytes} bytes); {REBUILD}"
+                )
+            a = self._buffer[offset : offset + length].view(host).reshape(shape)
             self._values[entry] = (
                 self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a, ONNX_BFLOAT16)
                 if dtype == "bfloat16"

@@ -101,3 +101,15 @@ def test_older_schema_is_refused_with_rebuild(tmp_path_factory, tmp_path):
     (d / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="schema 3 is older .*rebuild with far-export build"):
         load_manifest(d)
+
+
+def test_tensor_outside_the_weights_file_is_refused(tmp_path_factory, tmp_path):
+    _, engines = built_engines(tmp_path_factory, "masked", "shortcut")
+    d = _copy(engines, tmp_path)
+    raw = json.loads((d / "manifest.json").read_text())
+    name, entry = next(iter(raw["shared_weights"]["tensors"]["backbone"].items()))
+    raw["shared_weights"]["tensors"]["backbone"][name] = [1 << 30, *entry[1:]]
+    (d / "manifest.json").write_text(json.dumps(raw))
+    backend = OrtBackend(d, load_manifest(d), threads=1)
+    with pytest.raises(ManifestError, match="is not in .*backbone.weights"):
+        backend.graph("backbone")
