@@ -219,6 +219,14 @@ class Manifest:
         """Known-token capacity -> graph name of the masked backbone's encoder variants, ascending."""
         return dict(sorted((g.known_capacity, n) for n, g in self.graphs.items() if is_variant(n)))
 
+    def content_sha256(self, name: str) -> str:
+        """What graph `name` computes: its file's sha256, and the shared weights' for a graph that reads
+        them (its .onnx file alone is the same for any checkpoint of one architecture)."""
+        g, sw = self.graphs[name], self.shared_weights
+        if sw is None or name not in sw.graphs:
+            return g.sha256
+        return hashlib.sha256(f"{g.sha256}:{sw.sha256}".encode()).hexdigest()
+
     def save(self, directory: str | Path) -> Path:
         return write_atomic(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -113,3 +113,17 @@ def test_tensor_outside_the_weights_file_is_refused(tmp_path_factory, tmp_path):
     backend = OrtBackend(d, load_manifest(d), threads=1)
     with pytest.raises(ManifestError, match="is not in .*backbone.weights"):
         backend.graph("backbone")
+
+
+def test_plans_are_keyed_on_the_shared_weights(tmp_path_factory):
+    """A backbone .onnx file is the same for every checkpoint of one architecture once its weights are in
+    backbone.weights: what a TensorRT plan is keyed on (far_export/tensorrt.py build_key) includes them."""
+    import dataclasses
+
+    _, engines = built_engines(tmp_path_factory, "masked", "shortcut")
+    m = load_manifest(engines)
+    other = m.replace(shared_weights=dataclasses.replace(m.shared_weights, sha256="0" * 64))
+    for name in m.graphs:
+        shared = name in m.shared_weights.graphs
+        assert (m.content_sha256(name) != other.content_sha256(name)) == shared
+        assert (m.content_sha256(name) == m.graphs[name].sha256) != shared
