@@ -384,10 +384,11 @@ class OrtBackend(Backend):
         if name not in self._graphs:
             spec = self.manifest.graphs[name]
             path = self.directory / spec.file
+            opts = self._options_for(name)
             try:
                 session = self._ort.InferenceSession(
                     str(path),
-                    sess_options=self._options_for(name),
+                    sess_options=opts,
                     providers=self.providers,
                     provider_options=self._provider_options,
                 )

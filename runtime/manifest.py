@@ -237,6 +237,7 @@ class Manifest:
 REBUILD = "rebuild with far-export build"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+WEIGHT_DTYPES = (*DTYPES, "int8", "uint8", "int16", "uint16", "float64")  # initializers (int8: QDQ weights)
 MAX_DIM = 1 << 20  # any one static dimension
 MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: any one buffer the runtime would allocate
 _MISSING = object()
@@ -432,7 +433,7 @@ def _shared_weights(d: Any, graphs: dict[str, Any]) -> SharedWeights | None:
                 isinstance(v, list)
                 and len(v) == 4
                 and all(isinstance(x, int) and 0 <= x < 1 << 40 for x in v[:2])
-                and v[2] in DTYPES
+                and v[2] in WEIGHT_DTYPES
                 and isinstance(v[3], list)
                 and all(isinstance(x, int) and 0 <= x <= MAX_DIM for x in v[3])
             )
