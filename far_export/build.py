@@ -456,7 +456,7 @@ def _manifest(
     )
 
 
-def _share_backbone_weights(tmp: Path, specs: dict[str, GraphIO], log: Log) -> SharedWeights | None:
+def _share_backbone_weights(tmp: Path, specs: dict[str, GraphIO], log: Log) -> SharedWeights:
     """The backbone and its encoder variants read one weights file (far_export/shared_weights.py)."""
     files = {n: io_.file for n, io_ in specs.items() if n == "backbone" or is_variant(n)}
     with stage(log, f"share the weights of {', '.join(files)}") as st:
