@@ -39,6 +39,7 @@ from far_export.export import (
     graph_modules,
     graph_specs,
 )
+from far_export.shared_weights import share_weights
 from far_export.validate import (
     E2E_TOLERANCES,
     TOLERANCES,
@@ -60,9 +61,11 @@ from runtime.files import pid_alive
 from runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
+    SHARED_WEIGHTS_FILE,
     GraphSpec,
     Manifest,
     ModelInfo,
+    SharedWeights,
     is_variant,
     load_manifest,
     sha256_file,
@@ -414,7 +417,9 @@ def _build_into(
     if notes:
         validation["notes"] = notes
 
+    shared = _share_backbone_weights(tmp, specs, log)
     manifest = _manifest(tmp, ckpt_sha, cfg, shapes, specs, graph_precision, precision, validation)
+    manifest = manifest.replace(shared_weights=shared)
     if opts.end_to_end:
         graphs_v_real, e2e = _end_to_end(
             tmp, manifest, cfg, ckpt, shapes, specs, sessions, upcast, refs, opts, graph_precision, log
@@ -466,6 +471,20 @@ def _manifest(
         model=model_info(cfg, shapes),
         graphs=graphs,
         validation=validation,
+    )
+
+
+def _share_backbone_weights(tmp: Path, specs: dict[str, GraphIO], log: Log) -> SharedWeights:
+    """The backbone and its encoder variants read one weights file (far_export/shared_weights.py)."""
+    files = {n: io_.file for n, io_ in specs.items() if n == "backbone" or is_variant(n)}
+    with stage(log, f"share the weights of {', '.join(files)}") as st:
+        size, tensors = share_weights(tmp, files)
+        st["note"] = f"{SHARED_WEIGHTS_FILE}: {size / 1e6:.1f} MB"
+    return SharedWeights(
+        file=SHARED_WEIGHTS_FILE,
+        sha256=sha256_file(tmp / SHARED_WEIGHTS_FILE),
+        graphs=tuple(files),
+        tensors=tensors,
     )
 
 

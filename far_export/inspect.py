@@ -47,6 +47,11 @@ def lines(m: Manifest, directory: Path) -> list[str]:
             f"      in:  {_tensors(g.inputs)}",
             f"      out: {_tensors(g.outputs)}",
         ]
+    sw = m.shared_weights
+    if sw is not None:
+        f = directory / sw.file
+        size = f.stat().st_size / 1e6 if f.exists() else 0.0
+        out.append(f"  shared weights: {sw.file} ({size:.1f} MB, one copy for {', '.join(sw.graphs)})")
     try:
         out += _validation(m.validation)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:  # hand-edited or foreign data

@@ -277,7 +277,7 @@ def compile_engines(
     staged: list[tuple[Path, Path]] = []  # new plans are moved into place only when every graph succeeded
     try:
         for name, g in manifest.graphs.items():
-            key = build_key(g.sha256, settings, device)
+            key = build_key(manifest.content_sha256(name), settings, device)
             plan = directory / plan_name(name, device)
             t0 = time.perf_counter()
             prev = old.get(name)

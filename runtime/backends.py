@@ -26,6 +26,7 @@ import numpy as np
 
 from runtime.errors import FarError, first_line
 from runtime.manifest import GraphSpec, Manifest, TensorSpec
+from runtime.shared_weights import SharedInitializers
 
 BACKENDS = ("ort", "trt")
 
@@ -363,16 +364,8 @@ class OrtBackend(Backend):
                     else "check --providers"
                 )
             )
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        if not spin:  # idle worker threads otherwise busy-wait, starving other work on a loaded machine
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for key, value in gpu_session_config(self.providers).items():
-            opts.add_session_config_entry(key, value)
-        self._opts = opts
+        self._threads, self._spin = threads, spin
+        self._opts = self._options()
         self._provider_options = None  # the CPU path as ONNX Runtime's defaults have it
         if any(p in GPU_PROVIDERS for p in self.providers):
             load_gpu_libraries(ort, self.providers)
@@ -387,12 +380,36 @@ class OrtBackend(Backend):
                     ) from None
         self.directory, self.manifest = directory, manifest
         self._graphs: dict[str, OrtGraph] = {}
+        sw = manifest.shared_weights
+        self._shared = SharedInitializers(ort, directory, sw) if sw is not None else None
         # Under a GPU provider the state lives in CUDA memory (bound by address, uploaded and downloaded by
         # the pipeline); on the CPU the graphs bind the numpy buffers themselves, unless `device_memory`
         # says where.
         if device_memory is None and self.providers[0] in GPU_PROVIDERS:
             device_memory = "cuda"
         self.memory = OrtDeviceMemory(ort, device_memory, self.providers[0]) if device_memory else None
+
+    def _options(self) -> Any:
+        ort = self._ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        if not self._spin:  # idle worker threads otherwise busy-wait, starving other work on a loaded machine
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in gpu_session_config(self.providers).items():
+            opts.add_session_config_entry(key, value)
+        return opts
+
+    def _options_for(self, name: str) -> Any:
+        """The session options of graph `name`: on the CPU, the backbone graphs get the one shared copy of
+        their weights (runtime/shared_weights.py)."""
+        if self._shared is None or not self._shared.covers(name) or self.memory is not None:
+            return self._opts
+        opts = self._options()
+        self._shared.add_to(opts, name)
+        return opts
 
     def empty(self, shape: Sequence[int], dtype: str | np.dtype) -> np.ndarray:
         return self.memory.empty(shape, dtype) if self.memory else super().empty(shape, dtype)
@@ -412,10 +429,11 @@ class OrtBackend(Backend):
         if name not in self._graphs:
             spec = self.manifest.graphs[name]
             path = self.directory / spec.file
+            opts = self._options_for(name)
             try:
                 session = self._ort.InferenceSession(
                     str(path),
-                    sess_options=self._opts,
+                    sess_options=opts,
                     providers=self.providers,
                     provider_options=self._provider_options,
                 )

@@ -33,7 +33,9 @@ from runtime.errors import directory as check_directory
 from runtime.files import write_atomic
 from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
-SCHEMA_VERSION = 3  # 2: the "update" graph (the scatter of each AR step); 3: encoder variants
+# 2: the "update" graph (the AR step scatter); 3: encoder variants; 4: one shared backbone weights file
+SCHEMA_VERSION = 4
+SHARED_WEIGHTS_FILE = "backbone.weights"  # ONNX external data of the backbone and its encoder variants
 MANIFEST = "manifest.json"
 GRAPHS = ("backbone", "head", "update", "vae_decoder")  # every engine directory has these
 _VARIANT = re.compile(r"backbone_k([1-9][0-9]{0,6})")
@@ -88,6 +90,17 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class SharedWeights:
+    """The one weights file the backbone graph and its encoder variants read their initializers from."""
+
+    file: str
+    sha256: str
+    graphs: tuple[str, ...]  # the graphs that reference it
+    # per graph: initializer name -> (offset, length, numpy dtype, shape) in the file
+    tensors: dict[str, dict[str, tuple[int, int, str, tuple[int, ...]]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The runtime part of the model config: everything the AR loop needs."""
 
@@ -135,6 +148,7 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     engines: dict[str, EngineSpec] = field(default_factory=dict)
     timing_cache: str | None = None
+    shared_weights: SharedWeights | None = None
 
     # -- (de)serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +208,7 @@ class Manifest:
                 for k in engines_raw
             },
             timing_cache=None if timing_cache is None else _file_name(timing_cache, "timing_cache"),
+            shared_weights=_shared_weights(d.get("shared_weights"), graphs_raw),
         )
         _check_sizes(m)
         _check_variants(m)
@@ -203,6 +218,14 @@ class Manifest:
     def encoder_variants(self) -> dict[int, str]:
         """Known-token capacity -> graph name of the masked backbone's encoder variants, ascending."""
         return dict(sorted((g.known_capacity, n) for n, g in self.graphs.items() if is_variant(n)))
+
+    def content_sha256(self, name: str) -> str:
+        """What graph `name` computes: its file's sha256, and the shared weights' for a graph that reads
+        them (its .onnx file alone is the same for any checkpoint of one architecture)."""
+        g, sw = self.graphs[name], self.shared_weights
+        if sw is None or name not in sw.graphs:
+            return g.sha256
+        return hashlib.sha256(f"{g.sha256}:{sw.sha256}".encode()).hexdigest()
 
     def save(self, directory: str | Path) -> Path:
         return write_atomic(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -214,6 +237,7 @@ class Manifest:
 REBUILD = "rebuild with far-export build"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+WEIGHT_DTYPES = (*DTYPES, "int8", "uint8", "int16", "uint16", "float64")  # initializers (int8: QDQ weights)
 MAX_DIM = 1 << 20  # any one static dimension
 MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: any one buffer the runtime would allocate
 _MISSING = object()
@@ -389,6 +413,44 @@ def _engine(d: dict[str, Any], where: str) -> EngineSpec:
     )
 
 
+def _shared_weights(d: Any, graphs: dict[str, Any]) -> SharedWeights | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ManifestError(f"manifest field shared_weights must be an object; {REBUILD}")
+    names = _field(d, "graphs", list, where="shared_weights.")
+    unknown = [n for n in names if n not in graphs]
+    if unknown or not names:
+        raise ManifestError(
+            f"manifest field shared_weights.graphs must name graphs of the manifest, got {names!r}; {REBUILD}"
+        )
+    raw = _field(d, "tensors", dict, where="shared_weights.")
+    tensors: dict[str, dict[str, tuple[int, int, str, tuple[int, ...]]]] = {}
+    for g in names:
+        tensors[g] = {}
+        for k, v in _field(raw, g, dict, where="shared_weights.tensors.").items():
+            ok = (
+                isinstance(v, list)
+                and len(v) == 4
+                and all(isinstance(x, int) and 0 <= x < 1 << 40 for x in v[:2])
+                and v[2] in WEIGHT_DTYPES
+                and isinstance(v[3], list)
+                and all(isinstance(x, int) and 0 <= x <= MAX_DIM for x in v[3])
+            )
+            if not ok:
+                raise ManifestError(
+                    f"manifest field shared_weights.tensors.{g}.{k} must be [offset, length, dtype, shape]; "
+                    f"{REBUILD}"
+                )
+            tensors[g][k] = (v[0], v[1], v[2], tuple(v[3]))
+    return SharedWeights(
+        file=_file_name(d.get("file"), "shared_weights.file"),
+        sha256=_field(d, "sha256", str, where="shared_weights."),
+        graphs=tuple(names),
+        tensors=tensors,
+    )
+
+
 def _check_sizes(m: Manifest) -> None:
     """No buffer the runtime allocates from the manifest may be absurd (a crafted `batch: 1e12`)."""
     mi = m.model
@@ -468,6 +530,13 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         if verify and sha256_file(f) != g.sha256:
             raise ManifestError(
                 f"graph file {f} ({name}) does not match its sha256 in the manifest: corrupt or replaced"
+            )
+    sw = manifest.shared_weights
+    if sw is not None:
+        f = graph_path(directory, sw.file, "shared weights")
+        if verify and sha256_file(f) != sw.sha256:
+            raise ManifestError(
+                f"weights file {f} does not match its sha256 in the manifest: corrupt or replaced; {REBUILD}"
             )
     return manifest
 

@@ -75,6 +75,7 @@ def test_inspect_prints_graphs_shapes_and_validation(built):
         "image float32[2,3,16,16]",
         "end to end",
         "TensorRT engines: none",
+        "shared weights: backbone.weights (",
     ):
         assert word in res.output
     res = _invoke("inspect", out, "--json")
