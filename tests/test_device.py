@@ -212,21 +212,30 @@ def _extras() -> dict[str, list[str]]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
-def _names(reqs: list[str]) -> set[str]:
-    import re
+def _names(reqs: list[str], machine: str | None = None) -> set[str]:
+    """The distributions `reqs` installs (on `machine`: its platform markers evaluated; None: all)."""
+    from packaging.requirements import Requirement
 
-    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].strip().lower() for r in reqs}
+    out = set()
+    for r in map(Requirement, reqs):
+        if machine is None or r.marker is None or r.marker.evaluate({"platform_machine": machine}):
+            out.add(r.name.lower())
+    return out
 
 
 def test_no_extra_installs_both_onnxruntime_variants_and_jetson_resolves_on_jetpack():
     extras = _extras()
     for name, reqs in extras.items():
-        assert not {"onnxruntime", "onnxruntime-gpu"} <= _names(reqs), name
+        for machine in ("x86_64", "aarch64"):
+            assert not {"onnxruntime", "onnxruntime-gpu"} <= _names(reqs, machine), (name, machine)
+    # PyPI has no aarch64 onnxruntime-gpu: the GPU extras take it on x86-64 only
+    assert "onnxruntime-gpu" not in _names(extras["gpu"], "aarch64") | _names(extras["cuda13"], "aarch64")
+    assert any(r.startswith("tensorrt-cu12>=10.3,<11") for r in extras["gpu"])  # ORT's TensorRT EP links 10
     assert "onnxruntime" not in _names(extras["export"])  # so [export,gpu] installs one variant
     # JetPack 6: tensorrt comes from apt, onnxruntime-gpu from the Jetson wheel index, CUDA 12 bindings
     assert not _names(extras["jetson"]) & {"tensorrt", "onnxruntime-gpu", "onnxruntime"}
-    for cuda12 in ("gpu", "jetson"):
-        assert any(r.replace(" ", "").startswith("cuda-python>=12.6,<13") for r in extras[cuda12]), cuda12
+    assert any(r.replace(" ", "").startswith("cuda-python>=12.6,<13") for r in extras["gpu"])
+    assert "cuda-python>=12.6,<12.7" in extras["jetson"]  # JetPack 6.1/6.2's CUDA, not an SBSA 12.9 build
     assert any(r.replace(" ", "").startswith("cuda-python>=13") for r in extras["cuda13"])
 
 
@@ -242,11 +251,16 @@ def test_ort_backend_builds_gpu_session_options_and_leaves_cpu_as_it_was(tmp_pat
         "get_available_providers",
         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     )
-    gpu = OrtBackend(tmp_path, None, providers="tensorrt,cuda")
+    called = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda: called.append("preload"), raising=False)
+    fp16 = SimpleNamespace(precision="fp16", shared_weights=None)  # what OrtBackend reads of a manifest
+    gpu = OrtBackend(tmp_path, fp16, providers="tensorrt,cuda")
+    assert called == ["preload"]  # onnxruntime-gpu's CUDA / cuDNN before the first GPU session
     assert gpu._opts.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
     assert gpu._provider_options[0]["trt_engine_cache_path"] == str(tmp_path / ORT_TRT_CACHE)
+    assert gpu._provider_options[0]["trt_fp16_enable"] == "True"
     assert (tmp_path / ORT_TRT_CACHE).is_dir() and gpu._provider_options[1] == {}
-    cpu = OrtBackend(tmp_path, None, providers="cpu")
+    cpu = OrtBackend(tmp_path, SimpleNamespace(precision="fp32", shared_weights=None), providers="cpu")
     assert cpu._provider_options is None
     assert cpu._opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(RuntimeError, match="does not have configuration with key"):
