@@ -162,9 +162,12 @@ def build_files(out: Path) -> set[str]:
     try:
         m = load_manifest(out, verify=False)
     except FarError:
-        return {n for n in os.listdir(out) if n.endswith((".onnx", ".data", ".plan", ".cache", MANIFEST))}
+        suffixes = (".onnx", ".data", ".weights", ".plan", ".cache", MANIFEST)
+        return {n for n in os.listdir(out) if n.endswith(suffixes)}
     names = {MANIFEST, *(g.file for g in m.graphs.values()), *(e.file for e in m.engines.values())}
     names |= {f"{g.file}.data" for g in m.graphs.values()}
+    if m.shared_weights is not None:
+        names.add(m.shared_weights.file)
     if m.timing_cache:
         names.add(m.timing_cache)
     return names

@@ -277,6 +277,10 @@ def test_manifest_missing_fields(copy):
 
 def _rename_variant(d):
     d["graphs"]["backbone_k20"] = d["graphs"].pop("backbone_k5")
+    sw = d.get("shared_weights")
+    if sw:  # the shared weights' index names the graph too: rename it there, so the capacity check speaks
+        sw["graphs"] = ["backbone_k20" if g == "backbone_k5" else g for g in sw["graphs"]]
+        sw["tensors"]["backbone_k20"] = sw["tensors"].pop("backbone_k5")
 
 
 def _variant_input(d):
