@@ -267,12 +267,9 @@ def build(
     check_output_path(out, Path(checkpoint_dir))
     sweep_stale(out)
     if opts.require_engines:  # fail before a long export, not after it
-        from far_export.tensorrt import TensorRTUnavailable, detect_device
-
-        try:
-            detect_device()
-        except TensorRTUnavailable as e:
-            raise BuildError(f"--require-engines: TensorRT plans cannot be built here: {e}") from None
+        why = tensorrt_missing()
+        if why:
+            raise BuildError(f"--require-engines: TensorRT plans cannot be built here: {why}")
 
     from runtime.files import replace_dir
     from training.checkpoint import checkpoint_sha256, load_checkpoint
@@ -514,14 +511,15 @@ def with_backbone_feeds(
     return {**calls, "backbone": feeds} if feeds else calls
 
 
-def tensorrt_present() -> bool:
+def tensorrt_missing() -> str | None:
+    """Why TensorRT plans cannot be built here (tensorrt or a GPU missing), or None."""
     from far_export.tensorrt import TensorRTUnavailable, detect_device
 
     try:
         detect_device()
-    except TensorRTUnavailable:
-        return False
-    return True
+    except TensorRTUnavailable as e:
+        return str(e)
+    return None
 
 
 def _quantize(
@@ -560,7 +558,7 @@ def _quantize(
     fp32_dir.mkdir()
     # TensorRT takes symmetric int8 only: where plans will be built, activations are s8 (zero point 0);
     # elsewhere u8, ONNX Runtime's faster x86 kernels (far_export/quantize.py)
-    activations = "s8" if (opts.engines or opts.require_engines) and tensorrt_present() else "u8"
+    activations = "s8" if (opts.engines or opts.require_engines) and tensorrt_missing() is None else "u8"
     for name, io_ in specs.items():
         if graph_precision[name] != "int8":
             continue

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime.backends import from_bf16_bits, to_bf16_bits
 from runtime.manifest import TensorSpec
 from runtime.schedule import ddpm_sampling_schedule
 
@@ -97,9 +98,7 @@ def _as_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def to_bf16_values(a: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bfloat16, ties to even (still float32; numpy has no bfloat16)."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
+    return from_bf16_bits(to_bf16_bits(a))
 
 
 def upcast_bf16(path: str | Path) -> bytes:

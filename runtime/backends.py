@@ -46,6 +46,19 @@ def host_dtype(dtype: str | np.dtype) -> np.dtype:
     return np.dtype(np.uint16) if str(dtype) == "bfloat16" else np.dtype(dtype)
 
 
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> the bits of the nearest bfloat16 (uint16), ties to even."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(
+        np.uint16
+    )
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 ROW_ALIGN = 256  # TensorRT's setTensorAddress: "at least 256-byte alignment" (NvInferRuntime.h)
 

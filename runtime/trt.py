@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import Backend, BackendError, Call, Graph, host_dtype
+from runtime.backends import Backend, BackendError, Call, Graph, from_bf16_bits, host_dtype, to_bf16_bits
 from runtime.device import (
     DeviceError,
     DeviceInfo,
@@ -196,16 +196,18 @@ class TrtSequence(Call):
             why = str(e)
         finally:  # end the capture whatever happened, so that the stream is usable again
             err, graph = rt.cudaStreamEndCapture(be.stream)
-        if why is None and int(err) == 0:
+        if why is None and int(err) != 0:
+            why = f"cudaStreamEndCapture failed: {error_name(rt, err)}"
+        if why is None:
             err, exec_ = rt.cudaGraphInstantiate(graph, 0)
             if int(err) == 0:
                 self.graph, self.exec = graph, exec_
                 return
             why = f"cudaGraphInstantiate failed: {error_name(rt, err)}"
-        if graph is not None and int(err) == 0:
+        if graph is not None:  # a graph that is not kept (cudaStreamEndCapture gives NULL when invalidated)
             rt.cudaGraphDestroy(graph)
         rt.cudaGetLastError()  # clear the capture's error (trtexec does too): the stream stays usable
-        self.fallback = why or f"cudaStreamEndCapture failed: {error_name(rt, err)}"
+        self.fallback = why
         be.notes.append(f"CUDA graph capture failed, running without: {self.fallback}")
 
     def destroy(self) -> None:
@@ -426,12 +428,6 @@ class TrtBackend(Backend):
 # ----------------------------------------------------------------------------
 
 
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), rounded to nearest even."""
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def run_plan(plan: bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a serialized plan once on GPU 0 on host inputs; its outputs as float32 / int numpy arrays (bf16 as
     float32). The same CUDA and TensorRT calls as the backend, without a manifest."""
@@ -451,7 +447,7 @@ def run_plan(plan: bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
             shape = tuple(engine.get_tensor_shape(name))
             if name in feeds:
                 a = np.asarray(feeds[name], np.float32) if dtype == "bfloat16" else feeds[name]
-                host[name] = _bf16_bits(a) if dtype == "bfloat16" else np.ascontiguousarray(a, dtype)
+                host[name] = to_bf16_bits(a) if dtype == "bfloat16" else np.ascontiguousarray(a, dtype)
             else:
                 host[name] = np.empty(shape, host_dtype(dtype))
             device.append(cuda.malloc(host[name].nbytes))
@@ -475,7 +471,7 @@ def run_plan(plan: bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
         for name, a in host.items():
             if name not in feeds:
                 bf16 = engine_dtype(trt, engine.get_tensor_dtype(name)) == "bfloat16"
-                out[name] = (a.astype(np.uint32) << 16).view(np.float32) if bf16 else a
+                out[name] = from_bf16_bits(a) if bf16 else a
         return out
     finally:
         cuda.sync(stream)
