@@ -174,20 +174,20 @@ def build_files(out: Path) -> set[str]:
 
 
 @contextmanager
-def removed_on_signals(tmp: Path) -> Iterator[None]:
-    """SIGTERM and SIGHUP (what timeout, CI and systemd send) while the build writes `tmp`: remove it, say
-    so in one line and exit as the signal would (128 + its number). SIGINT raises KeyboardInterrupt, which
-    the caller's cleanup handles.
+def build_temp(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` to build into, removed when the block raises. SIGTERM and SIGHUP
+    (what timeout, CI and systemd send) from before it exists to the end of the block: remove it, say so
+    in one line and exit as the signal would (128 + its number). SIGINT raises KeyboardInterrupt, which
+    removes it like any exception.
 
     The handler does not raise: an exception raised inside Python code that C++ called (an onnx or
     onnxruntime module import, a nanobind callback) aborts the process instead of unwinding, with a
     traceback and no cleanup. It writes with os.write, since the code it interrupted may hold stderr."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    made: list[Path] = []
 
     def stop(signum: int, frame: Any) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in made:
+            shutil.rmtree(tmp, ignore_errors=True)
         message = (
             f"Error: build interrupted by {signal.Signals(signum).name}: its temporary files were removed "
             f"and no half-written output was left; run it again\n"
@@ -195,10 +195,17 @@ def removed_on_signals(tmp: Path) -> Iterator[None]:
         os.write(2, message.encode())
         os._exit(128 + signum)
 
-    wanted = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig]
+    main = threading.current_thread() is threading.main_thread()
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n) and main]
     old = {sig: signal.signal(sig, stop) for sig in wanted}
     try:
-        yield
+        out.parent.mkdir(parents=True, exist_ok=True)
+        made.append(Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent)))
+        try:
+            yield made[0]
+        except BaseException:
+            shutil.rmtree(made[0], ignore_errors=True)
+            raise
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -295,16 +302,10 @@ def build(
         raise BuildError(str(e)) from None
     specs = graph_specs(cfg, shapes, opts.precision)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
-    try:
-        with removed_on_signals(tmp):
-            manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
-            with signals_held():  # between its two renames the old output is aside: no signal may stop it
-                replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with build_temp(out) as tmp:
+        manifest = _build_into(tmp, out, ckpt, ckpt_sha, shapes, specs, opts, log)
+        with signals_held():  # between its two renames the old output is aside: no signal may stop it
+            replace_dir(tmp, out)
     log(f"wrote {out} ({opts.precision}, batch {shapes.batch}, cfg guidance {'on' if guided else 'off'})")
     return manifest
 
