@@ -65,7 +65,8 @@ def main() -> None:
 
     import torch
 
-    from far_export.export import GraphShapes, export_graph, graph_modules, graph_specs
+    from far_export.export import export_graph
+    from far_export.graphs import GraphShapes, graph_modules, graph_specs
     from far_export.validate import ort_session, torch_runner
     from runtime.schedule import encoder_capacity, masked_schedule
     from training.config import preset

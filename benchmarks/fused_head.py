@@ -26,7 +26,8 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from far_export.export import OPSET, GraphShapes, _quiet, export_graph, graph_specs
+    from far_export.export import OPSET, _quiet, export_graph
+    from far_export.graphs import GraphShapes, graph_specs, model_info
     from far_export.validate import random_feeds
     from training.checkpoint import load_checkpoint
     from training.model import ShortcutHeadStep
@@ -58,7 +59,7 @@ def main() -> None:
                 x = self.step(x, torch.full((1,), k / K), d, z, cfg_scale)
             return x
 
-    feed = random_feeds(cfg, io_, count=1)[0]
+    feed = random_feeds(model_info(cfg, shapes), io_, count=1)[0]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

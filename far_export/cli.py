@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from far_export import __version__
-from runtime.errors import MAX_CFG
+from runtime.limits import ENCODER_VARIANTS, MAX_CFG, MAX_ENCODER_VARIANTS
 from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 from runtime.schedule import CFG_SCHEDULES
 
@@ -84,8 +84,8 @@ def cli() -> None:
 )
 @click.option(
     "--encoder-variants",
-    type=click.IntRange(min=0, max=16),
-    default=3,
+    type=click.IntRange(min=0, max=MAX_ENCODER_VARIANTS),
+    default=ENCODER_VARIANTS,
     show_default=True,
     help="Masked backbone: static encoder variants that run on the known tokens only, their capacities "
     "fitted to the --num-iter schedule (fewest encoder rows). 0: the full backbone at every step.",
@@ -355,7 +355,7 @@ def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     def go() -> None:
         from runtime.bench import BenchOptions, write_json
         from runtime.bench import bench as run_bench
-        from runtime.errors import check_output_file
+        from runtime.files import check_output_file
 
         if json_path:
             check_output_file(json_path, "--json")  # before the runs, not after

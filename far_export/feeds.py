@@ -1,48 +1,38 @@
-"""Torch-free helpers shared by the exporter's validation and `far-export compile` (which runs where
-there is no torch): valid random inputs for a graph, bf16 rounding in numpy, and a bf16 graph
-upcast to fp32 so that ONNX Runtime on CPU (no bf16 kernels) can run it.
+"""The inputs the build and `far-export compile` (which runs where there is no torch) feed graphs: valid
+random ones, and the ones the runtime's own loop really feeds them (`run_loop`: the inputs of int8
+calibration, of the end-to-end check and of the real-input checks); bf16 rounding in numpy, and a bf16 graph
+upcast to fp32 so that ONNX Runtime on CPU (no bf16 kernels) can run it. Torch-free.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from runtime.backends import from_bf16_bits, to_bf16_bits
-from runtime.manifest import TensorSpec
-from runtime.schedule import ddpm_sampling_schedule
+from runtime.backends import Backend, Keep, RecordingBackend, from_bf16_bits, to_bf16_bits
+from runtime.manifest import GraphSpec, Manifest, ModelInfo, is_variant
+from runtime.pipeline import Pipeline, Progress
+from runtime.schedule import SamplingSettings, ddpm_sampling_schedule
+
+Feed = dict[str, np.ndarray]  # one call's inputs, by name
 
 
-class ModelLike(Protocol):
-    """What input generation needs of a model: a FARConfig or a manifest's ModelInfo."""
-
-    seq_len: int
-    num_classes: int
-    head: str
-    diffusion_steps: int
-    shortcut_levels: int
-
-
-class GraphLike(Protocol):
-    """A graph's inputs: far_export.export.GraphIO or a manifest's GraphSpec."""
-
-    inputs: tuple[TensorSpec, ...]
-
-
-def example_inputs(cfg: ModelLike, io_: GraphLike, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def example_inputs(model: ModelInfo, graph: GraphSpec, rng: np.random.Generator) -> Feed:
     """Valid random inputs for one graph (labels in range, d a trained step size, ...)."""
-    L = cfg.seq_len
-    out: dict[str, np.ndarray] = {}
-    for spec in io_.inputs:
+    L = model.seq_len
+    out: Feed = {}
+    for spec in graph.inputs:
         shape, n = spec.shape, spec.name
         if n == "labels":
-            a = rng.integers(0, cfg.num_classes, shape)
+            a = rng.integers(0, model.num_classes, shape)
         elif n == "query":
             a = np.stack([np.sort(rng.permutation(L)[: shape[1]]) for _ in range(shape[0])])
         elif n == "n":  # tokens predicted at a step: 1..Q
-            q = next(t.shape[1] for t in io_.inputs if t.name == "query")
+            q = next(t.shape[1] for t in graph.inputs if t.name == "query")
             a = rng.integers(1, q + 1, shape)
         elif n == "pos":
             a = rng.integers(0, L, shape)
@@ -51,13 +41,17 @@ def example_inputs(cfg: ModelLike, io_: GraphLike, rng: np.random.Generator) -> 
         elif n == "known":  # an encoder variant: a mask with at most c known tokens and their positions
             a, out["mask"] = known_slots(L, shape, rng)
         elif n == "t":
-            a = rng.random(shape) if cfg.head == "shortcut" else rng.integers(0, cfg.diffusion_steps, shape)
+            a = (
+                rng.random(shape)
+                if model.head == "shortcut"
+                else rng.integers(0, model.diffusion_steps, shape)
+            )
         elif n == "d":
-            a = np.full(shape, 2.0 ** -int(rng.integers(0, cfg.shortcut_levels)))
+            a = np.full(shape, 2.0 ** -int(rng.integers(0, model.shortcut_levels)))
         elif n == "cfg":
             a = np.full(shape, 1.0 + 3.0 * rng.random())
         elif n == "coef":
-            _, coef = ddpm_sampling_schedule(cfg.diffusion_steps, 8)
+            _, coef = ddpm_sampling_schedule(model.diffusion_steps, 8)
             a = coef[int(rng.integers(0, len(coef)))]
         elif n == "cache":
             a = rng.standard_normal(shape)
@@ -133,3 +127,57 @@ def upcast_bf16(path: str | Path) -> bytes:
 
     fix_graph(model.graph)
     return model.SerializeToString()
+
+
+# ----------------------------------------------------------------------------
+# The inputs the runtime's loop feeds each graph
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopRun:
+    """What `run_loop` sampled, and the inputs it recorded."""
+
+    tokens: np.ndarray  # (n, L, C) float32
+    images: np.ndarray  # (n, 3, H, W) float32 in [0, 1]
+    calls: dict[str, list[Feed]]  # per graph, the inputs of the calls `keep` selected, in call order
+
+
+def run_loop(
+    directory: Path,
+    manifest: Manifest,
+    backend: Backend,
+    batches: Sequence[tuple[Sequence[int], SamplingSettings, int]],
+    keep: Keep,
+    progress: Progress | None = None,
+) -> LoopRun:
+    """The runtime's own loop (`runtime.pipeline.Pipeline` over `backend`) samples each engine batch
+    (labels, settings, the index of its first image) and decodes it; the inputs of the calls `keep` selects
+    (graph, index of the call over the whole run) are recorded on the way (`RecordingBackend`). The one
+    way the build goes through the runtime: int8 calibration, the end-to-end check and the real-input checks
+    all sample with it."""
+    recording = RecordingBackend(backend, keep)
+    pipe = Pipeline(directory, manifest, recording)
+    tokens = [pipe.sample_tokens(labels, s, first_index=i, progress=progress) for labels, s, i in batches]
+    images = [pipe.decode(t) for t in tokens]
+    return LoopRun(np.concatenate(tokens), np.concatenate(images), recording.calls)
+
+
+def spread(calls: int, picks: int) -> set[int]:
+    """`picks` of `calls` call indices, evenly spaced, first and last included. The spacing is then never a
+    whole number of loops, so every AR step is sampled (every k-th call would keep only each batch's first
+    step when k is a multiple of the calls per batch)."""
+    return {int(i) for i in np.linspace(0, calls - 1, min(calls, picks)).round()}
+
+
+def with_backbone_feeds(calls: dict[str, list[Feed]], limit: int | None = None) -> dict[str, list[Feed]]:
+    """`calls` (recorded inputs per graph) where the full backbone also gets every encoder variant's inputs
+    without `known`: they are valid inputs of it, and the loop may never call the full backbone when the
+    variants cover every step. At most `limit` backbone feeds, spread evenly."""
+    feeds = list(calls.get("backbone", []))
+    for name, fs in calls.items():
+        if is_variant(name):
+            feeds += [{k: v for k, v in f.items() if k != "known"} for f in fs]
+    if limit:
+        feeds = [feeds[i] for i in sorted(spread(len(feeds), limit))]
+    return {**calls, "backbone": feeds} if feeds else calls

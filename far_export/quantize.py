@@ -8,34 +8,29 @@ here. NVIDIA ModelOpt needs CUDA for most of its ONNX path; it is not used.
 
 What is quantized (`weight_nodes`): only the nodes that multiply by a weight, MatMul with a constant B,
 Gemm and Conv, weights int8 per output channel (symmetric), activations uint8 (asymmetric: the u8 x s8
-kernels are ONNX Runtime's fastest on x86; measured 1.5x on far-mnist's backbone where symmetric s8 gave
-1.36x). For MatMul and Gemm only the inputs carry Q/DQ, the outputs stay fp32
-(`OpTypesToExcludeOutputQuantization`, the placement NVIDIA recommends for TensorRT): a quantized output cost
-a Quantize + Dequantize pass per product, and the Dequantize duplicated per consumer split the GELU that ONNX
-Runtime otherwise fuses; without them far-mnist's batch-64 int8 backbone went from 1.3x to 1.8x fp32 (1
-thread). A Conv's output is quantized: ONNX Runtime has int8 products with an fp32 output for MatMul and Gemm
-(MatMulIntegerToFloat, QGemm) but not for Conv, which fuses into QLinearConv only as DQ -> Conv -> Q; without
-the Q every convolution ran fp32 on dequantized weights, and far-mnist's int8 VAE decoder (batch 64) took 94
-ms against fp32's 88; with it, 43 ms. Everything else stays fp32 between the pairs, which keeps the islands of
-the fp16 builds in higher precision and more: LayerNorm/GroupNorm statistics, attention (QK^T, mask bias,
-softmax, AV: activation x activation products are not weight nodes), GELU/SiLU, residual adds, the shortcut
-head's timestep embedding (`KEEP_FP32`), and the MAR head entirely (its posterior needs eps to ~1e-4
-relative, see far_export/export.py; the build keeps that graph fp32). TensorRT takes only symmetric
-(zero-point 0) activations: a build where TensorRT is present quantizes them "s8"
-(far_export/build.py), and `far-export compile` refuses a u8 directory in one line.
+kernels are ONNX Runtime's fastest on x86). For MatMul and Gemm only the inputs carry Q/DQ, the outputs stay
+fp32 (`OpTypesToExcludeOutputQuantization`, the placement NVIDIA recommends for TensorRT): a quantized output
+costs a Quantize + Dequantize pass per product, and the Dequantize duplicated per consumer splits the GELU
+that ONNX Runtime otherwise fuses. A Conv's output is quantized: ONNX Runtime has int8 products with an fp32
+output for MatMul and Gemm (MatMulIntegerToFloat, QGemm) but not for Conv, which fuses into QLinearConv only
+as DQ -> Conv -> Q; without the Q every convolution runs fp32 on dequantized weights. Everything else stays
+fp32 between the pairs, which keeps the islands of the fp16 builds in higher precision and more:
+LayerNorm/GroupNorm statistics, attention (QK^T, mask bias, softmax, AV: activation x activation products
+are not weight nodes), GELU/SiLU, residual adds, the shortcut head's timestep embedding (`KEEP_FP32`), and
+the MAR head entirely (its posterior needs eps to ~1e-4 relative; far_export/graphs.py keeps that graph
+fp32). TensorRT takes only symmetric (zero-point 0) activations: a build where TensorRT is present quantizes
+them "s8" (far_export/build.py), and `far-export compile` refuses a u8 directory in one line.
 
 Weights take 7 bits with u8 activations (`reduce_range`): on x86 CPUs without VNNI (AVX2, AVX-512F) ONNX
 Runtime's u8 x s8 kernels multiply with VPMADDUBSW, whose int16 sum of two products saturates; the
 quantization guide (onnxruntime.ai/docs/performance/model-optimizations/quantization.html, "data type
-selection") names reduce_range as the fix. Measured on an AMD EPYC with AVX2 only: the tiny test model's int8
-backbone failed validation without it (p99 error 0.45 against 0.28 allowed) and passes with it; a VNNI
-machine does not saturate, but an engine built there may run on one that does.
+selection") names reduce_range as the fix. A VNNI machine does not saturate, but an engine built there may
+run on one that does.
 
-Calibration: the fp32 graphs sample the checkpoint's classes through the runtime's own loop
-(`runtime.pipeline.Pipeline` over a `RecordingBackend`); the inputs each graph was fed become the
-calibration set. MinMax ranges: on far-mnist's engine samples they held quality as well as or better than
-Percentile (99.999%: accuracy 92.4% vs 92.9%, Frechet 10.87 vs 10.78), and Entropy wrote the same scales as
-MinMax (onnxruntime 1.32).
+Calibration (`calibration_sets`): the fp32 graphs sample the checkpoint's classes through the runtime's own
+loop (far_export/feeds.py: run_loop); the inputs each graph was fed become the calibration set, and those of
+the images after it the held-out set the quantized graphs are validated on. MinMax ranges (Percentile and
+Entropy are there to compare: `METHODS`).
 """
 
 from __future__ import annotations
@@ -50,9 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import Backend, RecordingBackend
-from runtime.errors import FarError
+from far_export.feeds import Feed, run_loop, spread
+from runtime.backends import Backend
+from runtime.errors import FarError, first_line
 from runtime.manifest import Manifest
+from runtime.schedule import SamplingSettings
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 # Patterns of weight (initializer) names whose nodes stay fp32 even though they are weight nodes.
@@ -161,17 +158,8 @@ def quantize_graph(
                 },
             )
     except Exception as e:  # the quantizer raises many types; name the graph and the first line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QuantizeError(f"quantizing {src.name} failed: {type(e).__name__}: {msg}") from e
+        raise QuantizeError(f"quantizing {src.name} failed: {type(e).__name__}: {first_line(e)}") from e
     return Quantized(quantized=len(take), kept_fp32=tuple(keep))
-
-
-def spread(calls: int, picks: int) -> set[int]:
-    """`picks` of `calls` call indices, evenly spaced, first and last included. The spacing is then never a
-    whole number of loops, so every AR step is sampled: keeping every k-th call kept only each batch's
-    first step when k was a multiple of the calls per batch (batch-1 int8 engines were calibrated on inputs
-    without a known token, and their backbone failed validation on later steps)."""
-    return {int(i) for i in np.linspace(0, calls - 1, min(calls, picks)).round()}
 
 
 def calibration_feeds(
@@ -181,20 +169,41 @@ def calibration_feeds(
     steps_per_batch: dict[str, int],
     seed: int,
     images: int = CALIBRATION_IMAGES,
-) -> dict[str, list[dict[str, np.ndarray]]]:
-    """The inputs the runtime's loop feeds each graph while sampling `images` images of all classes
-    (class i % num_classes, seeds seed, seed + 1, ... per batch) over `backend` (the fp32 graphs); at most
-    MAX_FEEDS per graph, spread evenly over the calls. The amount is counted in images, not calls: a graph
-    that runs once a batch (the VAE) is calibrated on one call of a batch-64 build, which holds the same 64
-    images as 64 calls of a batch-1 build. (Calibrating a batch-64 build on 8 batches instead, 512 images,
-    widened the MinMax ranges: class accuracy of far-mnist's int8 engine 92.3% against 93.4%.)"""
-    from runtime.pipeline import Pipeline
+) -> dict[str, list[Feed]]:
+    """The calibration inputs alone (`calibration_sets` without held-out images)."""
+    return calibration_sets(backend, directory, manifest, steps_per_batch, seed, images)[0]
 
-    batches = max(1, math.ceil(images / manifest.batch))
-    picked = {g: spread(batches * n, MAX_FEEDS) for g, n in steps_per_batch.items()}
-    rec = RecordingBackend(backend, keep=lambda graph, i: i in picked[graph])
-    pipe = Pipeline(directory, manifest, rec)
-    labels = [i % manifest.model.num_classes for i in range(manifest.batch)]
-    for b in range(batches):
-        pipe.generate(labels, seed=seed + b)
-    return rec.calls
+
+def calibration_sets(
+    backend: Backend,
+    directory: Path,
+    manifest: Manifest,
+    steps_per_batch: dict[str, int],
+    seed: int,
+    images: int = CALIBRATION_IMAGES,
+    held_out_images: int = 0,
+) -> tuple[dict[str, list[Feed]], dict[str, list[Feed]]]:
+    """(calibration inputs, held-out inputs) per graph, recorded in one run of the runtime's loop over
+    `backend` (the fp32 graphs): it samples `images` images of all classes (class i % num_classes, seeds
+    seed, seed + 1, ... per batch), then `held_out_images` more on the next seeds; of each part at most
+    MAX_FEEDS inputs per graph, spread evenly over its calls. The amount is counted in images, not calls: a
+    graph that runs once a batch (the VAE) is calibrated on one call of a batch-64 build, which holds the
+    same 64 images as 64 calls of a batch-1 build (more batches of a large build widen the MinMax ranges)."""
+    B = manifest.batch
+    batches = max(1, math.ceil(images / B))
+    held = math.ceil(held_out_images / B)
+    calib = {g: spread(batches * n, MAX_FEEDS) for g, n in steps_per_batch.items()}
+    after = {g: {batches * n + i for i in spread(held * n, MAX_FEEDS)} for g, n in steps_per_batch.items()}
+    labels = [i % manifest.model.num_classes for i in range(B)]
+    run = run_loop(
+        directory,
+        manifest,
+        backend,
+        [(labels, SamplingSettings.resolve(manifest.model, seed=seed + b), 0) for b in range(batches + held)],
+        keep=lambda graph, i: i in calib[graph] or i in after[graph],
+    )
+    n = {g: len(calib.get(g, ())) for g in run.calls}  # every calibration call comes before the held-out ones
+    return (
+        {g: fs[: n[g]] for g, fs in run.calls.items() if n[g]},
+        {g: fs[n[g] :] for g, fs in run.calls.items() if len(fs) > n[g]},
+    )

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import FarError, check_output_dir, directory
+from runtime.errors import FarError
+from runtime.files import check_output_dir, directory
 from runtime.manifest import load_manifest
 
 MODEL = "far"

@@ -1,17 +1,15 @@
 """Validation: every graph against PyTorch (ONNX Runtime on CPU), then the whole sampling loop.
 
-1. Per graph, on fixed random inputs and on real inputs (recorded while the graphs
-   sample with the checkpoint's weights): max, mean and p99 absolute error of each
-   output against the fp32 PyTorch module (what the checkpoint means; for fp16/bf16
-   graphs the tolerance bounds export error plus rounding). Errors are measured
-   relative to the output's scale, max(1, max|reference|), and must stay within the
-   graph's tolerance for the precision; otherwise `ValidationError` names the graph,
-   the output and the numbers.
-2. End to end: the lean runtime's own loop (`runtime.pipeline.Pipeline`) over the build's
-   ONNX Runtime sessions (`session_backend`) against the PyTorch reference sampler
-   (`training.sample.sample_tokens`, fp32) for one seed: tokens and image. The inputs the
-   loop feeds each graph are recorded on the way (`runtime.backends.RecordingBackend`) and
-   serve as the "real inputs" of step 1 (see far_export/build.py).
+1. Per graph (`check_graph`, on a far_export/graphs.py record), on fixed random inputs and on real inputs
+   (recorded while the graphs sample with the checkpoint's weights): max, mean and p99 absolute error of
+   each output against the fp32 PyTorch module (what the checkpoint means; for fp16/bf16 graphs the
+   tolerance bounds export error plus rounding). Errors are measured relative to the output's scale,
+   max(1, max|reference|), and must stay within the graph's tolerance; otherwise `ValidationError` names
+   the graph, the output and the numbers.
+2. End to end: the lean runtime's own loop (`runtime.pipeline.Pipeline`) over the build's ONNX Runtime
+   sessions (`SessionBackend`) against the PyTorch reference sampler (`training.sample.sample_tokens`,
+   fp32) for one seed: tokens and image. The inputs the loop feeds each graph are recorded on the way
+   (far_export/feeds.py: run_loop) and serve as the "real inputs" of step 1 (see far_export/build.py).
 """
 
 from __future__ import annotations
@@ -25,20 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from far_export.export import GraphIO, GraphShapes, to_torch  # noqa: F401
-from far_export.feeds import example_inputs, upcast_bf16  # noqa: F401 (re-exported)
-from far_export.tolerances import E2E_TOLERANCES, TOLERANCES, Tolerance, describe_error, error_stats, within  # noqa: F401
+from far_export.export import to_torch
+from far_export.feeds import Feed, example_inputs, upcast_bf16
+from far_export.graphs import BuildGraph
+from far_export.tolerances import Tolerance, describe_error, error_stats, within
 from runtime.backends import Backend, OrtGraph
-from runtime.errors import FarError
-from runtime.manifest import Manifest, TensorSpec
-from training.config import FARConfig
+from runtime.errors import FarError, first_line
+from runtime.manifest import GraphSpec, Manifest, ModelInfo, TensorSpec
 
 
 class ValidationError(FarError, RuntimeError):
     """A graph (or the whole loop) differs from PyTorch by more than the precision's tolerance."""
 
 
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Runner = Callable[[Feed], Feed]
 
 
 # ----------------------------------------------------------------------------
@@ -72,23 +70,39 @@ def ort_session(path: str | Path | bytes, threads: int = 0, name: str | None = N
         src = path if isinstance(path, bytes) else str(path)
         return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, NotImplemented, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"ONNX Runtime cannot load {name}: {first}") from None
+        raise ValidationError(f"ONNX Runtime cannot load {name}: {first_line(e)}") from None
 
 
-def ort_runner(session: Any, io_: GraphIO) -> Runner:
-    names = [s.name for s in io_.outputs]
+BF16_NOTE = (
+    "ONNX Runtime on CPU has no bf16 kernels for this graph: validated with its bf16 weights and casts "
+    "upcast to fp32 (same graph, activations in fp32)"
+)
 
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {s.name: feeds[s.name] for s in io_.inputs})))
+
+def cpu_session(path: Path, precision: str) -> tuple[Any, str | None]:
+    """An ORT session for the graph at `path`, and a note on how it is validated when not as it is: a bf16
+    graph that ONNX Runtime on CPU cannot run is upcast to fp32 (far_export/feeds.py: upcast_bf16)."""
+    try:
+        return ort_session(path), None
+    except ValidationError:
+        if precision != "bf16":
+            raise
+    return ort_session(upcast_bf16(path), name=f"{path.name} (upcast to fp32)"), BF16_NOTE
+
+
+def ort_runner(session: Any, spec: GraphSpec) -> Runner:
+    names = [s.name for s in spec.outputs]
+
+    def run(feeds: Feed) -> Feed:
+        return dict(zip(names, session.run(names, {s.name: feeds[s.name] for s in spec.inputs})))
 
     return run
 
 
-def torch_runner(module: nn.Module, io_: GraphIO) -> Runner:
+def torch_runner(module: nn.Module, spec: GraphSpec) -> Runner:
     """The torch module as a graph runner; float inputs are cast to the module's dtype (an fp32 reference
     of an fp16 graph takes the fp16 KV cache as fp32)."""
-    names = [s.name for s in io_.outputs]
+    names = [s.name for s in spec.outputs]
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
     def arg(a: np.ndarray, spec_dtype: str) -> torch.Tensor:
@@ -96,8 +110,8 @@ def torch_runner(module: nn.Module, io_: GraphIO) -> Runner:
         return t.to(dtype) if t.is_floating_point() and spec_dtype != "float32" else t
 
     @torch.no_grad()
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = module(*(arg(feeds[s.name], s.dtype) for s in io_.inputs))
+    def run(feeds: Feed) -> Feed:
+        out = module(*(arg(feeds[s.name], s.dtype) for s in spec.inputs))
         out = out if isinstance(out, tuple) else (out,)
         return {n: o.float().numpy() for n, o in zip(names, out)}
 
@@ -106,10 +120,10 @@ def torch_runner(module: nn.Module, io_: GraphIO) -> Runner:
 
 def compare(
     name: str,
-    io_: GraphIO,
+    spec: GraphSpec,
     graph: Runner,
     reference: Runner,
-    feeds: list[dict[str, np.ndarray]],
+    feeds: list[Feed],
     tol: Tolerance,
     label: str,
 ) -> dict[str, dict[str, float]]:
@@ -117,23 +131,39 @@ def compare(
     worst: dict[str, dict[str, float]] = {}
     for feed in feeds:
         got, ref = graph(feed), reference(feed)
-        for spec in io_.outputs:
+        for out in spec.outputs:
             try:
-                st = error_stats(got[spec.name], ref[spec.name])
-            except ValidationError as e:
-                raise ValidationError(f"{name} graph, output {spec.name!r} ({label} inputs): {e}") from None
-            check(st, tol, f"{name} graph, output {spec.name!r} ({label} inputs)")
-            w = worst.setdefault(spec.name, st)
+                st = error_stats(got[out.name], ref[out.name])
+            except ValueError as e:  # shapes that differ
+                raise ValidationError(f"{name} graph, output {out.name!r} ({label} inputs): {e}") from None
+            check(st, tol, f"{name} graph, output {out.name!r} ({label} inputs)")
+            w = worst.setdefault(out.name, st)
             if st["max"] > w["max"]:
-                worst[spec.name] = st
+                worst[out.name] = st
     return worst
 
 
-def random_feeds(
-    cfg: FARConfig, io_: GraphIO, count: int = 2, seed: int = 1234
-) -> list[dict[str, np.ndarray]]:
+def check_graph(
+    graph: BuildGraph, session: Any, feeds: list[Feed], label: str
+) -> dict[str, dict[str, float]]:
+    """A graph's rule: its session against its fp32 reference module on `feeds`, within its tolerance; the
+    worst error per output, or ValidationError."""
+    spec = graph.spec
+    return compare(
+        graph.name,
+        spec,
+        ort_runner(session, spec),
+        torch_runner(graph.reference, spec),
+        feeds,
+        graph.tolerance,
+        label,
+    )
+
+
+def random_feeds(model: ModelInfo, spec: GraphSpec, count: int = 2, seed: int = 1234) -> list[Feed]:
+    """`count` valid random inputs of the graph, the same for the same seed."""
     rng = np.random.Generator(np.random.PCG64(seed))
-    return [example_inputs(cfg, io_, rng) for _ in range(count)]
+    return [example_inputs(model, spec, rng) for _ in range(count)]
 
 
 # ----------------------------------------------------------------------------

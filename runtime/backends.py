@@ -451,9 +451,14 @@ class OrtBackend(Backend):
                     provider_options=self._provider_options,
                 )
             except Exception as e:  # onnxruntime raises its own exception types for invalid files
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if spec.precision == "bf16" and not any(p in GPU_PROVIDERS for p in self.providers):
+                    raise BackendError(
+                        f"ONNX Runtime on the CPU cannot run the bf16 graph {spec.file} ({first_line(e)}): "
+                        f"a bf16 engine directory needs a GPU: TensorRT (--backend trt) or the CUDA provider "
+                        f"(--providers cuda, onnxruntime-gpu); for a CPU, build fp32, fp16 or int8"
+                    ) from None
                 raise BackendError(
-                    f"ONNX Runtime cannot load {path} ({first}); rebuild with far-export build"
+                    f"ONNX Runtime cannot load {path} ({first_line(e)}); rebuild with far-export build"
                 ) from None
             used = session.get_providers()
             fell_back = [p for p in self.providers if p in GPU_PROVIDERS and p not in used]

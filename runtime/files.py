@@ -1,7 +1,10 @@
-"""Files and directories we write: through a temporary sibling that replaces the target only when it
-is complete (readers never see half a file, a failed write leaves nothing behind), with the usual
-permissions (0666 / 0777 less the umask, never mkstemp's 0600), and a one-line WriteError that says
-what went wrong (a full disk named as such). stdlib only: the runtime, the exporter and training use it.
+"""Files and directories: the checks of what we read (regular files only, with a reason) and of where we
+write (never into an engine or checkpoint directory, never over a directory), atomic writes (through a
+temporary sibling that replaces the target only when complete, with the usual permissions, 0666 / 0777 less
+the umask, never mkstemp's 0600, and a one-line WriteError that names a full disk as such), and the staged
+directory a build writes into beside its output (and the checks of that output), with the signals that must
+not leave it half-written. stdlib only (an engine directory's file list is read with runtime/manifest.py):
+the runtime, the exporter and training use it.
 """
 
 from __future__ import annotations
@@ -13,16 +16,183 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import stat
 import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from runtime.errors import FarError
+from runtime.errors import FarError, RequestError
+
+
+class InputFileError(FarError, OSError):
+    """A file or directory we read that is missing, unreadable or not a regular file."""
 
 
 class WriteError(FarError, OSError):
     """A file or directory that cannot be written (full disk, file size limit, permissions)."""
+
+
+# ----------------------------------------------------------------------------
+# Files we read: only regular files, with a reason that says what is wrong
+# ----------------------------------------------------------------------------
+
+
+def regular_file(path: str | Path, error: type[FarError] = InputFileError, fix: str = "") -> Path:
+    """`path` if it is a readable regular file; else `error` saying why (missing, a directory, a FIFO or
+    device that would block a read, permission denied)."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path} is missing{tail}") from None
+    except PermissionError:
+        raise error(
+            f"{path} cannot be read (permission denied): fix the permissions of its directory"
+        ) from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror}){tail}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path} is a directory, not a file{tail}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path} is not a regular file (a FIFO, socket or device): replace it with the real file")
+    if not os.access(path, os.R_OK):
+        raise error(f"{path} cannot be read (permission denied): fix its permissions (chmod u+r)")
+    return path
+
+
+def read_regular(path: str | Path, error: type[FarError] = InputFileError, fix: str = "") -> bytes:
+    """The bytes of a regular file (see `regular_file`); OSError while reading becomes `error`."""
+    path = regular_file(path, error, fix)
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise error(f"{path} cannot be read (permission denied): fix its permissions (chmod u+r)") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e.strerror}){'; ' + fix if fix else ''}") from None
+
+
+def directory(path: str | Path, what: str, error: type[FarError] = InputFileError, fix: str = "") -> Path:
+    """`path` if it is a readable directory; else `error`: missing, a file, or unreadable."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist{tail}") from None
+    except OSError as e:
+        raise error(
+            f"{what} {path} cannot be read ({e.strerror}): check the path and its permissions"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} {path} is a file, not a directory{tail}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise error(f"{what} {path} cannot be read (permission denied): fix its permissions (chmod u+rx)")
+    return path
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks resolved, lies inside `root` (resolved)."""
+    p, r = path.resolve(), root.resolve()
+    return p == r or r in p.parents
+
+
+# ----------------------------------------------------------------------------
+# Files we write: never into an engine or checkpoint directory, never over a directory
+# ----------------------------------------------------------------------------
+
+
+def artifact_dir(d: Path) -> str | None:
+    """'engine' or 'checkpoint' when `d` is such a directory (its files must never be overwritten)."""
+    try:
+        if (d / "manifest.json").exists():
+            return "engine"
+        if (d / "config.json").exists() and (d / "model.safetensors").exists():
+            return "checkpoint"
+    except OSError:
+        return None
+    return None
+
+
+def artifact_ancestor(d: Path) -> tuple[str, Path] | None:
+    """(kind, directory) for the first of `d` (resolved) and its ancestors that is an engine or checkpoint
+    directory: nothing may be written anywhere under one (a rebuild replaces the whole directory)."""
+    for p in (d, *d.parents):
+        kind = artifact_dir(p)
+        if kind:
+            return kind, p
+    return None
+
+
+def check_output_file(path: str | Path, flag: str, error: type[FarError] = RequestError) -> Path:
+    """Refuse, before any work, an output file that would replace a directory or a special file, land in an
+    engine or checkpoint directory, or sit under a path that cannot be created or written."""
+    path = Path(path)
+    if (
+        len(os.fsencode(path.name)) > 200
+    ):  # the temporary sibling adds a few characters; most file systems stop at 255
+        raise error(f"{flag} {path.name[:20]}...: the file name is too long; use a shorter one")
+    if path.is_dir():
+        raise error(f"{flag} {path} is a directory: give a file name")
+    if path.exists() and not path.is_file():
+        raise error(f"{flag} {path} is not a regular file: give another file name")
+    parent = path.resolve().parent
+    found = artifact_ancestor(parent)
+    if found:
+        kind, d = found
+        raise error(
+            f"{flag} {path} is inside the {kind} directory {d}: a rebuild would delete it; write outside it"
+        )
+    writable_ancestor(parent, flag, path, error)
+    return path
+
+
+def probe_write(d: Path, flag: str, path: Path, error: type[FarError]) -> None:
+    """Create and remove a file in an existing directory `d`: a write that would fail at the end fails now."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".far-probe-", dir=d)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise error(f"{flag} {path}: cannot write in {d} ({e.strerror}); choose another place") from None
+
+
+def check_output_dir(path: str | Path, flag: str, error: type[FarError] = RequestError) -> Path:
+    """The same for a directory that receives new files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path} is a file, not a directory: give a directory")
+    found = artifact_ancestor(path.resolve())
+    if found:
+        kind, d = found
+        where = "is" if d == path.resolve() else f"is inside {d},"
+        raise error(
+            f"{flag} {path} {where} {'an' if kind == 'engine' else 'a'} {kind} directory: write elsewhere"
+        )
+    writable_ancestor(path.resolve(), flag, path, error)
+    return path
+
+
+def writable_ancestor(d: Path, flag: str, path: Path, error: type[FarError]) -> None:
+    """The first existing one of d and its ancestors must be a writable directory."""
+    for p in (d, *d.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise error(f"{flag} {path}: {p} is a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise error(f"{flag} {path}: {p} is not writable; choose another place")
+            probe_write(p, flag, path, error)
+            return
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------
 
 
 def write_failure(path: Path, e: BaseException) -> str:
@@ -161,3 +331,125 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------
+# A build's staged directory, and the signals that must not leave it half-written
+# ----------------------------------------------------------------------------
+
+
+@contextmanager
+def build_temp(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` to build into, removed when the block raises. SIGTERM and SIGHUP
+    (what timeout, CI and systemd send) from before it exists to the end of the block: remove it, say so
+    in one line and exit as the signal would (128 + its number). SIGINT raises KeyboardInterrupt, which
+    removes it like any exception.
+
+    The handler does not raise: an exception raised inside Python code that C++ called (an onnx or
+    onnxruntime module import, a nanobind callback) aborts the process instead of unwinding, with a
+    traceback and no cleanup. It writes with os.write, since the code it interrupted may hold stderr."""
+    made: list[Path] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        for tmp in made:
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = (
+            f"Error: build interrupted by {signal.Signals(signum).name}: its temporary files were removed "
+            f"and no half-written output was left; run it again\n"
+        )
+        os.write(2, message.encode())
+        os._exit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n) and main]
+    old = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        made.append(Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent)))
+        try:
+            yield made[0]
+        except BaseException:
+            shutil.rmtree(made[0], ignore_errors=True)
+            raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Delay SIGINT, SIGTERM and SIGHUP until the block is done (where the platform can)."""
+    wanted = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def sweep_stale(out: Path) -> None:
+    """Remove the temporary directories that killed builds of `out` left (SIGKILL, power loss): those named
+    `.NAME.build-PID-*` or `.NAME.old-PID` whose process is gone."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(build-(\d+)-.+|old-(\d+))", tmp.name)
+        if not m or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        pid = int(m.group(2) or m.group(3))
+        if pid_alive(pid) or (m.group(3) and not out.exists()):  # an .old- copy is the only one left: keep it
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_build_output(out: Path, checkpoint_dir: Path | None, error: type[FarError]) -> None:
+    """A build's --out must be new, empty or an engine directory holding only what builds write (it is
+    replaced whole), not the checkpoint's directory or inside an engine or checkpoint directory, and
+    writable."""
+    from runtime.manifest import MANIFEST as manifest  # the manifest module writes through this one
+
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / manifest).is_file():
+        raise error(
+            f"--out {out} is a non-empty directory without {manifest}: not an engine directory to "
+            f"replace; choose a new or empty directory"
+        )
+    if out.is_dir() and (out / manifest).is_file():
+        foreign = sorted(set(os.listdir(out)) - build_files(out))
+        if foreign:
+            raise error(
+                f"--out {out} holds {foreign[0]!r}, which no build wrote, and a rebuild replaces the whole "
+                f"directory: move it out first, or choose another --out"
+            )
+    if checkpoint_dir is not None:
+        o, c = out.resolve(), Path(checkpoint_dir).resolve()
+        if o == c or o in c.parents:
+            raise error(f"--out {out} would replace the checkpoint directory {checkpoint_dir}")
+    found = artifact_ancestor(out.resolve().parent)
+    if found:
+        raise error(
+            f"--out {out} is inside the {found[0]} directory {found[1]}: its next rebuild would delete "
+            f"the engines; write outside it"
+        )
+    writable_ancestor(out.resolve().parent, "--out", out, error)
+
+
+def build_files(out: Path) -> set[str]:
+    """The names a build writes into an engine directory: the manifest and the graph, external-data, plan
+    and timing-cache files it lists (by suffix where the manifest cannot be read)."""
+    from runtime.manifest import MANIFEST, load_manifest
+
+    try:
+        m = load_manifest(out, verify=False)
+    except FarError:
+        suffixes = (".onnx", ".data", ".weights", ".plan", ".cache", MANIFEST)
+        return {n for n in os.listdir(out) if n.endswith(suffixes)}
+    names = {MANIFEST, *(g.file for g in m.graphs.values()), *(e.file for e in m.engines.values())}
+    names |= {f"{g.file}.data" for g in m.graphs.values()}
+    if m.shared_weights is not None:
+        names.add(m.shared_weights.file)
+    if m.timing_cache:
+        names.add(m.timing_cache)
+    return names

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import MAX_GRID_IMAGES, MAX_IMAGES, RequestError, check_output_dir, check_output_file
-from runtime.files import write_atomic
+from runtime.errors import RequestError
+from runtime.files import check_output_dir, check_output_file, write_atomic
+from runtime.limits import MAX_GRID_IMAGES, MAX_IMAGES
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:

@@ -20,23 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import (
-    MAX_BATCH,
-    FarError,
-    first_line,
-    inside,
-    read_regular,
-    regular_file,
-    sampling_numbers,
-)
-from runtime.errors import directory as check_directory
-from runtime.files import write_atomic
+from runtime.errors import FarError, first_line, sampling_numbers
+from runtime.files import directory as check_directory
+from runtime.files import inside, read_regular, regular_file, write_atomic
+from runtime.limits import MAX_BATCH, MODEL_LIMITS
 from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
 # 2: the "update" graph (the AR step scatter); 3: encoder variants; 4: one shared backbone weights file
 SCHEMA_VERSION = 4
 SHARED_WEIGHTS_FILE = "backbone.weights"  # ONNX external data of the backbone and its encoder variants
 MANIFEST = "manifest.json"
+# What runs inside the graphs of a build (int8: QDQ graphs); the one list, far_export's included.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 GRAPHS = ("backbone", "head", "update", "vae_decoder")  # every engine directory has these
 _VARIANT = re.compile(r"backbone_k([1-9][0-9]{0,6})")
 
@@ -235,7 +230,6 @@ class Manifest:
 
 
 REBUILD = "rebuild with far-export build"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 WEIGHT_DTYPES = (*DTYPES, "int8", "uint8", "int16", "uint16", "float64")  # initializers (int8: QDQ weights)
 MAX_DIM = 1 << 20  # any one static dimension
@@ -301,24 +295,6 @@ def _file_name(v: Any, where: str) -> str:
 
 
 MODEL_CHOICES = {"backbone": ("masked", "causal"), "head": ("shortcut", "mar"), "cfg_schedule": CFG_SCHEDULES}
-MODEL_LIMITS = {
-    "img_size": 16384,
-    "grid": 1024,
-    "seq_len": 1 << 20,
-    "token_dim": 1 << 16,
-    "latent_channels": 1 << 16,
-    "patch_size": 1024,
-    "num_classes": 1 << 24,
-    "num_iter": 1 << 20,
-    "max_query": 1 << 20,
-    "width": 1 << 16,
-    "depth": 1024,
-    "num_heads": 1024,
-    "head_dim": 1 << 16,
-    "shortcut_levels": 16,
-    "diffusion_steps": 100_000,
-    "head_steps": 100_000,
-}
 
 
 def _model(d: dict[str, Any]) -> ModelInfo:

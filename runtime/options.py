@@ -19,7 +19,8 @@ from typing import Any
 
 import click
 
-from runtime.errors import MAX_BATCH, MAX_CFG, MAX_TEMPERATURE, FarError, first_line
+from runtime.errors import FarError, first_line
+from runtime.limits import MAX_BATCH, MAX_CFG, MAX_TEMPERATURE
 from runtime.schedule import CFG_SCHEDULES
 
 

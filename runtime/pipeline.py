@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from runtime.backends import Backend, BackendError, Call, open_backend
-from runtime.errors import MAX_IMAGES, RequestError, exact_int
+from runtime.errors import RequestError, exact_int
 from runtime.images import to_uint8
+from runtime.limits import MAX_IMAGES
 from runtime.manifest import Manifest, ModelInfo, load_manifest
 from runtime.schedule import (
     ARStep,

@@ -19,13 +19,13 @@ Tolerances (`rel`):
   AMD EPYC under ATEN_CPU_CAPABILITY=default / avx2 / avx512 (the first failure on an
   AVX-512 Xeon was 3.4e-3 on a scale of ~4e4, i.e. 1e-7 x scale).
 - `GRAPH_FP32` = 1e-4: an fp32 ONNX graph in ONNX Runtime (MLAS, fused ops, any thread
-  count) against the PyTorch module; far_export.export.TOLERANCES["fp32"] gives p99 1e-4
+  count) against the PyTorch module; far_export.tolerances.TOLERANCES["fp32"] gives p99 1e-4
   and max 1e-3 for checkpoints of any depth.
 - Reduced precision (fp16/bf16) is bounded by its rounding, not by kernels:
-  far_export.export.TOLERANCES (per graph: fp16 5e-2, bf16 1e-1 x scale) and the looser
+  far_export.tolerances.TOLERANCES (per graph: fp16 5e-2, bf16 1e-1 x scale) and the looser
   per-test bounds where a test runs a whole fp16 module (`FP16_MODULE` = 5e-2 x scale).
 - End-to-end images: float images in [0, 1] against the fp32 reference sampler,
-  far_export.export.E2E_TOLERANCES (fp32 1e-3, fp16 0.1, bf16 0.2 max abs); uint8 images
+  far_export.tolerances.E2E_TOLERANCES (fp32 1e-3, fp16 0.1, bf16 0.2 max abs); uint8 images
   of two fp32 paths may differ by a rounding level where a value sits on x.5 (<= 1, or
   <= 2 where the loop itself differs: ORT vs PyTorch).
 

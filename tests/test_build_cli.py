@@ -137,12 +137,11 @@ def test_require_engines_fails_fast_without_tensorrt(built, tmp_path):
 
 def test_failed_build_leaves_the_existing_engine_dir_untouched(built, monkeypatch):
     """A build that fails validation writes nothing: the old directory keeps its files and manifest."""
-    import far_export.build as build_mod
-    from far_export.validate import Tolerance
+    from far_export.tolerances import TOLERANCES, Tolerance
 
     ckpt, out, _ = built
     before = {p.name: sha256_file(p) for p in out.iterdir()}
-    monkeypatch.setitem(build_mod.TOLERANCES, "fp32", Tolerance(max_abs=0.0, p99_abs=0.0))
+    monkeypatch.setitem(TOLERANCES, "fp32", Tolerance(max_abs=0.0, p99_abs=0.0))
     res = _invoke("build", ckpt, "--out", out, "--batch", "2", "--no-end-to-end")
     _one_line_error(res, "differs from PyTorch", "max abs error")
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
@@ -176,17 +175,18 @@ def test_compile_imports_no_torch_and_says_why_no_plans(built):
 
 def test_fp16_build_records_precision_and_falls_back_to_an_fp32_vae(built, tmp_path, monkeypatch):
     """fp16 graphs list their fp32 islands; a VAE that fails fp16 validation is re-exported in fp32."""
-    import far_export.build as build_mod
+    import far_export.validate as validate_mod
+    from far_export.tolerances import TOLERANCES
     from far_export.validate import ValidationError
 
-    real_compare = build_mod.compare
+    real_compare = validate_mod.compare
 
     def compare(name, io_, graph, ref, feeds, tol, label):
-        if name == "vae_decoder" and tol == build_mod.TOLERANCES["fp16"]:
+        if name == "vae_decoder" and tol == TOLERANCES["fp16"]:
             raise ValidationError("vae_decoder graph, output 'image' (random inputs) differs from PyTorch")
         return real_compare(name, io_, graph, ref, feeds, tol, label)
 
-    monkeypatch.setattr(build_mod, "compare", compare)
+    monkeypatch.setattr(validate_mod, "compare", compare)
     ckpt, _, _ = built
     res = _invoke("build", ckpt, "--out", tmp_path / "eng16", "--precision", "fp16", "--batch", "1")
     assert res.exit_code == 0, res.output
@@ -240,7 +240,7 @@ def _build_reduced(ckpt: Path, out: Path, precision: str, *flags: str) -> None:
             m.graphs["head"].precision == "fp32"
             and "MAR head network stays fp32" in m.validation["notes"]["head"]
         )
-    elif m.model.head == "mar":  # the diffusion head's network is an fp32 island (far_export/export.py)
+    elif m.model.head == "mar":  # the diffusion head's network is an fp32 island (far_export/graphs.py)
         assert "diffusion head network (eps, variance)" in m.graphs["head"].fp32_islands
 
 

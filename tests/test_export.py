@@ -1,5 +1,5 @@
-"""far_export.export / far_export.validate: the graph contract, static export, validation errors, the runtime
-loop."""
+"""far_export.graphs / far_export.export / far_export.validate: the graph contract, static export,
+validation errors, the runtime loop."""
 
 from __future__ import annotations
 
@@ -9,17 +9,10 @@ import torch
 from conftest import tiny_model
 from numerics import FP32, GRAPH_FP32, assert_close_to_scale
 
-from far_export.build import model_info
-from far_export.export import (
-    TORCH_DTYPES,
-    ExportError,
-    GraphShapes,
-    export_graph,
-    graph_modules,
-    graph_specs,
-)
+from far_export.export import ExportError, export_graph
+from far_export.graphs import TORCH_DTYPES, GraphShapes, graph_modules, graph_specs, model_info
+from far_export.tolerances import TOLERANCES
 from far_export.validate import (
-    TOLERANCES,
     ValidationError,
     compare,
     ort_runner,
@@ -98,7 +91,7 @@ def test_exported_graphs_are_static_and_match_pytorch(tmp_path, backbone, head, 
     specs = graph_specs(model.cfg, shapes)
     modules = graph_modules(model, vae, guided, variants=shapes.variant_names)
     for name, io_ in specs.items():
-        feeds = random_feeds(model.cfg, io_)
+        feeds = random_feeds(model_info(model.cfg, shapes), io_)
         path = export_graph(modules[name], io_, tmp_path / io_.file, feeds[0])
         proto = onnx.load(str(path))
         assert proto.opset_import[0].version >= 18
@@ -130,7 +123,15 @@ def test_validation_error_names_graph_output_and_difference():
     with pytest.raises(
         ValidationError, match=r"head graph, output 'x_next' \(random inputs\).*max abs error 0\.25"
     ):
-        compare("head", io_, off_by_a_bit, ref, random_feeds(model.cfg, io_), TOLERANCES["fp32"], "random")
+        compare(
+            "head",
+            io_,
+            off_by_a_bit,
+            ref,
+            random_feeds(model_info(model.cfg, shapes), io_),
+            TOLERANCES["fp32"],
+            "random",
+        )
 
 
 class _TorchBackend(Backend):
@@ -194,7 +195,7 @@ def test_bf16_graph_runs_upcast_on_cpu(tmp_path):
     io_ = graph_specs(model.cfg, shapes, "bf16")["head"]
     mod = graph_modules(model, vae, True, "bf16")["head"]
     assert mod.head.net.input_proj.weight.dtype == torch.bfloat16
-    feeds = random_feeds(model.cfg, io_)
+    feeds = random_feeds(model_info(model.cfg, shapes), io_)
     path = export_graph(mod, io_, tmp_path / "head.onnx", feeds[0])
     assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in onnx.load(str(path)).graph.initializer)
     sess = ort_session(upcast_bf16(path), name="head (upcast)")
@@ -250,7 +251,7 @@ def test_onnx_runtime_fuses_the_backbone_gelu(tmp_path):
     shapes = GraphShapes.for_config(model.cfg, batch=1, guided=False)
     io_ = graph_specs(model.cfg, shapes, precision)["backbone"]
     module = graph_modules(model, vae, False, precision)["backbone"]
-    path = export_graph(module, io_, tmp_path / io_.file, random_feeds(model.cfg, io_)[0])
+    path = export_graph(module, io_, tmp_path / io_.file, random_feeds(model_info(model.cfg, shapes), io_)[0])
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable fusions only

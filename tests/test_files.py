@@ -194,7 +194,8 @@ def test_sigterm_during_a_cli_write_removes_its_temporary(tmp_path):
 def test_output_checks_take_non_utf8_names(tmp_path):
     """A name with bytes that are not UTF-8 (a surrogate-escaped str, as os.listdir gives it) is checked,
     not a UnicodeEncodeError; a too-long one is refused in one line."""
-    from runtime.errors import RequestError, check_output_file
+    from runtime.errors import RequestError
+    from runtime.files import check_output_file
 
     name = os.fsdecode(b"caf\xe9.png")
     assert check_output_file(tmp_path / name, "--out") == tmp_path / name

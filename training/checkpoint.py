@@ -17,8 +17,8 @@ from safetensors import SafetensorError as SafetensorsError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime.errors import FarError, first_line, regular_file
-from runtime.files import atomic_path
+from runtime.errors import FarError, first_line
+from runtime.files import atomic_path, regular_file
 from training.config import DiTConfig, FARConfig, ModelConfig, load_checkpoint_config
 from training.dit import DiT
 from training.model import FAR

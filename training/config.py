@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import FarError, directory, first_line, read_regular, sampling_numbers
+from runtime.errors import FarError, first_line, sampling_numbers
+from runtime.files import directory, read_regular
+from runtime.limits import MODEL_LIMITS
 from runtime.schedule import CFG_SCHEDULES, check_head_steps
 
 CONFIG_VERSION = 1
@@ -95,18 +97,6 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 # ----------------------------------------------------------------------------
 
 BACKBONES = ("masked", "causal")
-MAX_SIZE = {
-    "img_size": 4096,
-    "width": 16384,
-    "head_width": 16384,
-    "num_classes": 1 << 20,
-    "buffer_size": 4096,
-    "diffusion_steps": 100_000,
-    "enc_depth": 256,
-    "dec_depth": 256,
-    "head_depth": 256,
-    "num_iter": 1 << 16,
-}
 HEADS = ("shortcut", "mar")
 
 
@@ -205,9 +195,9 @@ class FARConfig:
             )
         }
         for k, v in big.items():
-            if v > MAX_SIZE[k]:
+            if v > MODEL_LIMITS[k]:
                 raise ConfigError(
-                    f"{k} {v} is larger than any model this code builds (limit {MAX_SIZE[k]}): fix it"
+                    f"{k} {v} is larger than any model this code builds (limit {MODEL_LIMITS[k]}): fix it"
                 )
         if self.shortcut_levels > 16:
             raise ConfigError(f"shortcut_levels must be <= 16 (K up to 2^15), got {self.shortcut_levels}")

@@ -431,8 +431,8 @@ def _head_steps(ctx: object, param: object, value: str | None) -> list[int] | No
 def _cli():
     import click
 
-    from runtime.errors import MAX_CFG, check_output_dir, check_output_file
-    from runtime.files import write_atomic
+    from runtime.files import check_output_dir, check_output_file, write_atomic
+    from runtime.limits import MAX_CFG
     from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})

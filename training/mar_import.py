@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from runtime.errors import artifact_ancestor
+from runtime.files import artifact_ancestor
 from training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,

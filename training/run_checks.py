@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from runtime.errors import FarError
+from runtime.limits import MODEL_LIMITS
 from training.config import ConfigError, DiTConfig, FARConfig, VAEConfig
 from training.model import FAR
 from training.run_config import RunConfig
@@ -19,7 +20,6 @@ class TrainingError(FarError, RuntimeError):
     """Training cannot go on (non-finite loss, unusable run directory, bad VAE file)."""
 
 
-MAX_DIFFUSION_STEPS = 100_000  # MAR trains with 1000; the head's schedule table is built on the host
 RUN_OPTIONS = "run.json"  # run-time options of the CLI (threads), reused by --resume
 RUN_FILES = (
     "config.toml",
@@ -106,10 +106,10 @@ def check_run(run: RunConfig, out: Path, resume: bool) -> tuple[FARConfig | DiTC
     if run.vae.init:
         given, vae_cfg = load_vae_file(Path(run.vae.init), cfg.vae)
         cfg = cfg.replace(vae=vae_cfg)
-    if isinstance(cfg, FARConfig) and cfg.head == "mar" and cfg.diffusion_steps > MAX_DIFFUSION_STEPS:
+    most = MODEL_LIMITS["diffusion_steps"]
+    if isinstance(cfg, FARConfig) and cfg.head == "mar" and cfg.diffusion_steps > most:
         raise TrainingError(
-            f"model.diffusion_steps {cfg.diffusion_steps} is beyond {MAX_DIFFUSION_STEPS} "
-            f"(MAR uses 1000): choose fewer"
+            f"model.diffusion_steps {cfg.diffusion_steps} is beyond {most} (MAR uses 1000): choose fewer"
         )
     try:
         with torch.device("meta"):  # shapes only, no memory

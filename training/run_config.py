@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from runtime.errors import read_regular
+from runtime.files import read_regular
 from training.config import (
     DIT_PRESETS,
     PRESETS,
