@@ -194,16 +194,23 @@ def calibration_sets(
     held = math.ceil(held_out_images / B)
     calib = {g: spread(batches * n, MAX_FEEDS) for g, n in steps_per_batch.items()}
     after = {g: {batches * n + i for i in spread(held * n, MAX_FEEDS)} for g, n in steps_per_batch.items()}
+    n: dict[str, int] = {}  # calibration inputs kept per graph: they come before the held-out ones
+
+    def keep(graph: str, i: int) -> bool:
+        if i in calib[graph]:
+            n[graph] = n.get(graph, 0) + 1
+            return True
+        return i in after[graph]
+
     labels = [i % manifest.model.num_classes for i in range(B)]
     run = run_loop(
         directory,
         manifest,
         backend,
         [(labels, SamplingSettings.resolve(manifest.model, seed=seed + b), 0) for b in range(batches + held)],
-        keep=lambda graph, i: i in calib[graph] or i in after[graph],
+        keep,
     )
-    n = {g: len(calib.get(g, ())) for g in run.calls}  # every calibration call comes before the held-out ones
     return (
-        {g: fs[: n[g]] for g, fs in run.calls.items() if n[g]},
-        {g: fs[n[g] :] for g, fs in run.calls.items() if len(fs) > n[g]},
+        {g: fs[: n[g]] for g, fs in run.calls.items() if n.get(g)},
+        {g: fs[n.get(g, 0) :] for g, fs in run.calls.items() if len(fs) > n.get(g, 0)},
     )
