@@ -335,6 +335,23 @@ def test_corrupt_graph_with_matching_sha256(copy):
     _one_line(e)
 
 
+def test_a_bf16_graph_on_the_cpu_says_it_needs_a_gpu(copy):
+    """ONNX Runtime's CPU provider has no bf16 kernels for most ops: opening a bf16 graph there says that
+    the directory needs a GPU (TensorRT or the CUDA provider), not 'rebuild' (rebuilding fails alike)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])
+    graph = helper.make_graph([helper.make_node("Sub", ["x", "x"], ["y"])], "bf16", [x], [y])
+    f = copy / "head.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(f))
+    _edit_manifest(copy, lambda d: d["graphs"]["head"].update(sha256=sha256_file(f), precision="bf16"))
+    with pytest.raises(BackendError, match="bf16 engine directory needs a GPU: TensorRT") as e:
+        Pipeline.load(copy)
+    assert "--providers cuda" in _one_line(e)
+
+
 def test_graph_shapes_differ_from_manifest(copy):
     def grow(d):
         d["graphs"]["vae_decoder"]["inputs"][0]["shape"][0] = 4
