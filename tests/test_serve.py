@@ -38,10 +38,25 @@ def engines(tmp_path_factory) -> Path:
     return built_engines(tmp_path_factory, "masked", "shortcut")[1]
 
 
+# PATH as a user has it who runs .venv/bin/far-export without activating the environment: its python3 is
+# another interpreter (the Python backend's stub finds its own by PATH).
+ENV_OUTSIDE = {
+    **os.environ,
+    "PATH": os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and Path(p) != Path(sys.executable).parent
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):
     repo = write_repository(engines, tmp_path_factory.mktemp("serve") / "repo", ServeOptions(threads=1))
-    with TritonProcess(repo, "127.0.0.1", free_port()) as s:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", ENV_OUTSIDE["PATH"])
+        s = TritonProcess(repo, "127.0.0.1", free_port())
+    with s:
         s.wait_ready(timeout=120)
         yield s
 
@@ -173,6 +188,7 @@ def test_cli_serve_stops_on_sigterm_and_leaves_nothing(engines, tmp_path):
     exe = Path(sys.executable).parent / "far-export"
     proc = subprocess.Popen(
         [str(exe), "serve", str(engines), "--port", str(port), "--threads", "1"],
+        env=ENV_OUTSIDE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
