@@ -8,6 +8,7 @@ Library code raises typed errors with one-line messages; `_run` turns them into
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +143,24 @@ def inspect(engine_dir: str, as_json: bool) -> None:
         from far_export.inspect import describe
 
         click.echo(describe(engine_dir, as_json=as_json))
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
+@click.option("--head-steps", type=int, default=None, help="K per token (default: the manifest's).")
+@click.option("--num-iter", type=int, default=None, help="Masked AR steps (default: the manifest's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON.")
+def budget(engine_dir: str, head_steps: int | None, num_iter: int | None, as_json: bool) -> None:
+    """Per graph and per image: weights, tensors, FLOPs and calls; and per device (Jetson Orin, L4, H100,
+    H200) the lower bounds on time per image from its published peaks, and whether the engines fit."""
+
+    def go() -> None:
+        from far_export.budget import engine_budget, format_budget
+
+        b = engine_budget(engine_dir, head_steps=head_steps, num_iter=num_iter)
+        click.echo(json.dumps(b.to_dict(), indent=2) if as_json else format_budget(b))
 
     _run(go)
 
