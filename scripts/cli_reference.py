@@ -135,12 +135,17 @@ def render(helps: dict[str, str]) -> str:
 
 
 def documented_commands(markdown: str) -> Iterator[str]:
-    """Every command line in a Markdown text: fenced code lines (continuations joined) and inline code."""
+    """Every command line in a Markdown text: fenced code lines (continuations joined), inline code, and
+    each table row whose first cell is a command, with the inline code of its other cells as options."""
     blocks = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, flags=re.S | re.M)
     for block in blocks:
         yield from re.sub(r"\\\n\s*", " ", block).splitlines()
     prose = re.sub(r"^```[^\n]*\n.*?^```", "", markdown, flags=re.S | re.M)
-    yield from re.findall(r"`([^`\n]+)`", prose)
+    for line in prose.splitlines():
+        codes = re.findall(r"`([^`\n]+)`", line)
+        yield from codes
+        if line.startswith("| `") and len(codes) > 1:
+            yield " ".join(codes)
 
 
 def stale_options(markdown: str, helps: dict[str, str]) -> list[str]:

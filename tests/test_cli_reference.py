@@ -32,12 +32,14 @@ def test_an_option_a_command_does_not_have_is_named_with_its_line():
         "```bash\nfar-export build ckpt --out e \\\n    --no-cfg --fp17   # a comment --ignored\n"
         "python training/train.py --config c.toml --steps 5 && far-export build x --outt y\n```\n"
         "Inline: `torchrun --nproc_per_node 2 training/train.py --config c.toml`, `far-export bench --x`.\n"
+        "| `far-train` | trains | `--config`, `--conf` |\n"
     )
     assert cli_reference.stale_options(md, HELP) == [
         "far-export build: --fp17 (in `far-export build ckpt --out e --no-cfg --fp17`)",
         "far-train: --steps (in `python training/train.py --config c.toml --steps 5`)",
         "far-export build: --outt (in `far-export build x --outt y`)",
         "far-export: no command 'bench' (in `far-export bench --x`)",
+        "far-train: --conf (in `far-train --config --conf`)",
     ]
 
 
