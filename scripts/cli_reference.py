@@ -6,8 +6,9 @@
 The commands are the console scripts the installed package declares (pyproject.toml
 [project.scripts]) and, for a click group such as `far-export`, each of its subcommands. Each help
 text is what `COMMAND --help` prints at 80 columns. `--check` also reads every command written in
-README.md and docs/*.md (code blocks and inline code) and names any option its command does not have,
-so the documentation cannot drift from the CLI unnoticed (tests/test_cli_reference.py).
+README.md, engines/README.md and docs/*.md (code blocks, inline code, command tables) and names any
+option its command does not have, so the documentation cannot drift from the CLI unnoticed
+(tests/test_cli_reference.py).
 """
 
 from __future__ import annotations
@@ -181,11 +182,15 @@ def stale_options(markdown: str, helps: dict[str, str]) -> list[str]:
 
 
 def docs_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", ROOT / "engines" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def missing_examples(helps: dict[str, str]) -> list[str]:
+    return [f"EXAMPLES names {c!r}, which is not a command" for c in EXAMPLES if c not in helps]
 
 
 def check(helps: dict[str, str]) -> list[str]:
-    problems = []
+    problems = missing_examples(helps)
     if not OUT.is_file() or OUT.read_text() != render(helps):
         problems.append(f"{OUT.relative_to(ROOT)} is out of date: run python scripts/cli_reference.py")
     examples = "```\n" + "\n".join(EXAMPLES.values()) + "\n```\n"
@@ -206,9 +211,9 @@ def main() -> None:
         for p in problems:
             print(p, file=sys.stderr)
         sys.exit(1 if problems else 0)
-    missing = [c for c in EXAMPLES if c not in helps]
+    missing = missing_examples(helps)
     if missing:
-        sys.exit(f"Error: EXAMPLES names commands that do not exist: {', '.join(missing)}")
+        sys.exit(f"Error: {missing[0]}")
     write_atomic(OUT, render(helps))
     print(f"wrote {OUT.relative_to(ROOT)} ({len(helps)} commands)")
 
