@@ -24,8 +24,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from runtime.files import write_atomic
-
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "cli.md"
 DIST = "far-export"
@@ -65,7 +63,10 @@ OPTION = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*")
 
 def console_scripts() -> dict[str, Callable[[], object]]:
     """name -> entry function of every console script the installed package declares."""
-    eps = importlib.metadata.distribution(DIST).entry_points
+    try:
+        eps = importlib.metadata.distribution(DIST).entry_points
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"Error: {DIST} is not installed here: pip install -e . first") from None
     out = {}
     for ep in sorted((e for e in eps if e.group == "console_scripts"), key=lambda e: e.name):
         module, _, attr = ep.value.partition(":")
@@ -214,6 +215,8 @@ def main() -> None:
     missing = missing_examples(helps)
     if missing:
         sys.exit(f"Error: {missing[0]}")
+    from runtime.files import write_atomic  # the installed package (checked by console_scripts)
+
     write_atomic(OUT, render(helps))
     print(f"wrote {OUT.relative_to(ROOT)} ({len(helps)} commands)")
 
