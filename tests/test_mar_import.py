@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,11 @@ def test_bad_files(tmp_path):
     )
     torch.save({"model_ema": to_mar_names(ema.state_dict()), "hook": Evil()}, tmp_path / "evil.pth")
     _error(tmp_path / "evil.pth", kl, out, r"evil.pth could not be loaded safely \(weights_only=True\)")
+    bomb = tmp_path / "bomb.pth"  # a torch.save archive whose data.pkl is deflated: 64 MB from ~64 KB
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z, z.open("bomb/data.pkl", "w") as f:
+        for _ in range(64):
+            f.write(bytes(2**20))
+    _error(bomb, kl, out, r"bomb.pth would inflate to 0.07 GB from 0.1 MB: not a file torch.save wrote")
     p, k, _, _ = write_mar_files(tmp_path / "none-ema", model_ema=None)  # MAR trained without EMA
     _error(p, k, out, r"has no 'model_ema' weights; pass --online")
     p, k, _, _ = write_mar_files(tmp_path / "dict-args", args={"model": "mar_base"})

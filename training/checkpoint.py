@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,11 +166,33 @@ def checkpoint_sha256(path: str | Path) -> str:
 # ----------------------------------------------------------------------------
 
 
+INFLATION_SLACK = 16 * 2**20  # bytes a torch.save archive may hold beyond its file size
+
+
+def _check_inflation(path: Path) -> None:
+    """torch.save writes a zip archive whose members are stored, not compressed: members that would
+    inflate well beyond the file (a crafted, deflated data.pkl) are refused before torch reads any."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: a plain pickle stream, as large as the file
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is a damaged archive ({e}): download it again") from None
+    if total > size + INFLATION_SLACK:
+        raise CheckpointError(
+            f"{path} would inflate to {total / 1e9:.2f} GB from {size / 1e6:.1f} MB: not a file torch.save "
+            "wrote (its archives are not compressed); refusing to read it"
+        )
+
+
 def read_mar_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     path = regular_file(path, CheckpointError)  # a directory or a FIFO named as such
+    _check_inflation(path)
     try:
         # MAR's main_mar.py saves its argparse.Namespace beside the weights: a plain attribute bag,
         # whose values still pass the weights-only unpickler's checks.
