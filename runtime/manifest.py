@@ -202,7 +202,7 @@ class Manifest:
             graphs={
                 k: _graph(_field(graphs_raw, k, dict, where="graphs."), f"graphs.{k}") for k in graphs_raw
             },
-            validation=_field(d, "validation", dict, {}),
+            validation=_validation(_field(d, "validation", dict, {})),
             engines={
                 k: _engine(_field(engines_raw, k, dict, where="engines."), f"engines.{k}")
                 for k in engines_raw
@@ -228,7 +228,9 @@ class Manifest:
         return hashlib.sha256(f"{g.sha256}:{sw.sha256}".encode()).hexdigest()
 
     def save(self, directory: str | Path) -> Path:
-        return write_atomic(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_atomic(
+            Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        )
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -451,6 +453,27 @@ def _shared_weights(d: Any, graphs: dict[str, Any]) -> SharedWeights | None:
     )
 
 
+MAX_VALIDATION_DEPTH = 16  # a build writes 5 levels
+
+
+def _validation(v: dict[str, Any]) -> dict[str, Any]:
+    """The validation record as data of bounded nesting (inspect prints it, JSON and all)."""
+    level, depth = [v], 0
+    while level:
+        depth += 1
+        if depth > MAX_VALIDATION_DEPTH:
+            raise ManifestError(
+                f"validation nests deeper than {MAX_VALIDATION_DEPTH} levels (a build writes 5); {REBUILD}"
+            )
+        level = [
+            c
+            for x in level
+            for c in (x.values() if isinstance(x, dict) else x)
+            if isinstance(c, (dict, list))
+        ]
+    return v
+
+
 def _check_sizes(m: Manifest) -> None:
     """No buffer the runtime allocates from the manifest may be absurd (a crafted `batch: 1e12`)."""
     mi = m.model
@@ -510,6 +533,10 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory's manifest; every graph file must be a regular file inside the
     directory (symlinks resolved); with `verify`, its sha256 must match."""
@@ -519,8 +546,8 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     path = directory / MANIFEST
     raw_bytes = read_regular(path, ManifestError, "not an engine directory (build one with far-export build)")
     try:
-        raw = json.loads(raw_bytes.decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raw = json.loads(raw_bytes.decode("utf-8"), parse_constant=_not_json)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long, NaN
         raise ManifestError(f"{path} is not valid JSON ({first_line(e)}); {REBUILD}") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{path} must hold a JSON object, got {type(raw).__name__}; {REBUILD}")

@@ -11,6 +11,7 @@ for files that are not what they should be, and builds that leave no temporary d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -288,6 +289,8 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
         (_set("validation", []), "validation must be an object"),
         (_set("validation.graphs", "x"), "validation is malformed"),
         (_set("validation.end_to_end", {"settings": 3}), "validation is malformed"),
+        (_set("validation.deep", functools.reduce(lambda a, _: [a], range(900), 0)), "nests deeper than 16"),
+        (_set("validation.nan", float("nan")), "NaN is not a JSON number"),
     ],
 )
 def test_manifest_validated_as_data(ws, edit, match):
