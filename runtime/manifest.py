@@ -457,7 +457,7 @@ MAX_VALIDATION_DEPTH = 16  # a build writes 5 levels
 
 
 def _validation(v: dict[str, Any]) -> dict[str, Any]:
-    """The validation record as data of bounded nesting (inspect prints it, JSON and all)."""
+    """The validation record as data of bounded nesting and finite numbers (inspect prints it as JSON)."""
     level, depth = [v], 0
     while level:
         depth += 1
@@ -465,12 +465,10 @@ def _validation(v: dict[str, Any]) -> dict[str, Any]:
             raise ManifestError(
                 f"validation nests deeper than {MAX_VALIDATION_DEPTH} levels (a build writes 5); {REBUILD}"
             )
-        level = [
-            c
-            for x in level
-            for c in (x.values() if isinstance(x, dict) else x)
-            if isinstance(c, (dict, list))
-        ]
+        values = [c for x in level for c in (x.values() if isinstance(x, dict) else x)]
+        if any(isinstance(c, float) and not math.isfinite(c) for c in values):
+            raise ManifestError(f"validation holds NaN or Infinity, which JSON does not allow; {REBUILD}")
+        level = [c for c in values if isinstance(c, (dict, list))]
     return v
 
 
@@ -533,10 +531,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _not_json(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     """Read and check an engine directory's manifest; every graph file must be a regular file inside the
     directory (symlinks resolved); with `verify`, its sha256 must match."""
@@ -546,8 +540,8 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     path = directory / MANIFEST
     raw_bytes = read_regular(path, ManifestError, "not an engine directory (build one with far-export build)")
     try:
-        raw = json.loads(raw_bytes.decode("utf-8"), parse_constant=_not_json)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long, NaN
+        raw = json.loads(raw_bytes.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int too long
         raise ManifestError(f"{path} is not valid JSON ({first_line(e)}); {REBUILD}") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{path} must hold a JSON object, got {type(raw).__name__}; {REBUILD}")

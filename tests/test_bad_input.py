@@ -260,6 +260,14 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
     expect_error([*FAR, command, eng, *extra], match, ws["tmp"], [ws["tmp"]])
 
 
+def test_manifest_that_does_not_match_its_graphs(ws):
+    """model.num_classes larger than the graphs' class table: the class passes the manifest's range check
+    and ONNX Runtime's out-of-bounds error becomes one line naming the graph."""
+    eng = _copy_engine(ws, _set("model.num_classes", 1000))
+    cmd = [*FAR, "sample", eng, "--classes", "999", "--out", "x.png"]
+    expect_error(cmd, "ONNX Runtime failed running backbone", ws["tmp"], [ws["tmp"]])
+
+
 @pytest.mark.parametrize(
     "edit,match",
     [
@@ -290,7 +298,7 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
         (_set("validation.graphs", "x"), "validation is malformed"),
         (_set("validation.end_to_end", {"settings": 3}), "validation is malformed"),
         (_set("validation.deep", functools.reduce(lambda a, _: [a], range(900), 0)), "nests deeper than 16"),
-        (_set("validation.nan", float("nan")), "NaN is not a JSON number"),
+        (_set("validation.nan", [float("nan")]), "validation holds NaN or Infinity"),
     ],
 )
 def test_manifest_validated_as_data(ws, edit, match):
