@@ -267,6 +267,12 @@ def test_bad_files(tmp_path):
     for bad in ("abc", "1e9", 5.5):
         p, k, _, _ = write_mar_files(tmp_path / f"steps-{bad}", args=tiny_args(num_sampling_steps=bad))
         _error(p, k, out, rf"saved args have num_sampling_steps = {bad!r}: not a whole number")
+    for name, bad in (("patch_size", "one"), ("img_size", 16.5)):
+        p, k, _, _ = write_mar_files(tmp_path / f"{name}-{bad}", args=tiny_args(**{name: bad}))
+        _error(p, k, out, rf"saved args have {name} = {bad!r}: not a whole number")
+    p, k, _, _ = write_mar_files(tmp_path / "patch-str", args=tiny_args(patch_size="1"))  # as a string: fine
+    import_mar(p, k, tmp_path / "patch-str-out", MARImportOptions(num_heads=2))
+    assert (tmp_path / "patch-str-out" / "config.json").is_file()
     _error(kl, kl, out, r"kl16.ckpt has no 'model_ema' weights; pass --online")  # VAE given as the model
     _error(kl, kl, out, r"kl16.ckpt \['model'\] is not a MAR model: no 'z_proj.weight'", weights="online")
     _error(pth, pth, out, r"checkpoint-last.pth: the VAE weights match none of the known layouts")

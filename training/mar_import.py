@@ -221,14 +221,15 @@ def infer_mar_config(
     for k, have in checks.items():
         if k in a and a[k] != have:
             raise CheckpointError(f"{what}: args.{k} = {a[k]!r} but the weights/VAE have {have}")
-    patch = a.get("patch_size") or round((token_dim / vae.embed_dim) ** 0.5)
+    saved = {k: _saved_int(k, a[k]) for k in ("patch_size", "img_size") if a.get(k) is not None}
+    patch = saved.get("patch_size") or round((token_dim / vae.embed_dim) ** 0.5)
     if vae.embed_dim * patch**2 != token_dim:
         raise CheckpointError(
             f"{what}: tokens of {token_dim} channels do not fit the VAE's {vae.embed_dim} "
             f"latent channels x patch {patch}^2; is this the VAE the model was trained with?"
         )
     grid = round(seq_len**0.5)
-    img_size = a.get("img_size") or grid * vae.stride * patch
+    img_size = saved.get("img_size") or grid * vae.stride * patch
     if grid**2 != seq_len or img_size != grid * vae.stride * patch:
         raise CheckpointError(
             f"{what}: {seq_len} tokens do not match img_size {img_size} / (vae stride "
