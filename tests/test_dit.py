@@ -193,12 +193,13 @@ def test_train_runs_the_dit_stage(tmp_path):
     from test_data import write_image_folder
     from test_train import tiny_overrides
 
-    from training import train as T
+    from training.trainer.run import train
+    from training.trainer.run_config import load_run_config
 
     data = write_image_folder(tmp_path / "data", classes=2, per_class=4, size=16)
     over = [o for o in tiny_overrides(data) if o != "model.preset=tiny"]
-    run = T.load_run_config(None, [*over, 'model.preset="dit-tiny"', "train.steps=3"])
-    ck = load_checkpoint(T.train(run, tmp_path / "run"))
+    run = load_run_config(None, [*over, 'model.preset="dit-tiny"', "train.steps=3"])
+    ck = load_checkpoint(train(run, tmp_path / "run"))
     assert isinstance(ck.model, DiT) and ck.cfg.num_classes == 2
     assert [json.loads(ln)["stage"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][
         -2:

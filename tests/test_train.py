@@ -12,14 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import train as T
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError
 from training.data import LatentCache, latent_scale
-from training.distributed import Context, batch_indices
-from training.optim import lr_at, param_groups
-from training.run_checks import TrainingError
-from training.run_config import OptimConfig, dump_toml, load_run_config, tomllib
+from training.trainer import stages
+from training.trainer.cli import command as train_cli
+from training.trainer.distributed import Context, batch_indices
+from training.trainer.loop import step_seed
+from training.trainer.optim import lr_at, param_groups
+from training.trainer.run import train
+from training.trainer.run_checks import TrainingError
+from training.trainer.run_config import OptimConfig, dump_toml, load_run_config, tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -160,7 +163,7 @@ def test_batch_indices_cover_each_epoch_once():
 def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
     run = load_run_config(None, tiny_overrides(folder) + ["train.sample_every=4"])
-    ckpt_dir = T.train(run, out)
+    ckpt_dir = train(run, out)
     ckpt = load_checkpoint(ckpt_dir)
     # the latent scale is measured on the cache (1 / std), never the preset's literal
     cache = LatentCache.load(out / "latents.safetensors")
@@ -183,9 +186,9 @@ def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
 
 def test_resume_continues_exactly(folder, tmp_path):
     const = ['train.lr_schedule="constant"']  # the cosine schedule depends on train.steps
-    straight = T.train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
-    resumed = T.train(
+    straight = train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
+    train(load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
+    resumed = train(
         load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "b", resume=True
     )
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
@@ -203,10 +206,10 @@ def test_resume_continues_exactly(folder, tmp_path):
 
 def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoint):
     out = tmp_path / "r"
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
+    train(load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
     first = LatentCache.load(out / "latents.safetensors")
     given = tiny_checkpoint(tmp_path / "given")
-    T.train(
+    train(
         load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
         out,
         resume=True,
@@ -216,30 +219,30 @@ def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoi
 
 
 def test_existing_run_needs_resume(folder, tmp_path):
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
+    train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
     with pytest.raises(TrainingError, match="--resume"):
-        T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
+        train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
 
 
 def test_interrupt_saves_checkpoint_and_state(folder, tmp_path, monkeypatch):
-    real_run_stage = T.run_stage
+    real_run_stage = stages.run_stage
 
     def run_stage(stage, *a, **k):
         if stage.name == "far":  # Ctrl-C while fetching the batch of step 3
             real_batch = stage.batch_fn
 
             def batch_fn(idx, g):
-                if torch.initial_seed() == T.step_seed(stage.opt.seed, 3, 0):
+                if torch.initial_seed() == step_seed(stage.opt.seed, 3, 0):
                     raise KeyboardInterrupt
                 return real_batch(idx, g)
 
             stage.batch_fn = batch_fn
         return real_run_stage(stage, *a, **k)
 
-    monkeypatch.setattr(T, "run_stage", run_stage)
+    monkeypatch.setattr(stages, "run_stage", run_stage)
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        T.train(load_run_config(None, tiny_overrides(folder, far_steps=10) + ["train.save_every=0"]), out)
+        train(load_run_config(None, tiny_overrides(folder, far_steps=10) + ["train.save_every=0"]), out)
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
     assert json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == 3
     load_checkpoint(out / "checkpoint")
@@ -259,7 +262,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
     monkeypatch.setattr(FAR, "loss", loss)
     out = tmp_path / "r"
     with pytest.raises(TrainingError, match=r"loss is nan at step 2.*last good checkpoint \(step 2\)"):
-        T.train(load_run_config(None, tiny_overrides(folder, far_steps=6)), out)
+        train(load_run_config(None, tiny_overrides(folder, far_steps=6)), out)
     assert json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == 2
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
 
@@ -267,7 +270,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 def test_far_alone_on_a_given_vae(folder, tmp_path, tiny_checkpoint):
     given = tiny_checkpoint(tmp_path / "given")
     out = tmp_path / "r"
-    ckpt_dir = T.train(
+    ckpt_dir = train(
         load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
         out,
     )
@@ -285,12 +288,12 @@ def test_fine_tune_starts_from_a_checkpoint(folder, tmp_path, tiny_checkpoint):
         f"vae.init={json.dumps(str(given))}",
         f"train.init={json.dumps(str(given))}",
     ]
-    ckpt = load_checkpoint(T.train(load_run_config(None, tiny_overrides(folder) + init), out))
+    ckpt = load_checkpoint(train(load_run_config(None, tiny_overrides(folder) + init), out))
     ref = load_checkpoint(given).model.state_dict()
     assert all(torch.equal(ckpt.model.state_dict()[k], ref[k]) for k in ref)  # lr 0: the init itself
     bad = tiny_checkpoint(tmp_path / "bad", num_classes=2, width=64, num_heads=2)
     with pytest.raises(TrainingError, match="train.init: .*does not match"):
-        T.train(
+        train(
             load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
             tmp_path / "r2",
         )
@@ -301,7 +304,7 @@ def test_other_heads_and_backbones_train(folder, tmp_path, head, backbone):
     run = load_run_config(
         None, tiny_overrides(folder, far_steps=2) + [f'model.head="{head}"', f'model.backbone="{backbone}"']
     )
-    cfg = load_checkpoint(T.train(run, tmp_path / "r")).cfg
+    cfg = load_checkpoint(train(run, tmp_path / "r")).cfg
     assert (cfg.head, cfg.backbone) == (head, backbone)
 
 
@@ -341,7 +344,7 @@ def test_cli_bad_input_is_one_line(tmp_path, case):
     else:
         args += ["--data", str(write_image_folder(tmp_path / "d")), "--vae", str(tmp_path / "missing.ckpt")]
         match = "does not exist"
-    r = CliRunner().invoke(T._cli(), args)
+    r = CliRunner().invoke(train_cli, args)
     assert r.exit_code == 1, r.output
     assert isinstance(r.exception, SystemExit)  # a ClickException, not an uncaught error
     last = r.output.strip().splitlines()[-1]
