@@ -12,6 +12,7 @@ import torch
 from conftest import randomize_
 from safetensors.torch import save_file
 
+from training import classifier as C
 from training import evaluate as E
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import DIT_PRESETS, PRESETS, ConfigError, DiTConfig, FARConfig, model_config_from_dict
@@ -178,7 +179,7 @@ def test_evaluate_runs_on_a_tiny_dit_checkpoint(tmp_path):
     ck = save_checkpoint(tmp_path / "ck", m, AutoencoderKL(m.cfg.vae))
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
-    save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
+    save_file(C.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / C.CLASSIFIER_FILE))
     report = E.evaluate(
         ck, head_steps=[1, 2], per_class=2, batch=10, cache_dir=tmp_path / "cache", fid=False, progress=False
     )
