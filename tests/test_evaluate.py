@@ -34,6 +34,14 @@ def test_frechet_distance_closed_forms():
     assert E.frechet_distance(a, b) == pytest.approx(expect, abs=0.05)
 
 
+def test_floors_take_as_many_digits_of_each_class_as_a_row():
+    labels = np.repeat(np.arange(10), 450)
+    idx = E.balanced_subset(labels, 5)
+    assert len(set(idx.tolist())) == 50 and np.bincount(labels[idx]).tolist() == [5] * 10
+    assert np.array_equal(idx, E.balanced_subset(labels, 5))  # a fixed choice
+    assert len(E.balanced_subset(labels, 1000)) == 4500  # at most what the data has
+
+
 def test_default_head_steps():
     assert default_head_steps("shortcut", 8) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert default_head_steps("mar", 8) == [25, 50, 100]

@@ -4,8 +4,10 @@ FAR alone on a given VAE, and one-line errors on bad input. Tiny preset on a tin
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -349,3 +351,39 @@ def test_cli_bad_input_is_one_line(tmp_path, case):
     assert isinstance(r.exception, SystemExit)  # a ClickException, not an uncaught error
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("Error:") and match in last, r.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_cli_signal_saves_the_run_and_says_so_in_one_line(folder, tmp_path, sig):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) during the FAR stage: the checkpoint and resume state
+    of the step reached are saved, one `Error:` line says where, exit 128 + the signal. The run's first
+    line names torch's thread count."""
+    out = tmp_path / "r"
+    args = ["--threads", "1", "--out", str(out), *tiny_overrides(folder, far_steps=100_000, vae_steps=1)]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "training" / "train.py"), *args, "train.save_every=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and '"stage": "far", "step": 1,' in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert "training on cpu, 1 CPU threads" in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert errors == [
+        f"Error: stopped by {signal.Signals(sig).name}; the last checkpoint and resume state are in {out} "
+        "(continue with --resume)"
+    ], err
+    step = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert step >= 1 and json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == step
+    load_checkpoint(out / "checkpoint")

@@ -16,8 +16,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """MAR's add_weight_decay (util/misc.py): no decay on biases, 1-d parameters (norms) and MAR's
     diffusion head (MAR exempts every `diffloss` parameter); decay elsewhere.
 
-    The shortcut head keeps decay on its matrices: the shipped far-mnist was trained and measured so,
-    and MAR's exemption is a choice for its own head, not a property of AdaLN MLPs."""
+    The shortcut head keeps decay on its matrices: MAR's exemption is a choice for its own head, not a
+    property of AdaLN MLPs."""
     cfg = getattr(model, "cfg", None)  # FAR's or DiT's config; the VAE has no exemptions
     exempt_prefixes = cfg.no_decay_prefixes if isinstance(cfg, LatentModelConfig) else ()
     decay, no_decay = [], []
