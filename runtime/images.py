@@ -99,9 +99,6 @@ def save_image(array: np.ndarray, path: Path, fmt: str = "PNG") -> None:
     write_atomic(path, buf.getvalue())
 
 
-_save_png = save_image  # the name training/train.py imports
-
-
 class ImageWriter:
     """Writes a request's images batch by batch: each one into `out_dir` (`<index>_class<k>.png`) as soon as
     its batch is done; the grid (`out`, one row per class) at the end. Every output is checked when the

@@ -175,10 +175,11 @@ def signals_raise() -> Iterator[None]:
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
+def one_line_errors(stopped: str = "nothing was left half-written") -> Iterator[None]:
     """Bad input (a FarError, or an OSError about a named file) becomes one `Error: ...` line and exit 1;
     SIGTERM and SIGHUP one line and exit 128 + the signal's number, temporaries removed; anything else is
-    a bug and keeps its traceback."""
+    a bug and keeps its traceback. `stopped`: what an interrupted command leaves (said after Ctrl-C and
+    the signals)."""
     try:
         with signals_raise():
             yield
@@ -186,10 +187,10 @@ def one_line_errors() -> Iterator[None]:
         raise
     except Terminated as e:
         name = signal.Signals(e.signum).name
-        click.echo(f"Error: stopped by {name}; nothing was left half-written", err=True)
+        click.echo(f"Error: stopped by {name}; {stopped}", err=True)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; nothing was left half-written") from None
+        raise click.ClickException(f"interrupted; {stopped}") from None
     except FarError as e:
         raise click.ClickException(first_line(e)) from None
     except MemoryError:

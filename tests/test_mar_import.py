@@ -349,7 +349,8 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
     from test_data import write_image_folder
     from test_train import tiny_overrides
 
-    from training import train as T
+    from training.trainer.run import train
+    from training.trainer.run_config import load_run_config
 
     pth, kl, ema, _ = write_mar_files(tmp_path / "mar")
     mar = import_mar(pth, kl, tmp_path / "imported", MARImportOptions(num_heads=2)).path
@@ -362,7 +363,7 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
         "model.num_classes=4",
         'model.head="shortcut"',
     ]
-    ft = load_checkpoint(T.train(T.load_run_config(None, tiny_overrides(data) + init), tmp_path / "run"))
+    ft = load_checkpoint(train(load_run_config(None, tiny_overrides(data) + init), tmp_path / "run"))
     assert ft.cfg.head == "shortcut"
     got, ref = ft.model.state_dict(), to_mar_names(ema.state_dict())
     for k, v in got.items():
@@ -379,7 +380,7 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
 def test_weight_decay_as_mar(head):
     """MAR's add_weight_decay exempts every diffloss parameter: so does ours for the MAR head. The shortcut
     head keeps decay on its matrices (the recipe the shipped far-mnist was trained with)."""
-    from training.optim import param_groups
+    from training.trainer.optim import param_groups
 
     model = FAR(preset("tiny", head=head))
     no_decay, decay = param_groups(model, 0.02)

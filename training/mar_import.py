@@ -25,7 +25,7 @@ from runtime.errors import artifact_ancestor
 from training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
-    _load_into,
+    load_into,
     mar_model_state_dict,
     mar_to_far_state_dict,
     mar_vae_state_dict,
@@ -331,8 +331,8 @@ def import_mar(
     vae_cfg = infer_vae_config(vae_sd, str(vae_path))
     cfg, size = infer_mar_config(sd, args, vae_cfg, opts, f"{model_path} ['{opts.entry}']")
     model, vae = FAR(cfg), AutoencoderKL(vae_cfg)
-    _load_into(model, mar_to_far_state_dict(sd), f"{model_path} ['{opts.entry}']")
-    _load_into(vae, vae_sd, str(vae_path))
+    load_into(model, mar_to_far_state_dict(sd), f"{model_path} ['{opts.entry}']")
+    load_into(vae, vae_sd, str(vae_path))
     info = {
         "source": str(Path(model_path).resolve()),
         "weights": opts.entry,
