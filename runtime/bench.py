@@ -22,7 +22,8 @@ import numpy as np
 
 from runtime.errors import RequestError
 from runtime.files import write_atomic
-from runtime.pipeline import Pipeline, Timings
+from runtime.loop import Timings
+from runtime.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
