@@ -308,13 +308,13 @@ def train_vae(
         save_tensors(ema.state_dict(), final)
 
     def recon_grid(ema, step):
-        from runtime.images import _save_png, make_grid, to_uint8
+        from runtime.images import make_grid, save_image, to_uint8
 
         with torch.no_grad():
             rec, _ = ema(fixed.to(ctx.device), sample=False)
         pair = torch.cat([fixed, rec.float().cpu()]) * 0.5 + 0.5
         grid = make_grid(to_uint8(pair.clamp(0, 1).numpy()), rows=2)
-        _save_png(grid, vdir / f"recon_{step:06d}.png")
+        save_image(grid, vdir / f"recon_{step:06d}.png")
 
     remedy = "start over in a new --out" + (
         f", or train FAR on the VAE exported so far with vae.init={final}" if final.is_file() else ""
@@ -452,14 +452,14 @@ def train_far(
         )
 
     def sample_grid(ema, step):
-        from runtime.images import _save_png, make_grid
+        from runtime.images import make_grid, save_image
 
         o = run.train
         rows = min(o.sample_classes, cfg.num_classes)
         labels = [c for c in range(rows) for _ in range(o.sample_per_class)]
         images = generate(_cpu_copy(ema), vae, labels, resolve_settings(cfg, seed=0))
         (out / "samples").mkdir(exist_ok=True)
-        _save_png(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
+        save_image(make_grid(images, rows=rows), out / "samples" / f"step_{step:06d}.png")
 
     remedy = "start over in a new --out" + (
         f", or start from the last exported weights with train.init={ckpt_dir}" if ckpt_dir.is_dir() else ""
