@@ -19,6 +19,7 @@ from runtime.options import (
     SEED,
     THREADS,
     FiniteFloat,
+    flags,
     one_line_errors,
     request_from_kwargs,
     sampling_flags,
@@ -229,47 +230,35 @@ def import_mar(mar_checkpoint: str, vae_path: str, out_dir: str, online: bool, *
 # -- sample / bench / serve (runtime.pipeline, runtime.bench, far_export.serve: numpy + one backend) --------
 
 
-def _backend_options(cuda_graph: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The runtime backend flags of sample, bench and serve (serve has no --cuda-graph)."""
-    opts = [
-        click.option(
-            "--backend",
-            type=click.Choice(["ort", "trt"]),
-            default="ort",
-            show_default=True,
-            help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines.",
-        ),
-        click.option(
-            "--providers",
-            default="cpu",
-            show_default=True,
-            help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
-            "that ONNX Runtime cannot use is an error, not a slow fallback.",
-        ),
-        click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
-    ]
-    if cuda_graph:
-        opts.append(
-            click.option(
-                "--cuda-graph",
-                is_flag=True,
-                help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per "
-                "batch).",
-            )
-        )
-
-    def add(f: Callable[..., Any]) -> Callable[..., Any]:
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-
-    return add
+BACKEND_FLAGS = {
+    "backend": click.option(
+        "--backend",
+        type=click.Choice(["ort", "trt"]),
+        default="ort",
+        show_default=True,
+        help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines.",
+    ),
+    "providers": click.option(
+        "--providers",
+        default="cpu",
+        show_default=True,
+        help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
+        "that ONNX Runtime cannot use is an error, not a slow fallback.",
+    ),
+    "threads": click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
+    "cuda_graph": click.option(
+        "--cuda-graph",
+        is_flag=True,
+        help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per batch).",
+    ),
+}
+_backend_options = flags(*BACKEND_FLAGS.values())  # sample and bench; serve has no --cuda-graph
 
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
 @sampling_options
-@_backend_options()
+@_backend_options
 def sample(
     engine_dir: str, backend: str, providers: str, threads: int | None, cuda_graph: bool, **kw: Any
 ) -> None:
@@ -352,7 +341,7 @@ class _ImageProgress:
 )
 @sampling_flags("seed")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result as JSON.")
-@_backend_options()
+@_backend_options
 def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     """Time generation: per-stage time (backbone, head, VAE, loop Python), images/s, p50/p95, peak memory."""
 
@@ -401,7 +390,7 @@ SERVED_SETTINGS = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter
     type=click.IntRange(1, 1_000_000),
     help="Queued requests beyond this are rejected (not held in memory).",
 )
-@_backend_options(cuda_graph=False)
+@flags(BACKEND_FLAGS["backend"], BACKEND_FLAGS["providers"], BACKEND_FLAGS["threads"])
 def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: Any) -> None:
     """Serve ENGINE_DIR with Triton Inference Server (dynamic batching across requests); the sampling
     settings are fixed per served model."""

@@ -69,7 +69,7 @@ class SampleRequest:
     overwrite: bool = False
 
 
-SAMPLING_FLAGS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+SAMPLING_FLAGS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {  # name -> click option
     "classes": click.option(
         "--classes", default="0-9", show_default=True, help="Class ids: '0-9', '1,3,7', '0-2,5'."
     ),
@@ -144,16 +144,24 @@ SAMPLING_FLAGS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = 
 }
 
 
-def sampling_flags(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A decorator adding the named SAMPLING_FLAGS to a command, in this order: each flag is defined once,
-    here, for every command that takes it (far-export sample, bench, serve and training/sample.py)."""
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def flags(*decorators: Decorator) -> Decorator:
+    """One decorator adding click options in the order given (as if stacked top to bottom)."""
 
     def add(f: Callable[..., Any]) -> Callable[..., Any]:
-        for name in reversed(names):
-            f = SAMPLING_FLAGS[name](f)
+        for d in reversed(decorators):
+            f = d(f)
         return f
 
     return add
+
+
+def sampling_flags(*names: str) -> Decorator:
+    """The named SAMPLING_FLAGS, in this order: each flag is defined once, here, for every command that takes
+    it (far-export sample, bench, serve and training/sample.py)."""
+    return flags(*(SAMPLING_FLAGS[name] for name in names))
 
 
 sampling_options = sampling_flags(*SAMPLING_FLAGS)  # a whole request: far-export sample, training/sample.py

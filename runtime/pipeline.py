@@ -81,7 +81,7 @@ class Pipeline:
     """An engine directory opened on one backend, with every buffer allocated once.
 
     Thread safety: one pipeline may be shared by threads. Its buffers hold one batch at a time, so calls
-    take turns (a lock held per engine batch: `generate_batches` lets others run between its chunks);
+    take turns (a lock held per engine batch: `stream` lets others run between its chunks);
     for parallel generation open one pipeline per thread. A call from inside a `progress` callback of
     the same pipeline is refused (RequestError), as is any use after `close()`.
 
