@@ -384,6 +384,12 @@ class OrtBackend(Backend):
                     else "check --providers"
                 )
             )
+        if manifest.precision == "bf16" and not any(p in GPU_PROVIDERS for p in self.providers):
+            raise BackendError(
+                f"{directory} holds bf16 graphs, which need a GPU (ONNX Runtime's CPU provider has no bf16 "
+                "kernels): run them with --backend trt or --providers cuda, or build with --precision fp32, "
+                "fp16 or int8 for a CPU"
+            )
         self._threads, self._spin = threads, spin
         self._opts = self._options()
         self._provider_options = None  # the CPU path as ONNX Runtime's defaults have it
