@@ -6,7 +6,7 @@
 The commands are the console scripts the installed package declares (pyproject.toml
 [project.scripts]) and, for a click group such as `far-export`, each of its subcommands. Each help
 text is what `COMMAND --help` prints at 80 columns. `--check` also reads every command written in
-README.md, engines/README.md and docs/*.md (code blocks, inline code, command tables) and names any
+README.md and docs/*.md (code blocks, inline code, command tables) and names any
 option its command does not have, so the documentation cannot drift from the CLI unnoticed
 (tests/test_cli_reference.py).
 """
@@ -183,7 +183,7 @@ def stale_options(markdown: str, helps: dict[str, str]) -> list[str]:
 
 
 def docs_files() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "engines" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def missing_examples(helps: dict[str, str]) -> list[str]:
