@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from far_export import __version__
+from far_export.serve import QUEUE_DELAY_US
 from runtime.options import (
     BATCH,
     SEED,
@@ -397,10 +398,10 @@ SERVED_SETTINGS = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter
 @sampling_flags(*SERVED_SETTINGS)
 @click.option(
     "--queue-delay-us",
-    default=2000,
+    default=QUEUE_DELAY_US,
     show_default=True,
     type=click.IntRange(0, 10_000_000),
-    help="How long Triton waits to fill a batch.",
+    help="How long a request waits for others to fill its batch (a small fraction of one batch's time).",
 )
 @click.option(
     "--max-queue",
