@@ -1,6 +1,7 @@
 """Export + validate the far-b preset (MAR-B dims, random weights, ~208M parameters) and record the cost.
 
     python benchmarks/export_far_b.py [--precision fp32] [--batch 1] [--num-iter 4] [--json out.json]
+                                      [--keep DIR]   # keep the engine directory (e.g. for far-export budget)
 
 Writes a random-weight checkpoint (far-b backbone + shortcut head, MAR's KL-16 VAE)
 into a temporary directory, runs `far_export.build.build` on it (every graph checked
@@ -15,6 +16,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,13 +50,15 @@ def random_far(cfg: FARConfig, seed: int = 0) -> tuple[FAR, AutoencoderKL]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="far-b")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument(
         "--num-iter", type=int, default=4, help="masked AR steps of the graphs and the end-to-end check"
     )
     ap.add_argument("--no-cfg", action="store_true", help="graphs without CFG doubling")
     ap.add_argument("--no-end-to-end", action="store_true")
+    ap.add_argument("--no-validate", action="store_true", help="skip the per-graph checks against PyTorch")
+    ap.add_argument("--keep", type=Path, default=None, help="move the engine directory here")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -90,11 +94,14 @@ def main() -> None:
             cfg_guidance=not args.no_cfg,
             num_iter=args.num_iter,
             end_to_end=not args.no_end_to_end,
+            validate=not args.no_validate,
             engines=False,
         )
         manifest = build(Path(tmp) / "ckpt", Path(tmp) / "engines", opts, log=log)
         build_s = time.perf_counter() - t0
         sizes = {n: (Path(tmp) / "engines" / g.file).stat().st_size for n, g in manifest.graphs.items()}
+        if args.keep:
+            shutil.move(Path(tmp) / "engines", args.keep)
 
     result = {
         "preset": args.preset,

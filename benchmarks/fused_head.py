@@ -2,12 +2,12 @@
 
     python benchmarks/fused_head.py [--checkpoint checkpoints/far-mnist] [-k 4] [--batch 1] [--reps 5]
 
-A measurement for issue 22's fused head, before the build and runtime use one: both graphs are exported
-from the checkpoint's own `ShortcutHeadStep` (training/model.py) with the build's exporter settings at
-the build's head shapes (batch images x Q rows, CFG doubling on), the fused one with t_k = k/K and
-d = 1/K as constants. ONNX Runtime CPU, one thread, the two taking turns (interleaved) for `--reps`
-rounds of `--calls` timed K-step runs each; prints the medians, their ratio and the largest difference
-between the two outputs relative to max(1, max|x|).
+Whether a fused head would pay (the build exports the one-step graph; the runtime calls it K times):
+both graphs are exported from the checkpoint's own `ShortcutHeadStep` (training/model.py) with the
+build's exporter settings at the build's head shapes (batch images x Q rows, CFG doubling on), the fused
+one with t_k = k/K and d = 1/K as constants. ONNX Runtime CPU, one thread, the two taking turns
+(interleaved) for `--reps` rounds of `--calls` timed K-step runs each; prints the medians, their ratio
+and the largest difference between the two outputs relative to max(1, max|x|).
 """
 
 from __future__ import annotations

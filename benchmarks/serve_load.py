@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,7 +30,9 @@ from far_export.serve import MODEL, ServeOptions, TritonProcess, free_port, writ
 from runtime.pipeline import Pipeline  # noqa: E402
 
 
-def _client(url: str, keys: list[tuple[int, int]], out: mp.Queue) -> None:
+def _client(url: str, keys: list[tuple[int, int]], out: mp.Queue, ready: mp.Queue, go: Any) -> None:
+    ready.put(None)
+    go.wait()  # every client started and imported: the clock starts with the first request
     latencies, images = [], []
     for cls, index in keys:
         body = {
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per client")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads, both sides")
     ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--queue-delay-us", type=int, default=ServeOptions.queue_delay_us)
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     total = max(clients) * args.requests
@@ -74,7 +78,10 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_repository(
-            args.engine_dir, Path(tmp) / "repo", ServeOptions(threads=args.threads), copy=False
+            args.engine_dir,
+            Path(tmp) / "repo",
+            ServeOptions(threads=args.threads, queue_delay_us=args.queue_delay_us),
+            copy=False,
         )
         with TritonProcess(repo, "127.0.0.1", free_port()) as server:
             server.wait_ready(300)
@@ -83,13 +90,18 @@ def main() -> None:
                 count = args.requests
                 before = server.statistics()["model_stats"][0]
                 q: mp.Queue = ctx.Queue()
+                ready: mp.Queue = ctx.Queue()
+                go = ctx.Event()
                 procs = []
                 for c in range(n):
                     keys = [(labels[c * count + j], c * count + j) for j in range(count)]
-                    procs.append(ctx.Process(target=_client, args=(server.url, keys, q)))
-                t0 = time.perf_counter()
+                    procs.append(ctx.Process(target=_client, args=(server.url, keys, q, ready, go)))
                 for p in procs:
                     p.start()
+                for _ in procs:
+                    ready.get(timeout=600)
+                t0 = time.perf_counter()
+                go.set()
                 results = [q.get(timeout=3600) for _ in procs]
                 wall = time.perf_counter() - t0
                 for p in procs:

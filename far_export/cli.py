@@ -8,14 +8,26 @@ Library code raises typed errors with one-line messages; `_run` turns them into
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from far_export import __version__
-from runtime.limits import ENCODER_VARIANTS, MAX_CFG, MAX_ENCODER_VARIANTS
-from runtime.options import BATCH, SEED, THREADS, FiniteFloat, one_line_errors
+from far_export.serve import QUEUE_DELAY_US
+from runtime.limits import ENCODER_VARIANTS, MAX_ENCODER_VARIANTS
+from runtime.options import (
+    BATCH,
+    SEED,
+    THREADS,
+    FiniteFloat,
+    flags,
+    one_line_errors,
+    request_from_kwargs,
+    sampling_flags,
+    sampling_options,
+)
 from runtime.schedule import CFG_SCHEDULES
 
 
@@ -148,6 +160,24 @@ def inspect(engine_dir: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
+@click.option("--head-steps", type=int, default=None, help="K per token (default: the manifest's).")
+@click.option("--num-iter", type=int, default=None, help="Masked AR steps (default: the manifest's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the budget as JSON.")
+def budget(engine_dir: str, head_steps: int | None, num_iter: int | None, as_json: bool) -> None:
+    """Per graph and per image: weights, tensors, FLOPs and calls; and per device (Jetson Orin, L4, H100,
+    H200) the lower bounds on time per image from its published peaks, and whether the engines fit."""
+
+    def go() -> None:
+        from far_export.budget import engine_budget, format_budget
+
+        b = engine_budget(engine_dir, head_steps=head_steps, num_iter=num_iter)
+        click.echo(json.dumps(b.to_dict(), indent=2) if as_json else format_budget(b))
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path())
 @_engine_options
 @click.option("--no-validate", is_flag=True, help="Skip comparing each plan with ONNX Runtime.")
 def compile(engine_dir: str, workspace_gb: float, opt_level: int, no_validate: bool) -> None:
@@ -218,59 +248,45 @@ def import_mar(mar_checkpoint: str, vae_path: str, out_dir: str, online: bool, *
     _run(go)
 
 
-# -- sample / bench (runtime.pipeline, runtime.bench: numpy + one backend, no torch) ----------------------
+# -- sample / bench / serve (runtime.pipeline, runtime.bench, far_export.serve: numpy + one backend) --------
 
 
-def _sampling_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The flags training/sample.py has (runtime.options imports click only)."""
-    from runtime.options import sampling_options
-
-    return sampling_options
-
-
-def _backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option(
-            "--backend",
-            type=click.Choice(["ort", "trt"]),
-            default="ort",
-            show_default=True,
-            help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines.",
-        ),
-        click.option(
-            "--providers",
-            default="cpu",
-            show_default=True,
-            help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
-            "that ONNX Runtime cannot use is an error, not a slow fallback.",
-        ),
-        click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
-        click.option(
-            "--cuda-graph",
-            is_flag=True,
-            help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per batch).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+BACKEND_FLAGS = {
+    "backend": click.option(
+        "--backend",
+        type=click.Choice(["ort", "trt"]),
+        default="ort",
+        show_default=True,
+        help="ONNX Runtime on the .onnx graphs, or TensorRT on the .plan engines.",
+    ),
+    "providers": click.option(
+        "--providers",
+        default="cpu",
+        show_default=True,
+        help="ONNX Runtime providers in order: cpu, cuda, tensorrt (e.g. 'cuda,cpu'). A GPU provider "
+        "that ONNX Runtime cannot use is an error, not a slow fallback.",
+    ),
+    "threads": click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads."),
+    "cuda_graph": click.option(
+        "--cuda-graph",
+        is_flag=True,
+        help="TensorRT: capture the whole AR loop of a batch as one CUDA graph (one launch per batch).",
+    ),
+}
+_backend_options = flags(*BACKEND_FLAGS.values())  # sample and bench; serve has no --cuda-graph
 
 
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@_sampling_options()
+@sampling_options
 @_backend_options
 def sample(
     engine_dir: str, backend: str, providers: str, threads: int | None, cuda_graph: bool, **kw: Any
 ) -> None:
     """Generate images from an engine directory (flags and layout as training/sample.py's)."""
-    from runtime.options import request_from_kwargs
-
     req = request_from_kwargs(kw)
 
     def go() -> None:
-        from tqdm import tqdm
-
         from runtime.images import ImageWriter, parse_classes, request_labels
         from runtime.pipeline import Pipeline
 
@@ -279,63 +295,61 @@ def sample(
         )
         classes = parse_classes(req.classes, pipe.model.num_classes)
         labels = request_labels(classes, req.per_class)
-        pipe.settings(
+        settings = pipe.settings(
             head_steps=req.head_steps,
             cfg=req.cfg,
             cfg_schedule=req.cfg_schedule,
             temperature=req.temperature,
             num_iter=req.num_iter,
             seed=req.seed,
-        )  # bad values fail here
-        pipe.check_batch(req.batch)
-        writer = ImageWriter(labels, len(classes), req.out, req.out_dir)  # bad outputs fail before any work
-        bars: list[tqdm] = []  # made at the first step, when the total is known
-
-        def progress(done: int, total: int) -> None:
-            if not bars:
-                bars.append(tqdm(desc="sampling", unit="step", total=total, leave=False))
-            bars[0].update(done - bars[0].n)
-
-        try:
-            for images in pipe.generate_batches(
-                labels,
-                head_steps=req.head_steps,
-                cfg=req.cfg,
-                cfg_schedule=req.cfg_schedule,
-                temperature=req.temperature,
-                num_iter=req.num_iter,
-                seed=req.seed,
-                batch=req.batch,
-                progress=progress,
-            ):
+        )  # resolved once; bad values fail here
+        bar = _ImageProgress(len(labels))
+        batches = pipe.stream(labels, settings, batch=req.batch, progress=bar.steps)  # checked here
+        writer = ImageWriter(labels, len(classes), req.out, req.out_dir, req.overwrite)  # before any work
+        with bar:
+            for images in batches:
                 writer.add(images)  # written as it goes: memory stays flat however many images
-        finally:
-            for bar in bars:
-                bar.close()
         wrote = writer.close()
         click.echo(f"{wrote} in {pipe.timings.wall:.2f}s ({pipe.backend.describe()})")
+        if writer.grid_caption:
+            click.echo(writer.grid_caption)
 
     _run(go)
 
 
+class _ImageProgress:
+    """A progress bar in images (as far-sample's): `steps(done, total)` takes the pipeline's AR steps over
+    the whole request and shows the images they amount to (a batch counts as it goes, step by step)."""
+
+    def __init__(self, images: int):
+        self.images = images
+        self._bar: Any = None  # made at the first step, after every check has passed
+
+    def steps(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                desc="sampling",
+                total=self.images,
+                unit="img",
+                leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} img [{elapsed}<{remaining}, "
+                "{rate_fmt}]",
+            )
+        self._bar.update(self.images * done / total - self._bar.n)
+
+    def __enter__(self) -> _ImageProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
-@click.option("--batch", type=BATCH, default=None, help="Images per call. Default: the engine batch.")
-@click.option(
-    "--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's."
-)
-@click.option(
-    "--cfg",
-    type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
-    default=None,
-    help="CFG scale. Default: the model's.",
-)
-@click.option(
-    "--num-iter",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Masked backbone: AR steps. Default: the model's.",
-)
+@sampling_flags("batch", "head_steps", "cfg", "num_iter")
 @click.option(
     "--warmup", default=2, show_default=True, type=click.IntRange(0, 10_000), help="Untimed runs first."
 )
@@ -346,7 +360,7 @@ def sample(
     type=click.IntRange(1, 100_000),
     help="Timed runs (one batch each).",
 )
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@sampling_flags("seed")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result as JSON.")
 @_backend_options
 def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
@@ -367,6 +381,9 @@ def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     _run(go)
 
 
+SERVED_SETTINGS = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter")  # fixed per served model
+
+
 @cli.command()
 @click.argument("engine_dir", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (HTTP and gRPC).")
@@ -379,31 +396,13 @@ def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     help="Write a self-contained Triton model repository here (engines inside) and exit: for an NGC "
     "container, a JetPack Triton or Kubernetes.",
 )
-@click.option(
-    "--head-steps", "-k", type=click.IntRange(min=1), default=None, help="Head steps K. Default: the model's."
-)
-@click.option(
-    "--cfg",
-    type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
-    default=None,
-    help="CFG scale. Default: the model's.",
-)
-@click.option("--cfg-schedule", type=click.Choice(CFG_SCHEDULES), default=None, help="Default: the model's.")
-@click.option(
-    "--temperature", type=FiniteFloat(min=0, min_open=True), default=None, help="Default: the model's."
-)
-@click.option(
-    "--num-iter",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Masked backbone: AR steps. Default: the model's.",
-)
+@sampling_flags(*SERVED_SETTINGS)
 @click.option(
     "--queue-delay-us",
-    default=2000,
+    default=QUEUE_DELAY_US,
     show_default=True,
     type=click.IntRange(0, 10_000_000),
-    help="How long Triton waits to fill a batch.",
+    help="How long a request waits for others to fill its batch (a small fraction of one batch's time).",
 )
 @click.option(
     "--max-queue",
@@ -412,9 +411,7 @@ def bench(engine_dir: str, json_path: str | None, **kw: Any) -> None:
     type=click.IntRange(1, 1_000_000),
     help="Queued requests beyond this are rejected (not held in memory).",
 )
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--providers", default="cpu", show_default=True, help="ONNX Runtime providers, as for sample.")
-@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime intra-op threads.")
+@flags(BACKEND_FLAGS["backend"], BACKEND_FLAGS["providers"], BACKEND_FLAGS["threads"])
 def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: Any) -> None:
     """Serve ENGINE_DIR with Triton Inference Server (dynamic batching across requests); the sampling
     settings are fixed per served model."""
@@ -423,8 +420,7 @@ def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: A
         from far_export.serve import ServeOptions, check_settings, write_repository
         from far_export.serve import serve as run_serve
 
-        names = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter")
-        settings = {k: kw[k] for k in names if kw[k] is not None}
+        settings = {k: kw[k] for k in SERVED_SETTINGS if kw[k] is not None}
         opts = ServeOptions(
             backend=kw["backend"],
             providers=kw["providers"],

@@ -34,6 +34,9 @@ from runtime.files import check_output_dir, directory
 from runtime.manifest import load_manifest
 
 MODEL = "far"
+# How long a request waits for others to join its batch: clients that send again once answered arrive
+# milliseconds apart, and a batch costs the same for 1 row as for the engine batch.
+QUEUE_DELAY_US = 30_000
 
 
 class ServeError(FarError, RuntimeError):
@@ -46,7 +49,7 @@ class ServeOptions:
     providers: str = "cpu"
     threads: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # head_steps, cfg, temperature, num_iter, ...
-    queue_delay_us: int = 2000
+    queue_delay_us: int = QUEUE_DELAY_US
     max_queue: int = 64
 
 
@@ -160,12 +163,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _env() -> dict[str, str]:
-    """The stub loads libpython dynamically: point it at this interpreter's, and give the model this
-    interpreter's import path (runtime, numpy, onnxruntime)."""
+    """The Python backend's stub embeds libpython in isolated mode (environment variables such as
+    PYTHONPATH are ignored) and takes its prefix, so its standard library and site-packages, from the
+    `python3` it finds on PATH. Point both at this interpreter: its LIBDIR first on LD_LIBRARY_PATH, its
+    bin directory (a virtual environment's, where far-export is installed) first on PATH."""
     env = dict(os.environ)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    bindir = Path(sys.executable).parent
+    python3 = bindir / "python3"
+    if not (python3.exists() and python3.resolve() == Path(sys.executable).resolve()):
+        raise ServeError(
+            f"{bindir} has no python3 that is this interpreter ({sys.executable}), and Triton's Python "
+            f"backend finds its interpreter as python3 on PATH: run far-export from a virtual environment"
+        )
+    env["PATH"] = os.pathsep.join(p for p in (str(bindir), env.get("PATH", "")) if p)
     return env
 
 

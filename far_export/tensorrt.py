@@ -244,6 +244,7 @@ def compile_engines(
 
     settings = settings or EngineSettings()
     directory = Path(directory)
+    device = detect_device()  # first: without TensorRT a build goes on without plans
     if manifest.precision == "int8":
         u8 = [
             g
@@ -256,7 +257,6 @@ def compile_engines(
                 "rebuild the directory on this machine with far-export build --precision int8 (TensorRT "
                 "present: symmetric int8), or use --precision fp16"
             )
-    device = detect_device()
     log(f"device: {describe(device)}")
     if validate:
         missing = plan_validation_missing()

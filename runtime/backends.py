@@ -172,13 +172,20 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 
 
 class OrtCall(Call):
-    def __init__(self, session: Any, binding: Any, keep: list[Any]):
+    def __init__(self, session: Any, binding: Any, keep: list[Any], file: str):
         self._run = session.run_with_iobinding
         self._binding = binding
         self._keep = keep  # the OrtValues (and through them the numpy buffers) the binding points at
+        self._file = file
 
     def run(self) -> None:
-        self._run(self._binding)
+        try:
+            self._run(self._binding)
+        except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+            raise BackendError(
+                f"ONNX Runtime failed running {self._file}: {first_line(e)} (a manifest that does not match "
+                "its graphs, or the device out of memory: rebuild the directory, or free memory)"
+            ) from None
 
 
 class OrtDeviceMemory:
@@ -260,7 +267,7 @@ class OrtGraph(Graph):
                 binding.bind_input(name, mem.device, 0, a.dtype.type, list(a.shape), mem.address(a))
             for name, a in outputs.items():
                 binding.bind_output(name, mem.device, 0, a.dtype.type, list(a.shape), mem.address(a))
-            return OrtCall(self.session, binding, [])
+            return OrtCall(self.session, binding, [], self.spec.file)
         dtypes = {t.name: t.dtype for t in (*self.spec.inputs, *self.spec.outputs)}
         keep = []
         for names, bind in ((inputs, binding.bind_ortvalue_input), (outputs, binding.bind_ortvalue_output)):
@@ -268,7 +275,7 @@ class OrtGraph(Graph):
                 value = self._ortvalue(array, dtypes[name])
                 bind(name, value)
                 keep.append(value)
-        return OrtCall(self.session, binding, keep)
+        return OrtCall(self.session, binding, keep, self.spec.file)
 
     def _ortvalue(self, array: np.ndarray, dtype: str) -> Any:
         """An OrtValue over the numpy memory (shared, not copied, on CPU)."""
@@ -376,6 +383,12 @@ class OrtBackend(Backend):
                     if missing[0] in GPU_PROVIDERS
                     else "check --providers"
                 )
+            )
+        if manifest.precision == "bf16" and not any(p in GPU_PROVIDERS for p in self.providers):
+            raise BackendError(
+                f"{directory} holds bf16 graphs, which need a GPU (ONNX Runtime's CPU provider has no bf16 "
+                "kernels): run them with --backend trt or --providers cuda, or build with --precision fp32, "
+                "fp16 or int8 for a CPU"
             )
         self._threads, self._spin = threads, spin
         self._opts = self._options()

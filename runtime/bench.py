@@ -1,7 +1,7 @@
 """`far-export bench`: how fast an engine directory generates, and where the time goes.
 
 Warm-up runs first (sessions, allocators, CUDA graphs), then `runs` timed calls of
-`Pipeline.generate` on one batch each. Reported: per-stage time per batch (backbone,
+`Pipeline.stream` on one batch each. Reported: per-stage time per batch (backbone,
 head, VAE decoder, the AR loop's own Python time, the per-batch preparation),
 images/s, latency p50/p95 of a batch, and peak memory (host RSS; device memory in
 use for TensorRT). numpy + the backend only.
@@ -14,7 +14,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ import numpy as np
 
 from runtime.errors import RequestError
 from runtime.files import write_atomic
-from runtime.pipeline import Pipeline, Timings
+from runtime.loop import Timings
+from runtime.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _device_mem_mb(pipe: Pipeline) -> float | None:
 def bench(
     engine_dir: str | Path, opts: BenchOptions | None = None, pipe: Pipeline | None = None
 ) -> BenchResult:
-    """Time `Pipeline.generate` on one batch per run; returns per-stage means and latency percentiles."""
+    """Time `Pipeline.stream` on one batch per run; returns per-stage means and latency percentiles."""
     opts = (opts or BenchOptions()).check()
     load_s = None
     if pipe is None:
@@ -157,12 +158,11 @@ def bench(
     m = pipe.model
     labels = [i % m.num_classes for i in range(batch)]
     s = pipe.settings(head_steps=opts.head_steps, cfg=opts.cfg, num_iter=opts.num_iter, seed=opts.seed)
-    kwargs = dict(head_steps=s.head_steps, cfg=s.cfg, num_iter=s.num_iter, batch=batch)
     for i in range(opts.warmup):
-        pipe.generate(labels, seed=opts.seed + i, **kwargs)
+        list(pipe.stream(labels, replace(s, seed=opts.seed + i), batch))
     timings: list[Timings] = []
     for i in range(opts.runs):
-        pipe.generate(labels, seed=opts.seed + opts.warmup + i, **kwargs)
+        list(pipe.stream(labels, replace(s, seed=opts.seed + opts.warmup + i), batch))
         timings.append(pipe.timings)
     stages = ("backbone", "head", "update", "vae", "loop", "prepare", "wall")
     per = {k: np.array([getattr(t, k) for t in timings]) * 1e3 for k in stages}

@@ -100,15 +100,39 @@ def save_image(array: np.ndarray, path: Path, fmt: str = "PNG") -> None:
     write_atomic(path, buf.getvalue())
 
 
-_save_png = save_image  # the name training/train.py imports
+IMAGE_NAME = re.compile(r"\d{5,}_class\d+\.png")  # what ImageWriter writes into --out-dir
+
+
+def earlier_images(d: Path) -> list[Path]:
+    """The images an earlier run wrote into the directory d (none if d does not exist)."""
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if IMAGE_NAME.fullmatch(p.name))
+
+
+def class_ranges(classes: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3,7' (the --classes syntax)."""
+    parts: list[str] = []
+    i = 0
+    while i < len(classes):
+        j = i
+        while j + 1 < len(classes) and classes[j + 1] == classes[j] + 1:
+            j += 1
+        parts.append(str(classes[i]) if i == j else f"{classes[i]}-{classes[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 class ImageWriter:
     """Writes a request's images batch by batch: each one into `out_dir` (`<index>_class<k>.png`) as soon as
     its batch is done; the grid (`out`, one row per class) at the end. Every output is checked when the
-    writer is made, before any image is generated."""
+    writer is made, before any image is generated. An `out_dir` that holds an earlier run's images is
+    refused (the two runs would mix), unless `overwrite`: then those images are removed when this run's
+    first batch is ready."""
 
-    def __init__(self, labels: list[int], rows: int, out: str | None, out_dir: str | None):
+    def __init__(
+        self, labels: list[int], rows: int, out: str | None, out_dir: str | None, overwrite: bool = False
+    ):
         self.labels, self.rows = labels, rows
         self.out = check_output_file(out, "--out") if out else None
         self.fmt = image_format(self.out) if self.out else "PNG"
@@ -118,12 +142,22 @@ class ImageWriter:
                 f"a grid of {len(labels)} images is more than {MAX_GRID_IMAGES} (it is held in memory "
                 f"whole): write them one by one with --out-dir"
             )
+        self._earlier = earlier_images(self.out_dir) if self.out_dir else []
+        if self._earlier and not overwrite:
+            raise RequestError(
+                f"--out-dir {self.out_dir} already holds {len(self._earlier)} images of an earlier run "
+                f"({self._earlier[0].name}, ...): give a new or empty directory, or --overwrite to "
+                "replace them"
+            )
         self._grid: list[np.ndarray] = []
         self.count, self.first_path = 0, None
 
     def add(self, images: np.ndarray) -> None:
         """The next images of the request, (n, H, W, 3) uint8, in order."""
         if self.out_dir:
+            for p in self._earlier:  # --overwrite: the earlier run's images go, none mixes with this run's
+                p.unlink(missing_ok=True)
+            self._earlier = []
             for img in images:
                 p = self.out_dir / f"{self.count:05d}_class{self.labels[self.count]}.png"
                 save_image(img, p)
@@ -140,6 +174,19 @@ class ImageWriter:
         files = (1 if self.out else 0) + self.count
         first = self.out or self.first_path
         return f"wrote {n} images: {first}" + (f" (+{files - 1} files)" if files > 1 else "")
+
+    @property
+    def grid_caption(self) -> str | None:
+        """What the grid shows, in one line (None without a grid)."""
+        if not self.out:
+            return None
+        classes = list(dict.fromkeys(self.labels))
+        cols = -(-len(self.labels) // self.rows)
+        each = f"the {cols} images of each class" if cols > 1 else "one image per class"
+        return (
+            f"{self.out.name}: one row per class ({class_ranges(classes)}, top to bottom), "
+            f"{each} left to right in index order"
+        )
 
 
 def write_outputs(

@@ -197,7 +197,7 @@ class Manifest:
             graphs={
                 k: _graph(_field(graphs_raw, k, dict, where="graphs."), f"graphs.{k}") for k in graphs_raw
             },
-            validation=_field(d, "validation", dict, {}),
+            validation=_validation(_field(d, "validation", dict, {})),
             engines={
                 k: _engine(_field(engines_raw, k, dict, where="engines."), f"engines.{k}")
                 for k in engines_raw
@@ -223,7 +223,9 @@ class Manifest:
         return hashlib.sha256(f"{g.sha256}:{sw.sha256}".encode()).hexdigest()
 
     def save(self, directory: str | Path) -> Path:
-        return write_atomic(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_atomic(
+            Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        )
 
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
@@ -425,6 +427,25 @@ def _shared_weights(d: Any, graphs: dict[str, Any]) -> SharedWeights | None:
         graphs=tuple(names),
         tensors=tensors,
     )
+
+
+MAX_VALIDATION_DEPTH = 16  # a build writes 5 levels
+
+
+def _validation(v: dict[str, Any]) -> dict[str, Any]:
+    """The validation record as data of bounded nesting and finite numbers (inspect prints it as JSON)."""
+    level, depth = [v], 0
+    while level:
+        depth += 1
+        if depth > MAX_VALIDATION_DEPTH:
+            raise ManifestError(
+                f"validation nests deeper than {MAX_VALIDATION_DEPTH} levels (a build writes 5); {REBUILD}"
+            )
+        values = [c for x in level for c in (x.values() if isinstance(x, dict) else x)]
+        if any(isinstance(c, float) and not math.isfinite(c) for c in values):
+            raise ManifestError(f"validation holds NaN or Infinity, which JSON does not allow; {REBUILD}")
+        level = [c for c in values if isinstance(c, (dict, list))]
+    return v
 
 
 def _check_sizes(m: Manifest) -> None:

@@ -1,8 +1,10 @@
-"""The sampling flags shared by `python training/sample.py` and `far-export sample`.
+"""The sampling flags of every command that samples, each defined once (SAMPLING_FLAGS), and the CLIs'
+one-line error handling.
 
-Both CLIs decorate their command with `sampling_options`, so the same flags (and
-defaults: None means "the model's default from its config/manifest") give the
-same picture from the PyTorch reference and from the runtime.
+`python training/sample.py` and `far-export sample` decorate their command with `sampling_options`, so
+the same flags (and defaults: None means "the model's default from its config/manifest") give the same
+picture from the PyTorch reference and from the runtime; `far-export bench` and `serve` take the subsets
+they use through `sampling_flags(...)`.
 """
 
 from __future__ import annotations
@@ -65,78 +67,105 @@ class SampleRequest:
     batch: int | None = None
     out: str | None = None
     out_dir: str | None = None
+    overwrite: bool = False
 
 
-def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option(
-            "--classes", default="0-9", show_default=True, help="Class ids: '0-9', '1,3,7', '0-2,5'."
-        ),
-        click.option(
-            "--per-class",
-            default=1,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Images per class (one grid row per class).",
-        ),
-        click.option(
-            "--head-steps",
-            "-k",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). "
-            "Default: the model's.",
-        ),
-        click.option(
-            "--cfg",
-            type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
-            default=None,
-            help="Classifier-free guidance scale. Default: the model's.",
-        ),
-        click.option(
-            "--cfg-schedule",
-            type=click.Choice(CFG_SCHEDULES),
-            default=None,
-            help="CFG schedule over AR steps. Default: the model's.",
-        ),
-        click.option(
-            "--temperature",
-            type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE),
-            default=None,
-            help="Sampling temperature. Default: the model's.",
-        ),
-        click.option(
-            "--num-iter",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Masked backbone: AR steps. Default: the model's (engines fix it at build time).",
-        ),
-        click.option(
-            "--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."
-        ),
-        click.option(
-            "--batch",
-            type=BATCH,
-            default=None,
-            help="Images per forward pass. Default: 64 (reference) / the engine batch (runtime).",
-        ),
-        click.option(
-            "--out",
-            type=click.Path(),
-            default=None,
-            help="Write a grid picture, one row per class, in the format its extension names "
-            "(.png, .jpg, .webp, ...).",
-        ),
-        click.option(
-            "--out-dir",
-            type=click.Path(),
-            default=None,
-            help="Write one PNG per image: <index>_class<k>.png.",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+SAMPLING_FLAGS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {  # name -> click option
+    "classes": click.option(
+        "--classes", default="0-9", show_default=True, help="Class ids: '0-9', '1,3,7', '0-2,5'."
+    ),
+    "per_class": click.option(
+        "--per-class",
+        default=1,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Images per class (one grid row per class).",
+    ),
+    "head_steps": click.option(
+        "--head-steps",
+        "-k",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Head steps K per token (shortcut: power of two <= 128; MAR head: denoising steps). "
+        "Default: the model's.",
+    ),
+    "cfg": click.option(
+        "--cfg",
+        type=FiniteFloat(min=-MAX_CFG, max=MAX_CFG),
+        default=None,
+        help="Classifier-free guidance scale. Default: the model's.",
+    ),
+    "cfg_schedule": click.option(
+        "--cfg-schedule",
+        type=click.Choice(CFG_SCHEDULES),
+        default=None,
+        help="CFG schedule over AR steps. Default: the model's.",
+    ),
+    "temperature": click.option(
+        "--temperature",
+        type=FiniteFloat(min=0, min_open=True, max=MAX_TEMPERATURE),
+        default=None,
+        help="Sampling temperature. Default: the model's.",
+    ),
+    "num_iter": click.option(
+        "--num-iter",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Masked backbone: AR steps. Default: the model's (engines fix it at build time).",
+    ),
+    "seed": click.option(
+        "--seed", default=0, show_default=True, type=SEED, help="Image i draws from PCG64([seed, i])."
+    ),
+    "batch": click.option(
+        "--batch",
+        type=BATCH,
+        default=None,
+        help="Images per forward pass. Default: 64 (reference) / the engine batch (runtime).",
+    ),
+    "out": click.option(
+        "--out",
+        type=click.Path(),
+        default=None,
+        help="Write a grid picture, one row per class, in the format its extension names "
+        "(.png, .jpg, .webp, ...).",
+    ),
+    "out_dir": click.option(
+        "--out-dir",
+        type=click.Path(),
+        default=None,
+        help="Write one PNG per image: <index>_class<k>.png, into a directory that holds no earlier run's "
+        "images (or give --overwrite).",
+    ),
+    "overwrite": click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Let --out-dir replace the images an earlier run wrote there (removed once this run's first "
+        "images are ready).",
+    ),
+}
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def flags(*decorators: Decorator) -> Decorator:
+    """One decorator adding click options in the order given (as if stacked top to bottom)."""
+
+    def add(f: Callable[..., Any]) -> Callable[..., Any]:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return add
+
+
+def sampling_flags(*names: str) -> Decorator:
+    """The named SAMPLING_FLAGS, in this order: each flag is defined once, here, for every command that takes
+    it (far-export sample, bench, serve and training/sample.py)."""
+    return flags(*(SAMPLING_FLAGS[name] for name in names))
+
+
+sampling_options = sampling_flags(*SAMPLING_FLAGS)  # a whole request: far-export sample, training/sample.py
 
 
 def request_from_kwargs(kwargs: dict[str, Any]) -> SampleRequest:
@@ -176,10 +205,11 @@ def signals_raise() -> Iterator[None]:
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
+def one_line_errors(stopped: str = "nothing was left half-written") -> Iterator[None]:
     """Bad input (a FarError, or an OSError about a named file) becomes one `Error: ...` line and exit 1;
     SIGTERM and SIGHUP one line and exit 128 + the signal's number, temporaries removed; anything else is
-    a bug and keeps its traceback."""
+    a bug and keeps its traceback. `stopped`: what an interrupted command leaves (said after Ctrl-C and
+    the signals)."""
     try:
         with signals_raise():
             yield
@@ -187,10 +217,10 @@ def one_line_errors() -> Iterator[None]:
         raise
     except Terminated as e:
         name = signal.Signals(e.signum).name
-        click.echo(f"Error: stopped by {name}; nothing was left half-written", err=True)
+        click.echo(f"Error: stopped by {name}; {stopped}", err=True)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; nothing was left half-written") from None
+        raise click.ClickException(f"interrupted; {stopped}") from None
     except FarError as e:
         raise click.ClickException(first_line(e)) from None
     except MemoryError:

@@ -4,11 +4,9 @@ The backbone graph and its encoder variants reference one weights file (manifest
 far_export/shared_weights.py). Opened one by one, each session would read its own copy of it; here the
 file is read once, every tensor of it becomes one OrtValue over that buffer (no copy on the CPU), and
 each session is given those OrtValues in place of its initializers (`SessionOptions.add_initializer`, which
-uses the caller's buffer; `add_external_initializers` copies it: far-mnist, +7.6 MB per extra backbone
-session against +3.8 MB). ONNX Runtime's CPU MatMul would still pack a private copy of every weight
-matrix per session (prepacking: +7.5 MB), so sessions that share weights run with prepacking off
-(`session.disable_prepacking`); the ~3.8 MB left per session is ONNX Runtime's own (graph, kernels).
-numpy and onnxruntime only.
+uses the caller's buffer; `add_external_initializers` would copy it). ONNX Runtime's CPU MatMul would still
+pack a private copy of every weight matrix per session (prepacking), so sessions that share weights run
+with prepacking off (`session.disable_prepacking`). numpy and onnxruntime only.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ for files that are not what they should be, and builds that leave no temporary d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -259,6 +260,14 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
     expect_error([*FAR, command, eng, *extra], match, ws["tmp"], [ws["tmp"]])
 
 
+def test_manifest_that_does_not_match_its_graphs(ws):
+    """model.num_classes larger than the graphs' class table: the class passes the manifest's range check
+    and ONNX Runtime's out-of-bounds error becomes one line naming the graph."""
+    eng = _copy_engine(ws, _set("model.num_classes", 1000))
+    cmd = [*FAR, "sample", eng, "--classes", "999", "--out", "x.png"]
+    expect_error(cmd, "ONNX Runtime failed running backbone", ws["tmp"], [ws["tmp"]])
+
+
 @pytest.mark.parametrize(
     "edit,match",
     [
@@ -288,6 +297,8 @@ def test_manifest_fields_named_in_the_issue(ws, command, edit, match):
         (_set("validation", []), "validation must be an object"),
         (_set("validation.graphs", "x"), "validation is malformed"),
         (_set("validation.end_to_end", {"settings": 3}), "validation is malformed"),
+        (_set("validation.deep", functools.reduce(lambda a, _: [a], range(900), 0)), "nests deeper than 16"),
+        (_set("validation.nan", [float("nan")]), "validation holds NaN or Infinity"),
     ],
 )
 def test_manifest_validated_as_data(ws, edit, match):

@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 
 from runtime.files import WriteError
-from training import train as T
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError
 from training.data import DataError, ImageFolder
-from training.run_checks import TrainingError, check_run
-from training.run_config import load_run_config
+from training.trainer.run import set_threads
+from training.trainer.run_checks import TrainingError, check_run
+from training.trainer.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -213,7 +213,7 @@ def test_bad_threads(folder, tmp_path):
         with pytest.raises(
             ConfigError, match=re.escape(f"--threads must be an int in [1, {len(os.sched_getaffinity(0))}]")
         ):
-            T.set_threads(threads)
+            set_threads(threads)
 
 
 def _fifo(path: Path) -> Path:
@@ -428,7 +428,7 @@ def test_resume_reuses_threads_and_logs_one_start(base_run, tmp_path):
 _HOLD_RUN = """
 import sys
 from runtime.locks import locked_dir
-from training.run_checks import TrainingError
+from training.trainer.run_checks import TrainingError
 with locked_dir(sys.argv[1], "the run directory", TrainingError):
     print("held", flush=True)
     sys.stdin.read()

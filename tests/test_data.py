@@ -98,6 +98,34 @@ def test_image_folder_skips_corrupt_files_with_warning(tmp_path):
     assert any("bad.png" in str(w.message) for w in caught)
 
 
+def test_image_bombs_stay_small_or_are_skipped(tmp_path):
+    """A 1 x 600000 strip (passes PIL's bomb check) loads as 32 x 32 with a small peak (resized whole it
+    was 32 x 19.2M pixels: 3.9 GB); a 70-megapixel image (a 1-bit PNG of a few KB) is skipped with a
+    warning naming the bound, at the scan."""
+    import json
+    import subprocess
+    import sys
+
+    root = write_image_folder(tmp_path / "d")
+    Image.new("RGB", (600_000, 1), (200, 10, 10)).save(root / "class0" / "strip.png")
+    Image.new("1", (10_000, 7_000)).save(root / "class1" / "huge.png")
+    probe = (
+        "import json, resource, warnings; from training.data import ImageFolder\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    ds = ImageFolder({str(root)!r}, 32)\n"
+        "img = ds.load(next(i for i, (f, _) in enumerate(ds.samples) if f.name == 'strip.png'))\n"
+        "peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+        "print(json.dumps([len(ds), list(img.shape), peak_mb, [str(m.message) for m in w]]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    n, shape, peak_mb, warned = json.loads(r.stdout)
+    assert (n, shape) == (9, [3, 32, 32])
+    assert peak_mb < 1500, f"peak RSS {peak_mb} MB"  # torch + PIL + the 1.8 MB strip
+    assert any("huge.png" in w and "megapixel bound" in w for w in warned), warned
+
+
 def test_image_folder_all_corrupt_stops(tmp_path):
     for c in ("a", "b"):
         (tmp_path / c).mkdir()

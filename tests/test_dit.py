@@ -12,6 +12,7 @@ import torch
 from conftest import randomize_
 from safetensors.torch import save_file
 
+from training import classifier as C
 from training import evaluate as E
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import DIT_PRESETS, PRESETS, ConfigError, DiTConfig, FARConfig, model_config_from_dict
@@ -178,7 +179,7 @@ def test_evaluate_runs_on_a_tiny_dit_checkpoint(tmp_path):
     ck = save_checkpoint(tmp_path / "ck", m, AutoencoderKL(m.cfg.vae))
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
-    save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
+    save_file(C.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / C.CLASSIFIER_FILE))
     report = E.evaluate(
         ck, head_steps=[1, 2], per_class=2, batch=10, cache_dir=tmp_path / "cache", fid=False, progress=False
     )
@@ -193,12 +194,13 @@ def test_train_runs_the_dit_stage(tmp_path):
     from test_data import write_image_folder
     from test_train import tiny_overrides
 
-    from training import train as T
+    from training.trainer.run import train
+    from training.trainer.run_config import load_run_config
 
     data = write_image_folder(tmp_path / "data", classes=2, per_class=4, size=16)
     over = [o for o in tiny_overrides(data) if o != "model.preset=tiny"]
-    run = T.load_run_config(None, [*over, 'model.preset="dit-tiny"', "train.steps=3"])
-    ck = load_checkpoint(T.train(run, tmp_path / "run"))
+    run = load_run_config(None, [*over, 'model.preset="dit-tiny"', "train.steps=3"])
+    ck = load_checkpoint(train(run, tmp_path / "run"))
     assert isinstance(ck.model, DiT) and ck.cfg.num_classes == 2
     assert [json.loads(ln)["stage"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()][
         -2:

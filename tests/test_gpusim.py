@@ -22,6 +22,7 @@ from runtime_engines import built_engines
 from far_export.cli import cli
 from runtime.backends import BackendError
 from runtime.errors import RequestError
+from runtime.loop import Loop
 from runtime.pipeline import Pipeline
 
 KINDS = [("masked", "shortcut"), ("masked", "mar"), ("causal", "shortcut")]
@@ -120,7 +121,7 @@ def test_failure_inside_pipeline_init_releases_the_device(compiled, monkeypatch)
     def broken(self, s):
         raise BackendError("a graph that does not match its manifest")
 
-    monkeypatch.setattr(Pipeline, "_plan", broken)
+    monkeypatch.setattr(Loop, "plan", broken)
     with pytest.raises(BackendError):
         Pipeline.load(out, backend="trt")
     assert not sim._device and not sim._pinned and set(sim._streams) == {0}

@@ -31,8 +31,8 @@ def engines(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(checkpoint, fp32 engine, int8 engine) of one tiny masked/shortcut checkpoint, batch 2."""
     root = tmp_path_factory.mktemp("int8")
     ckpt = make_tiny_checkpoint(root / "ckpt")
-    for p in ("fp32", "int8"):
-        res = _invoke("build", ckpt, "--out", root / p, "--precision", p, "--batch", "2", "--no-engines")
+    for p, engines in (("fp32", "--no-engines"), ("int8", "--engines")):  # int8 as users build it
+        res = _invoke("build", ckpt, "--out", root / p, "--precision", p, "--batch", "2", engines)
         assert res.exit_code == 0, res.output
     return ckpt, root / "fp32", root / "int8"
 

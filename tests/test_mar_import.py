@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,12 @@ def test_bad_files(tmp_path):
     for bad in ("abc", "1e9", 5.5):
         p, k, _, _ = write_mar_files(tmp_path / f"steps-{bad}", args=tiny_args(num_sampling_steps=bad))
         _error(p, k, out, rf"saved args have num_sampling_steps = {bad!r}: not a whole number")
+    for name, bad in (("patch_size", "one"), ("img_size", 16.5)):
+        p, k, _, _ = write_mar_files(tmp_path / f"{name}-{bad}", args=tiny_args(**{name: bad}))
+        _error(p, k, out, rf"saved args have {name} = {bad!r}: not a whole number")
+    p, k, _, _ = write_mar_files(tmp_path / "patch-str", args=tiny_args(patch_size="1"))  # as a string: fine
+    import_mar(p, k, tmp_path / "patch-str-out", MARImportOptions(num_heads=2))
+    assert (tmp_path / "patch-str-out" / "config.json").is_file()
     _error(kl, kl, out, r"kl16.ckpt has no 'model_ema' weights; pass --online")  # VAE given as the model
     _error(kl, kl, out, r"kl16.ckpt \['model'\] is not a MAR model: no 'z_proj.weight'", weights="online")
     _error(pth, pth, out, r"checkpoint-last.pth: the VAE weights match none of the known layouts")
@@ -279,6 +286,11 @@ def test_bad_files(tmp_path):
     )
     torch.save({"model_ema": to_mar_names(ema.state_dict()), "hook": Evil()}, tmp_path / "evil.pth")
     _error(tmp_path / "evil.pth", kl, out, r"evil.pth could not be loaded safely \(weights_only=True\)")
+    bomb = tmp_path / "bomb.pth"  # a torch.save archive whose data.pkl is deflated: 64 MB from ~64 KB
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z, z.open("bomb/data.pkl", "w") as f:
+        for _ in range(64):
+            f.write(bytes(2**20))
+    _error(bomb, kl, out, r"bomb.pth would inflate to 0.07 GB from 0.1 MB: not a file torch.save wrote")
     p, k, _, _ = write_mar_files(tmp_path / "none-ema", model_ema=None)  # MAR trained without EMA
     _error(p, k, out, r"has no 'model_ema' weights; pass --online")
     p, k, _, _ = write_mar_files(tmp_path / "dict-args", args={"model": "mar_base"})
@@ -337,7 +349,8 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
     from test_data import write_image_folder
     from test_train import tiny_overrides
 
-    from training import train as T
+    from training.trainer.run import train
+    from training.trainer.run_config import load_run_config
 
     pth, kl, ema, _ = write_mar_files(tmp_path / "mar")
     mar = import_mar(pth, kl, tmp_path / "imported", MARImportOptions(num_heads=2)).path
@@ -350,7 +363,7 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
         "model.num_classes=4",
         'model.head="shortcut"',
     ]
-    ft = load_checkpoint(T.train(T.load_run_config(None, tiny_overrides(data) + init), tmp_path / "run"))
+    ft = load_checkpoint(train(load_run_config(None, tiny_overrides(data) + init), tmp_path / "run"))
     assert ft.cfg.head == "shortcut"
     got, ref = ft.model.state_dict(), to_mar_names(ema.state_dict())
     for k, v in got.items():
@@ -367,7 +380,7 @@ def test_fine_tune_shortcut_far_from_mar(tmp_path):
 def test_weight_decay_as_mar(head):
     """MAR's add_weight_decay exempts every diffloss parameter: so does ours for the MAR head. The shortcut
     head keeps decay on its matrices (the recipe the shipped far-mnist was trained with)."""
-    from training.optim import param_groups
+    from training.trainer.optim import param_groups
 
     model = FAR(preset("tiny", head=head))
     no_decay, decay = param_groups(model, 0.02)

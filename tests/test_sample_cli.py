@@ -7,6 +7,7 @@ input exits 1 with `Error: <one line>` and no traceback; bench's report and JSON
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,46 @@ def test_bad_engine_directories(built, tmp_path):
         _invoke("sample", bad, "--classes", "0", "--out", tmp_path / "x.png"), "does not match its sha256"
     )
     assert not (tmp_path / "x.png").exists()
+
+
+def test_out_dir_of_an_earlier_run_is_refused_unless_overwrite(built, tmp_path):
+    """Two runs into one --out-dir never mix: the second is refused in one line before any work, and with
+    --overwrite it leaves exactly its own images (other files stay)."""
+    out = tmp_path / "samples"
+    first = ["--classes", "0-3", "--head-steps", "2", "--out-dir", out]
+    assert _invoke("sample", built[1], *first).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = ["sample", built[1], "--classes", "0-1", "--head-steps", "2", "--seed", "5", "--out-dir", out]
+    _expect_error(_invoke(*again), "already holds 4 images of an earlier run (00000_class0.png, ...)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = _invoke(*again, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["00000_class0.png", "00001_class1.png", "notes.txt"]
+    assert (out / "00000_class0.png").read_bytes() != before["00000_class0.png"]  # seed 5's, not seed 0's
+
+
+def test_progress_counts_images_and_the_grid_is_captioned(built, tmp_path):
+    r = _invoke(
+        "sample", built[1], "--classes", "1-3", "--per-class", "2", "-k", "2", "--out", tmp_path / "g.png"
+    )
+    assert r.exit_code == 0, r.output
+    assert re.search(r"sampling: +\d+%\|.*\| \d/6 img", r.output), r.output  # images, not AR steps
+    assert "step" not in r.output
+    caption = "g.png: one row per class (1-3, top to bottom), the 2 images of each class left to right"
+    assert caption in r.output
+
+
+def test_bf16_directory_on_the_cpu_says_it_needs_a_gpu(built, tmp_path):
+    """ONNX Runtime's CPU provider has no bf16 kernels: the runtime says so from the manifest, before any
+    session (a bf16 build's graphs would fail there with ONNX Runtime's NOT_IMPLEMENTED)."""
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(built[1], bf16)
+    man = json.loads((bf16 / "manifest.json").read_text())
+    (bf16 / "manifest.json").write_text(json.dumps({**man, "precision": "bf16"}))
+    r = _invoke("sample", bf16, "--classes", "0", "--out", tmp_path / "x.png")
+    _expect_error(r, "holds bf16 graphs, which need a GPU (ONNX Runtime's CPU provider has no bf16 kernels)")
+    assert "--backend trt or --providers cuda" in r.output and not (tmp_path / "x.png").exists()
 
 
 def test_console_script_exit_code_without_traceback(built, tmp_path):

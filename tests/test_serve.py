@@ -38,10 +38,25 @@ def engines(tmp_path_factory) -> Path:
     return built_engines(tmp_path_factory, "masked", "shortcut")[1]
 
 
+# PATH as a user has it who runs .venv/bin/far-export without activating the environment: its python3 is
+# another interpreter (the Python backend's stub finds its own by PATH).
+ENV_OUTSIDE = {
+    **os.environ,
+    "PATH": os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and Path(p) != Path(sys.executable).parent
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):
     repo = write_repository(engines, tmp_path_factory.mktemp("serve") / "repo", ServeOptions(threads=1))
-    with TritonProcess(repo, "127.0.0.1", free_port()) as s:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", ENV_OUTSIDE["PATH"])
+        s = TritonProcess(repo, "127.0.0.1", free_port())
+    with s:
         s.wait_ready(timeout=120)
         yield s
 
@@ -168,11 +183,26 @@ def test_bad_and_good_requests_in_one_batch(server):
     assert [s for s, _ in results] == [200, 400, 200, 400]
 
 
+def test_a_full_queue_rejects_instead_of_growing(engines, tmp_path):
+    """With room for one waiting request, a burst of 32 gets 503 "Exceeds maximum queue size" for most of
+    them; the admitted ones are served."""
+    repo = write_repository(engines, tmp_path / "repo", ServeOptions(threads=1, max_queue=1))
+    with TritonProcess(repo, "127.0.0.1", free_port()) as s:
+        s.wait_ready(timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: infer(s.url, [i % 4], [i]), range(32)))
+    statuses = [status for status, _ in results]
+    assert set(statuses) == {200, 503}, statuses
+    rejected = [body for status, body in results if status == 503]
+    assert all("Exceeds maximum queue size" in body["error"] for body in rejected), rejected[0]
+
+
 def test_cli_serve_stops_on_sigterm_and_leaves_nothing(engines, tmp_path):
     port = free_port()
     exe = Path(sys.executable).parent / "far-export"
     proc = subprocess.Popen(
         [str(exe), "serve", str(engines), "--port", str(port), "--threads", "1"],
+        env=ENV_OUTSIDE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

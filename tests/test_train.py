@@ -4,22 +4,27 @@ FAR alone on a given VAE, and one-line errors on bad input. Tiny preset on a tin
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import train as T
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError
 from training.data import LatentCache, latent_scale
-from training.distributed import Context, batch_indices
-from training.optim import lr_at, param_groups
-from training.run_checks import TrainingError
-from training.run_config import OptimConfig, dump_toml, load_run_config, tomllib
+from training.trainer import stages
+from training.trainer.cli import command as train_cli
+from training.trainer.distributed import Context, batch_indices
+from training.trainer.loop import step_seed
+from training.trainer.optim import lr_at, param_groups
+from training.trainer.run import train
+from training.trainer.run_checks import TrainingError
+from training.trainer.run_config import OptimConfig, dump_toml, load_run_config, tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -160,7 +165,7 @@ def test_batch_indices_cover_each_epoch_once():
 def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
     run = load_run_config(None, tiny_overrides(folder) + ["train.sample_every=4"])
-    ckpt_dir = T.train(run, out)
+    ckpt_dir = train(run, out)
     ckpt = load_checkpoint(ckpt_dir)
     # the latent scale is measured on the cache (1 / std), never the preset's literal
     cache = LatentCache.load(out / "latents.safetensors")
@@ -183,9 +188,9 @@ def test_both_stages_write_a_loadable_checkpoint(folder, tmp_path):
 
 def test_resume_continues_exactly(folder, tmp_path):
     const = ['train.lr_schedule="constant"']  # the cosine schedule depends on train.steps
-    straight = T.train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
-    resumed = T.train(
+    straight = train(load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "a")
+    train(load_run_config(None, tiny_overrides(folder, far_steps=2) + const), tmp_path / "b")
+    resumed = train(
         load_run_config(None, tiny_overrides(folder, far_steps=4) + const), tmp_path / "b", resume=True
     )
     a = torch.load(tmp_path / "a" / "train_state.pt", weights_only=True)
@@ -203,10 +208,10 @@ def test_resume_continues_exactly(folder, tmp_path):
 
 def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoint):
     out = tmp_path / "r"
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
+    train(load_run_config(None, tiny_overrides(folder, far_steps=1)), out)
     first = LatentCache.load(out / "latents.safetensors")
     given = tiny_checkpoint(tmp_path / "given")
-    T.train(
+    train(
         load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
         out,
         resume=True,
@@ -216,30 +221,30 @@ def test_latent_cache_is_rebuilt_for_another_vae(folder, tmp_path, tiny_checkpoi
 
 
 def test_existing_run_needs_resume(folder, tmp_path):
-    T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
+    train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
     with pytest.raises(TrainingError, match="--resume"):
-        T.train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
+        train(load_run_config(None, tiny_overrides(folder, far_steps=1)), tmp_path / "r")
 
 
 def test_interrupt_saves_checkpoint_and_state(folder, tmp_path, monkeypatch):
-    real_run_stage = T.run_stage
+    real_run_stage = stages.run_stage
 
     def run_stage(stage, *a, **k):
         if stage.name == "far":  # Ctrl-C while fetching the batch of step 3
             real_batch = stage.batch_fn
 
             def batch_fn(idx, g):
-                if torch.initial_seed() == T.step_seed(stage.opt.seed, 3, 0):
+                if torch.initial_seed() == step_seed(stage.opt.seed, 3, 0):
                     raise KeyboardInterrupt
                 return real_batch(idx, g)
 
             stage.batch_fn = batch_fn
         return real_run_stage(stage, *a, **k)
 
-    monkeypatch.setattr(T, "run_stage", run_stage)
+    monkeypatch.setattr(stages, "run_stage", run_stage)
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        T.train(load_run_config(None, tiny_overrides(folder, far_steps=10) + ["train.save_every=0"]), out)
+        train(load_run_config(None, tiny_overrides(folder, far_steps=10) + ["train.save_every=0"]), out)
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 3
     assert json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == 3
     load_checkpoint(out / "checkpoint")
@@ -259,7 +264,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
     monkeypatch.setattr(FAR, "loss", loss)
     out = tmp_path / "r"
     with pytest.raises(TrainingError, match=r"loss is nan at step 2.*last good checkpoint \(step 2\)"):
-        T.train(load_run_config(None, tiny_overrides(folder, far_steps=6)), out)
+        train(load_run_config(None, tiny_overrides(folder, far_steps=6)), out)
     assert json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == 2
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
 
@@ -267,7 +272,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
 def test_far_alone_on_a_given_vae(folder, tmp_path, tiny_checkpoint):
     given = tiny_checkpoint(tmp_path / "given")
     out = tmp_path / "r"
-    ckpt_dir = T.train(
+    ckpt_dir = train(
         load_run_config(None, tiny_overrides(folder, far_steps=2) + [f"vae.init={json.dumps(str(given))}"]),
         out,
     )
@@ -285,12 +290,12 @@ def test_fine_tune_starts_from_a_checkpoint(folder, tmp_path, tiny_checkpoint):
         f"vae.init={json.dumps(str(given))}",
         f"train.init={json.dumps(str(given))}",
     ]
-    ckpt = load_checkpoint(T.train(load_run_config(None, tiny_overrides(folder) + init), out))
+    ckpt = load_checkpoint(train(load_run_config(None, tiny_overrides(folder) + init), out))
     ref = load_checkpoint(given).model.state_dict()
     assert all(torch.equal(ckpt.model.state_dict()[k], ref[k]) for k in ref)  # lr 0: the init itself
     bad = tiny_checkpoint(tmp_path / "bad", num_classes=2, width=64, num_heads=2)
     with pytest.raises(TrainingError, match="train.init: .*does not match"):
-        T.train(
+        train(
             load_run_config(None, tiny_overrides(folder) + init[:2] + [f"train.init={json.dumps(str(bad))}"]),
             tmp_path / "r2",
         )
@@ -301,7 +306,7 @@ def test_other_heads_and_backbones_train(folder, tmp_path, head, backbone):
     run = load_run_config(
         None, tiny_overrides(folder, far_steps=2) + [f'model.head="{head}"', f'model.backbone="{backbone}"']
     )
-    cfg = load_checkpoint(T.train(run, tmp_path / "r")).cfg
+    cfg = load_checkpoint(train(run, tmp_path / "r")).cfg
     assert (cfg.head, cfg.backbone) == (head, backbone)
 
 
@@ -341,8 +346,44 @@ def test_cli_bad_input_is_one_line(tmp_path, case):
     else:
         args += ["--data", str(write_image_folder(tmp_path / "d")), "--vae", str(tmp_path / "missing.ckpt")]
         match = "does not exist"
-    r = CliRunner().invoke(T._cli(), args)
+    r = CliRunner().invoke(train_cli, args)
     assert r.exit_code == 1, r.output
     assert isinstance(r.exception, SystemExit)  # a ClickException, not an uncaught error
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("Error:") and match in last, r.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_cli_signal_saves_the_run_and_says_so_in_one_line(folder, tmp_path, sig):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) during the FAR stage: the checkpoint and resume state
+    of the step reached are saved, one `Error:` line says where, exit 128 + the signal. The run's first
+    line names torch's thread count."""
+    out = tmp_path / "r"
+    args = ["--threads", "1", "--out", str(out), *tiny_overrides(folder, far_steps=100_000, vae_steps=1)]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "training" / "train.py"), *args, "train.save_every=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        log = out / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and '"stage": "far", "step": 1,' in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert "training on cpu, 1 CPU threads" in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert errors == [
+        f"Error: stopped by {signal.Signals(sig).name}; the last checkpoint and resume state are in {out} "
+        "(continue with --resume)"
+    ], err
+    step = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert step >= 1 and json.loads((out / "checkpoint" / "train_info.json").read_text())["step"] == step
+    load_checkpoint(out / "checkpoint")

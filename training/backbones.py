@@ -49,8 +49,7 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if exporting():
             # three products, each split into heads on its own: ONNX Runtime folds those transposes into the
-            # attention MatMuls, where the fused form's (B, T, 3, H, hd) transpose and split were two copies
-            # (far-mnist's full backbone graph, 1 thread: 1.47 -> 1.28 ms at batch 1, 89 -> 85 ms at batch 64)
+            # attention MatMuls (the fused form's (B, T, 3, H, hd) transpose and split are two copies)
             return self._project(x, 0), self._project(x, 1), self._project(x, 2)
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -341,8 +340,7 @@ class CausalBackbone(_ClassEmbedding):
         The exported graph (default) reads the whole static cache under a bias and returns a new cache
         with the position's row written. `inplace` is the eager form (reference sampler, benchmarks):
         attention reads only the cached prefix and the row is written into `cache` itself, which is
-        returned; the cache is no longer copied each step (at far-b dims, 256 tokens, that copy was a
-        quarter of the step)."""
+        returned (no copy of the cache per step)."""
         L = self.cfg.seq_len
         slots = torch.arange(L, device=pos.device)
         onehot = (slots == pos).to(self.pos_embed_learned.dtype)  # (L,)
@@ -364,7 +362,7 @@ class CausalBackbone(_ClassEmbedding):
         if inplace:
             cache[..., n : n + 1, :] = torch.stack(rows)
             return z, cache
-        # one pass over the cache: every block's new row into its slot (was: a copy per block, then a stack)
+        # one pass over the cache: every block's new row into its slot
         write = (slots == pos)[None, None, None, None, :, None]  # (1, 1, 1, 1, L, 1)
         return z, torch.where(write, torch.stack(rows), cache)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, unreadable or corrupt file: one CheckpointError line."""
     regular_file(
         path, CheckpointError, f"a checkpoint directory holds {CONFIG_FILE}, {MODEL_FILE}, {VAE_FILE}"
     )
@@ -124,7 +126,8 @@ def _mismatch(what: str, own: dict[str, tuple[int, ...]], stored: dict[str, tupl
         raise CheckpointError(f"{what} does not match its config: {', '.join(parts)}")
 
 
-def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """`sd` into `module`; other names or shapes are one CheckpointError line about `what`."""
     _mismatch(
         what,
         {k: tuple(v.shape) for k, v in module.state_dict().items()},
@@ -139,8 +142,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     path = Path(path)
     _check_shapes(cfg, path)
     model, vae = build_model(cfg), AutoencoderKL(cfg.vae)
-    _load_into(model, _load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
-    _load_into(vae, _load_safetensors(path / VAE_FILE), str(path / VAE_FILE))
+    load_into(model, load_safetensors(path / MODEL_FILE), str(path / MODEL_FILE))
+    load_into(vae, load_safetensors(path / VAE_FILE), str(path / VAE_FILE))
     return Checkpoint(cfg, model.to(device).eval(), vae.to(device).eval(), path)
 
 
@@ -165,11 +168,33 @@ def checkpoint_sha256(path: str | Path) -> str:
 # ----------------------------------------------------------------------------
 
 
+INFLATION_SLACK = 16 * 2**20  # bytes a torch.save archive may hold beyond its file size
+
+
+def _check_inflation(path: Path) -> None:
+    """torch.save writes a zip archive whose members are stored, not compressed: members that would
+    inflate well beyond the file (a crafted, deflated data.pkl) are refused before torch reads any."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format: a plain pickle stream, as large as the file
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is a damaged archive ({e}): download it again") from None
+    if total > size + INFLATION_SLACK:
+        raise CheckpointError(
+            f"{path} would inflate to {total / 1e9:.2f} GB from {size / 1e6:.1f} MB: not a file torch.save "
+            "wrote (its archives are not compressed); refusing to read it"
+        )
+
+
 def read_mar_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     path = regular_file(path, CheckpointError)  # a directory or a FIFO named as such
+    _check_inflation(path)
     try:
         # MAR's main_mar.py saves its argparse.Namespace beside the weights: a plain attribute bag,
         # whose values still pass the weights-only unpickler's checks.
@@ -177,14 +202,14 @@ def read_mar_file(path: str | Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
         raise CheckpointError(
-            f"{path} could not be loaded safely (weights_only=True): {_load_reason(e)}"
+            f"{path} could not be loaded safely (weights_only=True): {load_reason(e)}"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a dict")
     return obj
 
 
-def _load_reason(e: Exception) -> str:
+def load_reason(e: Exception) -> str:
     """The informative line of torch.load's (multi-line, ANSI-coloured) error."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
     lines = [ln for ln in lines if ln] or [type(e).__name__]
@@ -232,7 +257,7 @@ def load_mar_model(path: str | Path, cfg: FARConfig, key: str = "model_ema") -> 
         raise CheckpointError("MAR checkpoints need a config with backbone='masked' and head='mar'")
     sd = mar_model_state_dict(read_mar_file(path), path, key)
     model = FAR(cfg)
-    _load_into(model, mar_to_far_state_dict(sd), str(path))
+    load_into(model, mar_to_far_state_dict(sd), str(path))
     return model
 
 
@@ -246,5 +271,5 @@ def mar_vae_state_dict(obj: dict, path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_mar_vae(path: str | Path, vae: AutoencoderKL) -> AutoencoderKL:
     """MAR's `kl16.ckpt` into `vae`; loss/discriminator keys are ignored."""
-    _load_into(vae, mar_vae_state_dict(read_mar_file(path), path), str(path))
+    load_into(vae, mar_vae_state_dict(read_mar_file(path), path), str(path))
     return vae

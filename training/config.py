@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from runtime.errors import FarError, first_line, sampling_numbers
 from runtime.files import directory, read_regular
@@ -100,8 +100,74 @@ BACKBONES = ("masked", "causal")
 HEADS = ("shortcut", "mar")
 
 
+class LatentModelConfig:
+    """What FAR and DiT configs share: the latent token grid (what patchify and the VAE decoder step
+    read), the JSON form, and the few facts that training and evaluation ask of either kind instead of
+    testing which one they have."""
+
+    kind: ClassVar[str]  # config.json's "kind" (FAR's config.json has none)
+    img_size: int
+    patch_size: int
+    width: int
+    num_heads: int
+    vae: VAEConfig
+
+    @property
+    def grid(self) -> int:
+        """Tokens per image side."""
+        return self.img_size // self.vae.stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid**2
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae.embed_dim * self.patch_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    def replace(self: _Config, **changes: Any) -> _Config:
+        """A copy with `changes`, checked (each kind's `validate`)."""
+        return dataclasses.replace(self, **changes).validate()
+
+    def save(self, path: str | Path) -> None:
+        """config.json: each kind's `to_dict`."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # -- what differs between the kinds: each kind also has `summary` (the network in a few words),
+    # `parts` ((backbone, head) as reports name them) and `sweep_steps` (the sampling step counts an
+    # evaluation compares by default)
+    @property
+    def ema_teacher(self) -> bool:
+        """Whether the training loss takes the EMA model as its teacher (the shortcut head's
+        self-consistency targets)."""
+        return False
+
+    @property
+    def no_decay_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes trained without weight decay (besides biases and 1-d parameters)."""
+        return ()
+
+
+_Config = TypeVar("_Config", bound=LatentModelConfig)
+
+
+def _vae_from(value: Any) -> VAEConfig:
+    """config.json's "vae": an object of VAEConfig keys or a preset name."""
+    if isinstance(value, str):
+        if value not in VAE_PRESETS:
+            raise ConfigError(f"unknown vae preset {value!r}; choose from {', '.join(VAE_PRESETS)}")
+        value = dataclasses.asdict(VAE_PRESETS[value])
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key vae must be an object or a preset name, got {value!r}")
+    return _build(VAEConfig, value, "vae.")
+
+
 @dataclass(frozen=True)
-class FARConfig:
+class FARConfig(LatentModelConfig):
     backbone: str = "masked"  # "masked" (MAR-style, bidirectional) | "causal" (GPT-style, KV cache)
     head: str = "shortcut"  # "shortcut" (FAR) | "mar" (MAR's diffusion head)
     img_size: int = 256
@@ -135,24 +201,9 @@ class FARConfig:
     temperature: float = 1.0
     vae: VAEConfig = field(default_factory=VAEConfig)
 
+    kind: ClassVar[str] = "far"
+
     # -- derived ---------------------------------------------------------------
-    @property
-    def grid(self) -> int:
-        """Tokens per image side."""
-        return self.img_size // self.vae.stride // self.patch_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid**2
-
-    @property
-    def token_dim(self) -> int:
-        return self.vae.embed_dim * self.patch_size**2
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
     @property
     def depth(self) -> int:
         return self.enc_depth + self.dec_depth
@@ -166,6 +217,26 @@ class FARConfig:
     @property
     def num_ar_steps(self) -> int:
         return self.num_iter if self.backbone == "masked" else self.seq_len
+
+    @property
+    def summary(self) -> str:
+        return f"{self.backbone} backbone + {self.head} head"
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        return self.backbone, self.head
+
+    @property
+    def sweep_steps(self) -> list[int]:
+        return default_head_steps(self.head, self.shortcut_levels)
+
+    @property
+    def ema_teacher(self) -> bool:
+        return self.head == "shortcut" and self.teacher == "ema"
+
+    @property
+    def no_decay_prefixes(self) -> tuple[str, ...]:
+        return ("head.",) if self.head == "mar" else ()  # MAR exempts every diffusion-head parameter
 
     # -- checks and serialisation ---------------------------------------------
     def validate(self) -> FARConfig:
@@ -253,9 +324,6 @@ class FARConfig:
             raise ConfigError("latent_scale and temperature must be > 0")
         return self
 
-    def replace(self, **changes: Any) -> FARConfig:
-        return dataclasses.replace(self, **changes).validate()
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["config_version"] = CONFIG_VERSION
@@ -271,17 +339,8 @@ class FARConfig:
             raise ConfigError(
                 f"config_version {version} is newer than this code ({CONFIG_VERSION}): upgrade far-export"
             )
-        vae = d.pop("vae", {})
-        if isinstance(vae, str):
-            if vae not in VAE_PRESETS:
-                raise ConfigError(f"unknown vae preset {vae!r}; choose from {', '.join(VAE_PRESETS)}")
-            vae = dataclasses.asdict(VAE_PRESETS[vae])
-        if not isinstance(vae, dict):
-            raise ConfigError(f"config key vae must be an object or a preset name, got {vae!r}")
-        return cls(vae=_build(VAEConfig, vae, "vae."), **checked_fields(cls, d, "")).validate()
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        vae = _vae_from(d.pop("vae", {}))
+        return cls(vae=vae, **checked_fields(cls, d, "")).validate()
 
     @classmethod
     def load(cls, path: str | Path) -> FARConfig:
@@ -430,7 +489,7 @@ MODEL_KINDS = ("far", "dit")
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(LatentModelConfig):
     """DiT (Peebles & Xie, arXiv 2212.09748) over the same latent tokens as FAR, trained with flow
     matching (t = 0 noise, t = 1 data, velocity = data - noise: the shortcut head's convention) and
     sampled with N Euler steps over the whole token grid. `config.json` says `"kind": "dit"`."""
@@ -450,11 +509,19 @@ class DiTConfig:
     temperature: float = 1.0
     vae: VAEConfig = field(default_factory=VAEConfig)
 
-    # the FARConfig properties that the shared code (patchify, the VAE decoder step) reads
-    grid = FARConfig.grid
-    seq_len = FARConfig.seq_len
-    token_dim = FARConfig.token_dim
-    head_dim = FARConfig.head_dim
+    kind: ClassVar[str] = "dit"
+
+    @property
+    def summary(self) -> str:
+        return f"width {self.width} x {self.depth} blocks"
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        return "dit", "euler"
+
+    @property
+    def sweep_steps(self) -> list[int]:
+        return list(DIT_STEPS)
 
     def validate(self) -> DiTConfig:
         self.vae.validate()
@@ -481,9 +548,6 @@ class DiTConfig:
             raise ConfigError(str(e)) from None
         return self
 
-    def replace(self, **changes: Any) -> DiTConfig:
-        return dataclasses.replace(self, **changes).validate()
-
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "dit", **dataclasses.asdict(self), "config_version": CONFIG_VERSION}
 
@@ -493,16 +557,8 @@ class DiTConfig:
         if d.pop("kind", "dit") != "dit":
             raise ConfigError("DiTConfig.from_dict needs kind 'dit'")
         d.pop("config_version", None)
-        vae = d.pop("vae", {})
-        if isinstance(vae, str):
-            if vae not in VAE_PRESETS:
-                raise ConfigError(f"unknown vae preset {vae!r}; choose from {', '.join(VAE_PRESETS)}")
-            vae = dataclasses.asdict(VAE_PRESETS[vae])
-        if not isinstance(vae, dict):
-            raise ConfigError(f"config key vae must be an object or a preset name, got {vae!r}")
-        return cls(vae=_build(VAEConfig, vae, "vae."), **checked_fields(cls, d, "")).validate()
-
-    save = FARConfig.save
+        vae = _vae_from(d.pop("vae", {}))
+        return cls(vae=vae, **checked_fields(cls, d, "")).validate()
 
 
 ModelConfig = FARConfig | DiTConfig  # what a checkpoint's config.json describes
@@ -521,6 +577,14 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read a config.json (FAR or DiT) with the same one-line errors as FARConfig.load."""
     return model_config_from_dict(_read_json_object(Path(path)))
+
+
+DIT_STEPS = (4, 8, 16, 32, 64, 128, 250)  # the Euler step counts an evaluation of a DiT compares
+
+
+def default_head_steps(head: str, levels: int) -> list[int]:
+    """The head step counts an evaluation of FAR compares: every shortcut step size, or MAR's 25/50/100."""
+    return [2**i for i in range(levels)] if head == "shortcut" else [25, 50, 100]
 
 
 def check_euler_steps(steps: int) -> None:

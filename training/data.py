@@ -18,6 +18,7 @@ import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,28 +139,40 @@ def class_folders(root: Path) -> list[str]:
     return classes
 
 
+MAX_PIXELS = 64_000_000  # decoded images larger than this are skipped (PIL's own bomb check is 89M)
+
+
+def _check_pixels(im: Any) -> None:
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"{im.width} x {im.height} pixels is over the {MAX_PIXELS // 10**6}-megapixel bound")
+
+
 def _load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode, resize the shorter side to `size`, center-crop: (3, size, size) in [-1, 1]."""
+    """Decode, resize the shorter side to `size`, center-crop: (3, size, size) in [-1, 1]. The crop is
+    taken in the source's coordinates (`resize(box=)` filters from the pixels around it as a resize of
+    the whole image would), so a 1 x 600000 strip never becomes a 32 x 19,200,000 image."""
     from PIL import Image
 
     with Image.open(path) as im:
+        _check_pixels(im)
         im = im.convert("RGB")
         scale = size / min(im.size)
         w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-        im = im.resize((w, h), Image.BICUBIC)
+        sx, sy = w / im.width, h / im.height  # the whole image would be resized to (w, h)
         left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.float32)
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        arr = np.asarray(im.resize((size, size), Image.BICUBIC, box=box), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def _undecodable(path: Path, size: int) -> str | None:
-    """Why PIL cannot decode `path` (truncated, empty, not an image), or None. The whole file is
-    decoded; JPEGs in draft mode (DCT scaling), which still reads every byte of the stream."""
+    """Why PIL cannot decode `path` (truncated, empty, not an image, over MAX_PIXELS), or None. The whole
+    file is decoded; JPEGs in draft mode (DCT scaling), which still reads every byte of the stream."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            _check_pixels(im)
             im.draft("RGB", (size, size))
             im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files

@@ -4,15 +4,14 @@
     python training/evaluate.py --checkpoint checkpoints/far-mnist --checkpoint checkpoints/mar-mnist \
         --checkpoint checkpoints/dit-mnist      # each table, then one side by side
 
-1. A small digit classifier trained on the 4,500 training digits (cached beside the
-   data cache: `<cache-dir>/mnist/classifier.safetensors`).
-2. For each number of head steps (K = 1, 2, 4, ..., 128 for the shortcut head;
-   25/50/100 for MAR's diffusion head; N = 4, 8, ..., 128, 250 Euler steps for a
-   DiT): class-conditional samples, their class
-   accuracy under the classifier, the Frechet distance between classifier features
-   of the samples and of the 500 held-out real digits, and seconds per image.
-3. The real-vs-real floor: the same distance between training and held-out digits,
-   and what the VAE alone scores: its reconstructions of the held-out digits.
+1. The digit classifier of training/classifier.py (trained on the 4,500 training digits, cached).
+2. For each number of sampling steps (K = 1, 2, 4, ..., 128 for the shortcut head; 25/50/100 for
+   MAR's diffusion head; N = 4, 8, ..., 128, 250 Euler steps for a DiT): class-conditional samples,
+   their class accuracy under the classifier, the Frechet distance between classifier features of the
+   samples and of the 500 held-out real digits, and seconds per image.
+3. Two floors with as many images as each row (the distance grows as the sample count shrinks, so a
+   row is compared with floors of its own size): real training digits, and the VAE's reconstructions
+   of held-out digits, each against the same 500 held-out digits.
 
 FID through torch-fidelity is added when the package (and its weights) are available.
 """
@@ -22,125 +21,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from runtime.errors import FarError
+from training.classifier import classify, load_or_train_classifier
 from training.data import mnist_split
-
-CLASSIFIER_FILE = "classifier.safetensors"
 
 
 class EvalError(FarError, RuntimeError):
     """Evaluation cannot run (no held-out data, bad checkpoint, bad settings)."""
-
-
-# ----------------------------------------------------------------------------
-# The digit classifier (its penultimate layer is the feature space)
-# ----------------------------------------------------------------------------
-
-
-class DigitClassifier(nn.Module):
-    """(B, 3, 32, 32) images in [0, 1] -> logits (B, 10); features() -> (B, 64)."""
-
-    def __init__(self, num_classes: int = 10, feat: int = 64):
-        super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 16x16
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(64, 128, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),  # 2x2
-        )
-        self.fc = nn.Linear(128 * 4, feat)
-        self.out = nn.Linear(feat, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.mean(dim=1, keepdim=True) * 2 - 1  # grey, [-1, 1]
-        return F.relu(self.fc(self.convs(x).flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(x))
-
-
-def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translations by up to max_shift pixels (padding with the background)."""
-    B, _, H, W = x.shape
-    p = max_shift
-    padded = F.pad(x, (p, p, p, p), value=0.0)
-    dx, dy = torch.randint(0, 2 * p + 1, (2, B), generator=g)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
-
-
-def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, epochs: int = 6, seed: int = 0
-) -> DigitClassifier:
-    """images (N, 3, 32, 32) in [0, 1]."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    clf = DigitClassifier()
-    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-4)
-    n, bs = len(labels), 64
-    steps = epochs * (n // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    clf.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for k in range(n // bs):
-            idx = perm[k * bs : (k + 1) * bs]
-            loss = F.cross_entropy(clf(_shift(images[idx], g)), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return clf.eval()
-
-
-def load_or_train_classifier(
-    cache_dir: Path, train_images: torch.Tensor, train_labels: torch.Tensor, quiet: bool = False
-) -> DigitClassifier:
-    from safetensors.torch import load_file
-
-    from training.checkpoint import save_tensors
-
-    path = cache_dir / "mnist" / CLASSIFIER_FILE
-    clf = DigitClassifier()
-    if path.is_file():
-        try:
-            clf.load_state_dict(load_file(str(path)))
-            return clf.eval()
-        except Exception:  # a stale or corrupt cache file: train again
-            pass
-    if not quiet:
-        print(
-            f"training the digit classifier on {len(train_labels)} images (cached at {path})", file=sys.stderr
-        )
-    clf = train_classifier(train_images, train_labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(clf.state_dict(), path)
-    return clf
-
-
-@torch.no_grad()
-def classify(clf: DigitClassifier, images: torch.Tensor, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """images (N, 3, H, W) in [0, 1] -> predicted labels (N,), features (N, F) float64."""
-    preds, feats = [], []
-    for start in range(0, len(images), batch):
-        x = images[start : start + batch]
-        f = clf.features(x)
-        preds.append(clf.out(f).argmax(-1))
-        feats.append(f.double())
-    return torch.cat(preds).numpy(), torch.cat(feats).numpy()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,11 +47,6 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     m = sqrt_s1 @ s2 @ sqrt_s1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
-# ----------------------------------------------------------------------------
-# The evaluation
-# ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -178,11 +68,13 @@ class Report:
     num_iter: int
     batch: int
     classifier_heldout_accuracy: float
-    floor_frechet: float  # train vs held-out real digits
-    vae_frechet: float  # VAE reconstructions of the held-out digits vs the held-out digits
+    floor_frechet: float  # floor_images training digits vs the 500 held-out digits
+    vae_frechet: float  # VAE reconstructions of vae_images held-out digits vs the 500 held-out digits
     vae_accuracy: float
     rows: list[Row]
     engine: str | None = None  # samples of the runtime on this engine directory (else PyTorch's)
+    floor_images: int = 0  # as many as num_images where the data has them (450 training digits per class)
+    vae_images: int = 0  # as many as num_images where the data has them (50 held-out digits per class)
 
     @property
     def family(self) -> str:
@@ -203,7 +95,7 @@ class Report:
             model = f"{self.backbone} backbone, {self.head} head"
         lines = [
             f"checkpoint {self.checkpoint}: {model}; "
-            f"{self.num_images} samples per row, cfg {self.cfg}, "
+            f"{self.num_images} samples per row (the floors: as many digits), cfg {self.cfg}, "
             + {"masked": f"num_iter {self.num_iter}, ", "causal": "one AR step per token, "}.get(
                 self.backbone, ""
             )
@@ -223,22 +115,18 @@ class Report:
             )
         fid = " - |" if self._fid else ""
         lines.append(
-            f"| VAE reconstruction of held-out | {self.vae_accuracy:.1%} | {self.vae_frechet:.2f} | "
-            f"{self.vae_frechet / max(self.floor_frechet, 1e-12):.1f}x | - |{fid}"
+            f"| VAE reconstruction of held-out, {self.vae_images} digits | {self.vae_accuracy:.1%} | "
+            f"{self.vae_frechet:.2f} | {self.vae_frechet / max(self.floor_frechet, 1e-12):.1f}x | - |{fid}"
         )
-        lines.append(f"| real (train vs held-out) | - | {self.floor_frechet:.2f} | 1.0x | - |{fid}")
+        lines.append(
+            f"| real (train vs held-out), {self.floor_images} digits | - | {self.floor_frechet:.2f} | 1.0x "
+            f"| - |{fid}"
+        )
         return "\n".join(lines)
 
     @property
     def _fid(self) -> bool:
         return any(r.fid is not None for r in self.rows)
-
-
-DIT_STEPS = [4, 8, 16, 32, 64, 128, 250]
-
-
-def default_head_steps(head: str, levels: int) -> list[int]:
-    return [2**i for i in range(levels)] if head == "shortcut" else [25, 50, 100]
 
 
 def side_by_side(reports: list[Report]) -> str:
@@ -287,8 +175,8 @@ def _fid(samples: np.ndarray, real: np.ndarray) -> float | None:
 
 
 def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | None) -> tuple[Any, int]:
-    """(generate(labels, settings, batch) over the runtime on an engine directory built from `checkpoint`,
-    the engine's batch: the most images per call)."""
+    """(batches(labels, settings, batch): the images of the runtime on an engine directory built from
+    `checkpoint`, a batch at a time; the engine's batch: the most images per call)."""
     from runtime.pipeline import Pipeline
     from training.checkpoint import checkpoint_sha256
 
@@ -299,8 +187,8 @@ def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | N
             f"pass the checkpoint it was built from or rebuild it"
         )
 
-    def generate(labels: list[int], s: Any, batch: int) -> np.ndarray:
-        return pipe.generate(
+    def batches(labels: list[int], s: Any, batch: int) -> Iterator[np.ndarray]:
+        return pipe.generate_batches(
             labels,
             head_steps=s.head_steps,
             cfg=s.cfg,
@@ -311,7 +199,18 @@ def _engine_sampler(engine: str | Path, checkpoint: str | Path, threads: int | N
             batch=min(batch, pipe.B),
         )
 
-    return generate, pipe.B
+    return batches, pipe.B
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to `per_class` images of each class (a fixed random choice), class by class."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate(
+        [
+            np.sort(rng.permutation(np.flatnonzero(labels == c))[:per_class])
+            for c in range(int(labels.max()) + 1)
+        ]
+    )
 
 
 def evaluate(
@@ -330,10 +229,11 @@ def evaluate(
 ) -> Report:
     """Scores samples of the PyTorch reference sampler, or with `engine` those of the runtime on that engine
     directory (ONNX Runtime CPU, `threads` intra-op threads): what is deployed, at its precision."""
+    from tqdm import tqdm
+
     from runtime.images import to_uint8
     from training.checkpoint import load_checkpoint
-    from training.config import DiTConfig
-    from training.sample import generate, resolve_settings
+    from training.sample import generate_batches, resolve_settings
 
     ckpt = load_checkpoint(checkpoint)
     mc = ckpt.cfg
@@ -342,8 +242,8 @@ def evaluate(
         batch = min(batch, engine_batch)
     else:
 
-        def sampler(labels: list[int], s: Any, batch: int) -> np.ndarray:
-            return generate(ckpt.model, ckpt.vae, labels, s, batch=batch)
+        def sampler(labels: list[int], s: Any, batch: int) -> Iterator[np.ndarray]:
+            return generate_batches(ckpt.model, ckpt.vae, labels, s, batch)
 
     if mc.num_classes != 10 or mc.img_size < 28:
         raise EvalError(
@@ -352,33 +252,38 @@ def evaluate(
         )
     if per_class < 2:
         raise EvalError("per_class must be >= 2 (the Frechet distance needs a covariance)")
-    steps = head_steps or (
-        DIT_STEPS if isinstance(mc, DiTConfig) else default_head_steps(mc.head, mc.shortcut_levels)
-    )
+    steps = head_steps or mc.sweep_steps
     settings = [resolve_settings(mc, seed=seed, head_steps=k, cfg=cfg, num_iter=num_iter) for k in steps]
     train = mnist_split("train", mc.img_size)
     held = mnist_split("heldout", mc.img_size)
     train_x, held_x = (train.images + 1) / 2, (held.images + 1) / 2
     clf = load_or_train_classifier(Path(cache_dir), train_x, train.labels, quiet=not progress)
     held_pred, held_feat = classify(clf, held_x)
-    _, train_feat = classify(clf, train_x)
+    # the floors, with as many digits as a row has samples: the distance grows as the count shrinks
+    real = balanced_subset(train.labels.numpy(), per_class)
+    _, train_feat = classify(clf, train_x[real])
     floor = frechet_distance(train_feat, held_feat)
-    with (
-        torch.no_grad()
-    ):  # what the VAE alone loses: reconstructions (posterior means) of the held-out digits
+    recon = balanced_subset(held.labels.numpy(), per_class)
+    with torch.no_grad():  # what the VAE alone loses: reconstructions (posterior means) of held-out digits
         rec = torch.cat(
-            [ckpt.vae(held.images[i : i + 100], sample=False)[0] for i in range(0, len(held), 100)]
+            [ckpt.vae(held.images[recon[i : i + 100]], sample=False)[0] for i in range(0, len(recon), 100)]
         )
     rec_pred, rec_feat = classify(clf, ((rec.float() + 1) / 2).clamp(0, 1))
-    dit = isinstance(mc, DiTConfig)
-    head, backbone = ("euler", "dit") if dit else (mc.head, mc.backbone)
+    backbone, head = mc.parts
     labels = [c for c in range(10) for _ in range(per_class)]
-    report_steps = "N" if dit else "K"
+    letter = "N" if backbone == "dit" else "K"
     rows = []
     real_u8 = to_uint8(held_x.numpy()) if fid else None
     for k, s in zip(steps, settings):
         t = time.perf_counter()
-        images = sampler(labels, s, batch)  # (N, H, W, 3) uint8
+        with tqdm(
+            total=len(labels), unit="img", desc=f"{letter}={k}", disable=not progress, leave=False
+        ) as bar:
+            chunks = []
+            for chunk in sampler(labels, s, batch):  # (n, H, W, 3) uint8
+                chunks.append(chunk)
+                bar.update(len(chunk))
+        images = np.concatenate(chunks)
         sec = (time.perf_counter() - t) / len(labels)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         pred, feat = classify(clf, x)
@@ -392,8 +297,8 @@ def evaluate(
         rows.append(row)
         if progress:
             print(
-                f"{report_steps}={k}: accuracy {row.accuracy:.1%}, Frechet {row.frechet:.2f}, "
-                f"{sec:.4f} s/image",
+                f"{letter}={k}: {len(labels)} images, accuracy {row.accuracy:.1%}, "
+                f"Frechet {row.frechet:.2f}, {sec:.4f} s/image",
                 file=sys.stderr,
             )
     first = resolve_settings(mc, seed=seed, cfg=cfg, num_iter=num_iter)
@@ -408,9 +313,11 @@ def evaluate(
         float((held_pred == held.labels.numpy()).mean()),
         floor,
         frechet_distance(rec_feat, held_feat),
-        float((rec_pred == held.labels.numpy()).mean()),
+        float((rec_pred == held.labels.numpy()[recon]).mean()),
         rows,
         None if engine is None else str(engine),
+        len(real),
+        len(recon),
     )
 
 

@@ -25,7 +25,7 @@ from runtime.files import artifact_ancestor
 from training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
-    _load_into,
+    load_into,
     mar_model_state_dict,
     mar_to_far_state_dict,
     mar_vae_state_dict,
@@ -221,14 +221,15 @@ def infer_mar_config(
     for k, have in checks.items():
         if k in a and a[k] != have:
             raise CheckpointError(f"{what}: args.{k} = {a[k]!r} but the weights/VAE have {have}")
-    patch = a.get("patch_size") or round((token_dim / vae.embed_dim) ** 0.5)
+    saved = {k: _saved_int(k, a[k]) for k in ("patch_size", "img_size") if a.get(k) is not None}
+    patch = saved.get("patch_size") or round((token_dim / vae.embed_dim) ** 0.5)
     if vae.embed_dim * patch**2 != token_dim:
         raise CheckpointError(
             f"{what}: tokens of {token_dim} channels do not fit the VAE's {vae.embed_dim} "
             f"latent channels x patch {patch}^2; is this the VAE the model was trained with?"
         )
     grid = round(seq_len**0.5)
-    img_size = a.get("img_size") or grid * vae.stride * patch
+    img_size = saved.get("img_size") or grid * vae.stride * patch
     if grid**2 != seq_len or img_size != grid * vae.stride * patch:
         raise CheckpointError(
             f"{what}: {seq_len} tokens do not match img_size {img_size} / (vae stride "
@@ -330,8 +331,8 @@ def import_mar(
     vae_cfg = infer_vae_config(vae_sd, str(vae_path))
     cfg, size = infer_mar_config(sd, args, vae_cfg, opts, f"{model_path} ['{opts.entry}']")
     model, vae = FAR(cfg), AutoencoderKL(vae_cfg)
-    _load_into(model, mar_to_far_state_dict(sd), f"{model_path} ['{opts.entry}']")
-    _load_into(vae, vae_sd, str(vae_path))
+    load_into(model, mar_to_far_state_dict(sd), f"{model_path} ['{opts.entry}']")
+    load_into(vae, vae_sd, str(vae_path))
     info = {
         "source": str(Path(model_path).resolve()),
         "weights": opts.entry,

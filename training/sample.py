@@ -271,7 +271,7 @@ def _cli():
                 num_iter=req.num_iter,
             )
             writer = ImageWriter(
-                labels, len(classes), req.out, req.out_dir
+                labels, len(classes), req.out, req.out_dir, req.overwrite
             )  # bad outputs fail before any work
             with tqdm(total=len(labels), unit="img", desc="sampling") as bar:
                 for images in generate_batches(
@@ -286,6 +286,8 @@ def _cli():
                 ):
                     writer.add(images)
             click.echo(writer.close())
+            if writer.grid_caption:
+                click.echo(writer.grid_caption)
 
     return main
 

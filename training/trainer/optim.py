@@ -8,22 +8,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.model import FAR
-from training.run_config import OptimConfig
+from training.config import LatentModelConfig
+from training.trainer.run_config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """MAR's add_weight_decay (util/misc.py): no decay on biases, 1-d parameters (norms) and MAR's
     diffusion head (MAR exempts every `diffloss` parameter); decay elsewhere.
 
-    The shortcut head keeps decay on its matrices: the shipped far-mnist was trained and measured so,
-    and MAR's exemption is a choice for its own head, not a property of AdaLN MLPs."""
-    mar_head = isinstance(model, FAR) and model.cfg.head == "mar"
+    The shortcut head keeps decay on its matrices: MAR's exemption is a choice for its own head, not a
+    property of AdaLN MLPs."""
+    cfg = getattr(model, "cfg", None)  # FAR's or DiT's config; the VAE has no exemptions
+    exempt_prefixes = cfg.no_decay_prefixes if isinstance(cfg, LatentModelConfig) else ()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim <= 1 or name.endswith(".bias") or (mar_head and name.startswith("head."))
+        exempt = p.ndim <= 1 or name.endswith(".bias") or name.startswith(exempt_prefixes)
         (no_decay if exempt else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 

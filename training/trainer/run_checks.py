@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from runtime.errors import FarError
 from runtime.limits import MODEL_LIMITS
 from training.config import ConfigError, DiTConfig, FARConfig, VAEConfig
 from training.model import FAR
-from training.run_config import RunConfig
+from training.trainer.run_config import RunConfig
 from training.vae import AutoencoderKL
 
 
@@ -166,11 +167,16 @@ def _safetensors_shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
         raise TrainingError(f"{what}: {e}") from None
 
 
-def init_head_kind(model: FAR, path: Path) -> str:
-    """The head kind of the checkpoint directory `path` (the model's own when its config does not say)."""
+def init_from_other_head(model: nn.Module, path: Path) -> str | None:
+    """The head kind of the checkpoint directory `path` when `model` is a FAR with another kind of head
+    (then only the backbone must match: the head's matching tensors are loaded, the rest stays fresh);
+    None when every tensor loads (the same kind of head, or a DiT)."""
     from training.checkpoint import CONFIG_FILE
 
-    return FARConfig.load(path / CONFIG_FILE).head if (path / CONFIG_FILE).is_file() else model.cfg.head
+    if model.cfg.kind != "far" or not (path / CONFIG_FILE).is_file():
+        return None
+    head = FARConfig.load(path / CONFIG_FILE).head
+    return None if head == model.cfg.head else head
 
 
 def _check_init(model: FAR, path: Path) -> None:
@@ -182,8 +188,7 @@ def _check_init(model: FAR, path: Path) -> None:
             f"vae.safetensors): give one, e.g. RUN/checkpoint"
         )
     want, saved = model.state_dict(), _safetensors_shapes(path / MODEL_FILE, "train.init")
-    if isinstance(model, FAR) and init_head_kind(model, path) != model.cfg.head:  # another head: only the
-        # backbone must match (train.py's _init_from loads the head's matching tensors, the rest is fresh)
+    if init_from_other_head(model, path):  # only the backbone must match (trainer/stages.py: init_from)
         want = {k: v for k, v in want.items() if k.startswith("backbone.")}
         saved = {k: v for k, v in saved.items() if k.startswith("backbone.")}
     diff = shape_differences(want, saved)
@@ -244,11 +249,9 @@ def load_state(path: Path, stage: str, remedy: str, mmap: bool = False) -> dict[
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types (EOFError, zip, unpickling) on damaged files
-        from training.checkpoint import _load_reason
+        from training.checkpoint import load_reason
 
-        raise TrainingError(
-            f"{path} is damaged ({_load_reason(e)}) and cannot be resumed: {remedy}"
-        ) from None
+        raise TrainingError(f"{path} is damaged ({load_reason(e)}) and cannot be resumed: {remedy}") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise TrainingError(f"{path} is not a resume state (keys {', '.join(STATE_KEYS)} expected): {remedy}")
     if state["stage"] != stage:
@@ -284,9 +287,9 @@ def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAECon
         CONFIG_FILE,
         VAE_FILE,
         CheckpointError,
-        _load_into,
-        _load_safetensors,
+        load_into,
         load_mar_vae,
+        load_safetensors,
     )
 
     if not path.exists():
@@ -306,7 +309,7 @@ def load_vae_file(path: Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, VAECon
             path = path / VAE_FILE
         vae = AutoencoderKL(vae_cfg)
         if path.suffix == ".safetensors":
-            _load_into(vae, _load_safetensors(path), str(path))
+            load_into(vae, load_safetensors(path), str(path))
         else:
             load_mar_vae(path, vae)
     except (CheckpointError, ConfigError) as e:
