@@ -27,9 +27,10 @@ from far_export.export import to_torch
 from far_export.feeds import Feed, example_inputs, upcast_bf16
 from far_export.graphs import BuildGraph
 from far_export.tolerances import Tolerance, describe_error, error_stats, within
-from runtime.backends import Backend, OrtGraph
+from runtime.backends import Backend
 from runtime.errors import FarError, first_line
 from runtime.manifest import GraphSpec, Manifest, ModelInfo, TensorSpec
+from runtime.ort import OrtGraph
 
 
 class ValidationError(FarError, RuntimeError):

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from far_export.tensorrt import EngineBuildError, attach_timing_cache, timing_cache_choice, timing_cache_name
-from runtime.backends import ORT_TRT_CACHE, gpu_session_config, provider_options
 from runtime.device import DeviceError, DeviceInfo, check, cuda_version, gpu_name, plan_mismatch, probe_gpu
 from runtime.manifest import EngineSpec
+from runtime.ort import ORT_TRT_CACHE, gpu_session_config, provider_options
 from runtime.trt import EngineMismatchError, check_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def test_ort_backend_builds_gpu_session_options_and_leaves_cpu_as_it_was(tmp_pat
     onnxruntime here has no GPU providers, so only their availability is pretended)."""
     import onnxruntime as ort
 
-    from runtime.backends import OrtBackend
+    from runtime.ort import OrtBackend
 
     monkeypatch.setattr(
         ort,

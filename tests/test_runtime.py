@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from runtime_engines import built_engines
 
-from runtime.backends import BackendError, resolve_providers
+from runtime.backends import BackendError
 from runtime.manifest import SCHEMA_VERSION, EngineSpec, ManifestError, load_manifest, sha256_file
+from runtime.ort import resolve_providers
 from runtime.pipeline import Pipeline, RequestError, backbone_graph
 from runtime.schedule import masked_schedule
 from runtime.trt import DeviceInfo, EngineMismatchError, check_engine, check_engines
@@ -166,7 +167,7 @@ def test_state_in_separate_device_memory_gives_the_same_images(tmp_path_factory,
     """ONNX Runtime with the state in memory apart from the host buffers (as under the CUDA provider, here
     in CPU memory): the graphs see only what the loop uploads and the host only what it downloads, and the
     images and tokens are the same as with the host buffers bound directly."""
-    from runtime.backends import OrtBackend
+    from runtime.ort import OrtBackend
 
     engines = built_engines(tmp_path_factory, backbone, head)[1]
     manifest = load_manifest(engines)

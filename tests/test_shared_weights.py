@@ -11,8 +11,8 @@ import onnx
 import pytest
 from runtime_engines import built_engines
 
-from runtime.backends import OrtBackend
 from runtime.manifest import SHARED_WEIGHTS_FILE, ManifestError, load_manifest
+from runtime.ort import OrtBackend
 
 
 def _copy(engines, tmp_path):
