@@ -9,7 +9,7 @@ The AR loop (`runtime/loop.py`) is written once over this small interface:
 
 A `Call` is prepared once per set of buffers; running it takes no arguments and
 allocates nothing, so the loop writes inputs in place, runs, and reads outputs in
-place. ONNX Runtime binds the numpy memory itself (IO binding over OrtValues that
+place. ONNX Runtime (`runtime/ort.py`) binds the numpy memory itself (IO binding over OrtValues that
 share it); TensorRT (`runtime/trt.py`) stages it through pinned host memory.
 
 numpy only at import time; onnxruntime is imported when an ORT backend is opened.
