@@ -21,6 +21,7 @@ backbone graphs counted once) plus the largest graph's intermediate tensors with
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -205,13 +206,13 @@ def engine_budget(
         weights.update(w)
     weight_bytes = sum(weights.values())
     peak = max(c.activation_bytes + c.io_bytes for c in costs)
+    b = Budget(str(d), m.precision, m.batch, s, tuple(costs), weight_bytes, peak, ())
     bounds = []
     for dev in devices:
         compute = sum(c.flops * c.calls_per_image / dev.peak(c.precision) for c in costs)
-        memory = sum((c.weight_bytes + c.io_bytes) * c.calls_per_image for c in costs) / dev.bandwidth
-        share = (weight_bytes + peak) / dev.memory
-        bounds.append(DeviceBound(dev, compute, memory, share < 1.0, share))
-    return Budget(str(d), m.precision, m.batch, s, tuple(costs), weight_bytes, peak, tuple(bounds))
+        share = b.memory_bytes / dev.memory
+        bounds.append(DeviceBound(dev, compute, b.traffic_per_image / dev.bandwidth, share < 1.0, share))
+    return dataclasses.replace(b, devices=tuple(bounds))
 
 
 def _mb(n: float) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from far_export import __version__
-from far_export.serve import QUEUE_DELAY_US
+from far_export.serve import ServeOptions
 from runtime.limits import ENCODER_VARIANTS, MAX_ENCODER_VARIANTS
 from runtime.options import (
     BATCH,
@@ -399,14 +399,14 @@ SERVED_SETTINGS = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter
 @sampling_flags(*SERVED_SETTINGS)
 @click.option(
     "--queue-delay-us",
-    default=QUEUE_DELAY_US,
+    default=ServeOptions.queue_delay_us,
     show_default=True,
     type=click.IntRange(0, 10_000_000),
     help="How long a request waits for others to fill its batch (a small fraction of one batch's time).",
 )
 @click.option(
     "--max-queue",
-    default=64,
+    default=ServeOptions.max_queue,
     show_default=True,
     type=click.IntRange(1, 1_000_000),
     help="Queued requests beyond this are rejected (not held in memory).",
@@ -417,7 +417,7 @@ def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: A
     settings are fixed per served model."""
 
     def go() -> None:
-        from far_export.serve import ServeOptions, check_settings, write_repository
+        from far_export.serve import check_settings, write_repository
         from far_export.serve import serve as run_serve
 
         settings = {k: kw[k] for k in SERVED_SETTINGS if kw[k] is not None}

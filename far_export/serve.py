@@ -34,9 +34,6 @@ from runtime.files import check_output_dir, directory
 from runtime.manifest import load_manifest
 
 MODEL = "far"
-# How long a request waits for others to join its batch: clients that send again once answered arrive
-# milliseconds apart, and a batch costs the same for 1 row as for the engine batch.
-QUEUE_DELAY_US = 30_000
 
 
 class ServeError(FarError, RuntimeError):
@@ -49,7 +46,9 @@ class ServeOptions:
     providers: str = "cpu"
     threads: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # head_steps, cfg, temperature, num_iter, ...
-    queue_delay_us: int = QUEUE_DELAY_US
+    # how long a request waits for others to join its batch: clients that send again once answered
+    # arrive milliseconds apart, and a batch costs the same for 1 row as for the engine batch
+    queue_delay_us: int = 30_000
     max_queue: int = 64
 
 
