@@ -171,7 +171,9 @@ def _env() -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
     bindir = Path(sys.executable).parent
     python3 = bindir / "python3"
-    if not (python3.exists() and python3.resolve() == Path(sys.executable).resolve()):
+    # a virtual environment's python3 reads its pyvenv.cfg, whether it is a link or a copy (--copies)
+    in_venv = sys.prefix != sys.base_prefix and bindir.parent == Path(sys.prefix)
+    if not (python3.exists() and (in_venv or python3.resolve() == Path(sys.executable).resolve())):
         raise ServeError(
             f"{bindir} has no python3 that is this interpreter ({sys.executable}), and Triton's Python "
             f"backend finds its interpreter as python3 on PATH: run far-export from a virtual environment"
