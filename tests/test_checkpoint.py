@@ -203,6 +203,17 @@ def test_checkpoint_errors(tmp_path: Path, tiny_checkpoint) -> None:
     _edit_config(p, head="mar")  # another head's names
     _one_line_error(p, r"does not match its config: .*unexpected \(e.g. head.net.d_embed.weight\)")
 
+    for name, bad, message in (
+        ("j", lambda t: t.to(torch.int32), r"model.safetensors: .* is torch.int32, not a float tensor"),
+        ("k", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), r"model.safetensors: .*NaN or Inf"),
+    ):
+        p = tiny_checkpoint(tmp_path / name)
+        weights = ck.load_safetensors(p / "model.safetensors")
+        first = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[first] = bad(weights[first])
+        ck.save_tensors(weights, p / "model.safetensors")
+        _one_line_error(p, message)
+
 
 # ----------------------------------------------------------------------------
 # MAR's files

@@ -127,12 +127,17 @@ def _mismatch(what: str, own: dict[str, tuple[int, ...]], stored: dict[str, tupl
 
 
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """`sd` into `module`; other names or shapes are one CheckpointError line about `what`."""
-    _mismatch(
-        what,
-        {k: tuple(v.shape) for k, v in module.state_dict().items()},
-        {k: tuple(v.shape) for k, v in sd.items()},
-    )
+    """`sd` into `module`; other names or shapes, integer weights where floats belong (load_state_dict would
+    cast them silently) and NaN/Inf weights (a diverged run) are one CheckpointError line about `what`."""
+    own = module.state_dict()
+    _mismatch(what, {k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in sd.items()})
+    for k, v in sd.items():
+        if own[k].is_floating_point() and not v.is_floating_point():
+            raise CheckpointError(f"{what}: {k} is {v.dtype}, not a float tensor: re-export the checkpoint")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(
+                f"{what}: {k} holds NaN or Inf (a diverged run?): retrain, or use an earlier checkpoint"
+            )
     module.load_state_dict(sd)
 
 
