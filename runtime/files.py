@@ -133,10 +133,7 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     """Refuse, before any work, an output file that would replace a directory or a special file, land in an
     engine or checkpoint directory, or sit under a path that cannot be created or written."""
     path = Path(path)
-    if (
-        len(os.fsencode(path.name)) > 200
-    ):  # the temporary sibling adds a few characters; most file systems stop at 255
-        raise error(f"{flag} {path.name[:20]}...: the file name is too long; use a shorter one")
+    short_name(path, flag, error)
     if path.is_dir():
         raise error(f"{flag} {path} is a directory: give a file name")
     if path.exists() and not path.is_file():
@@ -152,6 +149,27 @@ def check_output_file(path: str | Path, flag: str, error: type[FarError] = Reque
     return path
 
 
+def short_name(path: Path, flag: str, error: type[FarError]) -> None:
+    """Refuse a name whose temporary sibling (`.NAME.build-PID-XXXXXXXX`, `.NAME.PID-XXXXXXXX.tmp`: up to 24
+    bytes more) would pass the 255 bytes most file systems allow a name."""
+    if len(os.fsencode(path.name)) > 255 - 24:
+        raise error(
+            f"{flag} {path.name[:20]}...: the name is too long; use a shorter one (at most 231 bytes)"
+        )
+
+
+def utf8_path(path: Path, flag: str, error: type[FarError]) -> None:
+    """Refuse a path that is not valid UTF-8 (bytes a file system accepts): ONNX Runtime and safetensors take
+    paths as UTF-8 text and cannot open it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(
+            f"{flag} {path}: the path is not valid UTF-8, which ONNX Runtime and safetensors cannot open; "
+            "rename it"
+        ) from None
+
+
 def probe_write(d: Path, flag: str, path: Path, error: type[FarError]) -> None:
     """Create and remove a file in an existing directory `d`: a write that would fail at the end fails now."""
     try:
@@ -165,6 +183,7 @@ def probe_write(d: Path, flag: str, path: Path, error: type[FarError]) -> None:
 def check_output_dir(path: str | Path, flag: str, error: type[FarError] = RequestError) -> Path:
     """The same for a directory that receives new files."""
     path = Path(path)
+    dangling(path, flag, error)
     if path.exists() and not path.is_dir():
         raise error(f"{flag} {path} is a file, not a directory: give a directory")
     found = artifact_ancestor(path.resolve())
@@ -176,6 +195,14 @@ def check_output_dir(path: str | Path, flag: str, error: type[FarError] = Reques
         )
     writable_ancestor(path.resolve(), flag, path, error)
     return path
+
+
+def dangling(path: Path, flag: str, error: type[FarError]) -> None:
+    """Refuse a symlink to nothing (writing through it would fail only at the end)."""
+    if path.is_symlink() and not path.exists():
+        raise error(
+            f"{flag} {path} is a symlink to {os.readlink(path)}, which does not exist: create it first"
+        )
 
 
 def writable_ancestor(d: Path, flag: str, path: Path, error: type[FarError]) -> None:
@@ -409,6 +436,15 @@ def check_build_output(out: Path, checkpoint_dir: Path | None, error: type[FarEr
     writable."""
     from runtime.manifest import MANIFEST as manifest  # the manifest module writes through this one
 
+    short_name(out, "--out", error)
+    utf8_path(out.absolute(), "--out", error)
+    dangling(out, "--out", error)
+    if out.is_symlink():
+        raise error(f"--out {out} is a symlink: a build replaces the directory itself; pass {out.resolve()}")
+    if out.is_dir() and os.path.ismount(out):
+        raise error(
+            f"--out {out} is a mount point, which a build cannot replace: choose a directory inside it"
+        )
     if out.exists() and not out.is_dir():
         raise error(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / manifest).is_file():

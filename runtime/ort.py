@@ -22,6 +22,7 @@ from runtime.backends import (
     Graph,
 )
 from runtime.errors import first_line
+from runtime.files import utf8_path
 from runtime.manifest import GraphSpec, Manifest
 from runtime.shared_weights import ONNX_BFLOAT16, SharedInitializers
 
@@ -249,6 +250,7 @@ class OrtBackend(Backend):
                 "onnxruntime is not installed: pip install 'far-export[ort]' (or [gpu])"
             ) from None
         self._ort = ort
+        utf8_path(directory.absolute(), "the engine directory", BackendError)
         self.providers = resolve_providers(providers)
         available = ort.get_available_providers()
         missing = [p for p in self.providers if p not in available]

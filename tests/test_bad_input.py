@@ -459,6 +459,49 @@ def test_build_flags_fail_before_work(ws, args, match):
     )
 
 
+def test_build_out_kinds_fail_before_work(ws):
+    """An --out a build could not rename its staged directory onto fails up front, not after the build."""
+    t = ws["tmp"]
+    (t / "dangling").symlink_to(t / "nowhere")
+    (t / "alink").symlink_to(t / "adir")
+    cases = [
+        ("dangling", "is a symlink to", "which does not exist"),
+        ("alink", "is a symlink: a build replaces the directory itself", f"pass {t / 'adir'}"),
+        ("e" * 232, "the name is too long", "at most 231 bytes"),
+        (os.fsdecode(b"e\xff"), "is not valid UTF-8", "rename it"),
+    ]
+    for out, *match in cases:
+        line = expect_error(
+            [*FAR, "build", ws["ckpt"], "--no-engines", "--out", out], match[0], t, [t, ws["ckpt"]]
+        )
+        assert all(m in line for m in match), line
+
+
+@pytest.mark.skipif(not os.path.ismount("/dev/shm"), reason="needs a mount point (/dev/shm)")
+def test_build_refuses_a_mount_point(ws):
+    expect_error(
+        [*FAR, "build", ws["ckpt"], "--no-engines", "--out", "/dev/shm"],
+        "is a mount point, which a build cannot replace",
+        ws["tmp"],
+        [ws["tmp"], ws["ckpt"]],
+    )
+
+
+def test_sample_output_kinds_fail_before_work(ws):
+    """A dangling --out-dir fails before the first batch; an engine directory whose path is not UTF-8
+    (ONNX Runtime cannot open it) is named in one line."""
+    t = ws["tmp"]
+    (t / "gone").symlink_to(t / "nowhere")
+
+    def sample(eng: Path, *args: str) -> list[Any]:
+        return [*FAR, "sample", eng, "--classes", "0-3", "--threads", "1", *args]
+
+    expect_error(sample(ws["eng"], "--out-dir", "gone"), "which does not exist", t, [t])
+    odd = t / os.fsdecode(b"eng\xff")
+    shutil.copytree(ws["eng"], odd)
+    expect_error(sample(odd, "--out", "x.png"), "is not valid UTF-8", t, [t])
+
+
 def test_build_never_deletes_files_it_did_not_write(ws):
     """A rebuild replaces the whole engine directory: one holding a user's file is refused, naming it."""
     eng = ws["tmp"] / "eng"

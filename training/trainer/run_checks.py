@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from runtime.errors import FarError
+from runtime.files import utf8_path
 from runtime.limits import MODEL_LIMITS
 from training.config import ConfigError, DiTConfig, FARConfig, VAEConfig
 from training.model import FAR
@@ -42,6 +43,7 @@ def is_run(out: Path) -> bool:
 def check_out(out: Path, resume: bool) -> None:
     """The run directory can be used: a directory (or nothing yet), not inside a checkpoint or engine
     directory; --resume needs a run there, a new run needs it empty or holding an unfinished start."""
+    utf8_path(out.absolute(), "--out", TrainingError)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a directory: choose another --out")
     for d in [out.resolve(), *out.resolve().parents]:
