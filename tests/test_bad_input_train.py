@@ -147,10 +147,12 @@ CONFIG_CASES = [
     (["train.min_lr=1.0"], "train.min_lr must be in [0, lr"),
     (['train.steps="abc"'], "train.steps must be int, got 'abc'"),
     (["train.steps=1.5"], "train.steps must be int, got 1.5"),
-    (["train.steps=0"], "train.steps must be an int >= 1"),
-    (["vae.batch_size=-4"], "vae.batch_size must be an int >= 1"),
-    (["train.log_every=0"], "train.log_every must be an int >= 1"),
-    (["train.save_every=-1"], "train.save_every must be an int >= 0"),
+    (["train.steps=0"], "train.steps must be an int in [1, 1000000000]"),
+    (["train.steps=99999999999999999999"], "train.steps must be an int in [1, 1000000000]"),
+    (["vae.batch_size=-4"], "vae.batch_size must be an int in [1, 1000000000]"),
+    (["train.log_every=0"], "train.log_every must be an int in [1, 1000000000]"),
+    (["train.save_every=-1"], "train.save_every must be an int in [0, 1000000000]"),
+    (["vae.save_every=10000000000"], "vae.save_every must be an int in [0, 1000000000]"),
     (["train.seed=-1"], "train.seed must be an int in [0, 2**63)"),
     (["train.amp=1"], "train.amp must be true or false"),
     (["train.sample_per_class=1000000000"], "train.sample_per_class must be in [1, 100]"),
@@ -193,6 +195,23 @@ CLI_CASES = [
     for c in CONFIG_CASES
     if c[0][0] in ("train.lr=nan", "train.lr=-1", 'train.steps="abc"', "model.width=16384")
 ]
+
+
+def test_a_key_set_by_a_flag_and_an_override_is_refused(folder, tmp_path):
+    """`--steps 2` and `train.steps=abc` both set train.steps: neither silently wins."""
+    out = tmp_path / "r"
+    r = cli("--out", str(out), "--steps", "2", "--set", "train.steps=abc")
+    assert_one_error(r, "--steps 2 and train.steps=abc both set train.steps: give one of them")
+    assert_no_work(r, out)
+
+
+def test_out_that_is_not_utf8_is_refused_before_any_work(folder, tmp_path):
+    """A name the file system takes but safetensors cannot open is refused before latents are cached."""
+    out = tmp_path / os.fsdecode(b"run\xff")
+    r = cli("--out", str(out), *tiny_overrides(folder))
+    assert_one_error(r, "is not valid UTF-8", "rename it")
+    assert_no_work(r, out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("overrides, match", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])

@@ -218,9 +218,11 @@ def load_reason(e: Exception) -> str:
     """The informative line of torch.load's (multi-line, ANSI-coloured) error."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
     lines = [ln for ln in lines if ln] or [type(e).__name__]
-    for ln in lines:
-        if "Unsupported global" in ln:
+    for ln in lines:  # the unpickler's own reason ("Unsupported operand 120"), not torch's advice
+        if "Unsupported" in ln:
             return ln.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")
+    if lines[0].startswith("Weights only load failed"):
+        return "not a file torch.save wrote (damaged or foreign)"
     return lines[0]
 
 

@@ -67,6 +67,7 @@ def run_paths(out: str | None, config: str | None, resume: bool) -> tuple[Path, 
 @click.argument("overrides", nargs=-1)
 def command(config_path, out, steps, vae_steps, data, vae_init, preset, resume, threads, sets, overrides):
     """Train the VAE (unless --vae is given) and FAR; KEY=VALUE arguments override config keys."""
+    from training.config import ConfigError
     from training.trainer.run import run_options, set_threads, train
     from training.trainer.run_config import load_run_config
 
@@ -86,15 +87,19 @@ def command(config_path, out, steps, vae_steps, data, vae_init, preset, resume, 
                     )
             set_threads(options.get("threads"), given=threads is not None)
             extra = list(sets) + list(overrides)
-            for flag, key in (
-                (steps, "train.steps"),
-                (vae_steps, "vae.steps"),
-                (data, "data.source"),
-                (vae_init, "vae.init"),
-                (preset, "model.preset"),
+            for name, flag, key in (
+                ("--steps", steps, "train.steps"),
+                ("--vae-steps", vae_steps, "vae.steps"),
+                ("--data", data, "data.source"),
+                ("--vae", vae_init, "vae.init"),
+                ("--preset", preset, "model.preset"),
             ):
-                if flag is not None:
-                    extra.append(f"{key}={json.dumps(flag)}")
+                if flag is None:
+                    continue
+                clash = [t for t in sets + overrides if t.split("=", 1)[0].strip() == key]
+                if clash:  # the flag would win, and the override would never be checked
+                    raise ConfigError(f"{name} {flag} and {clash[0]} both set {key}: give one of them")
+                extra.append(f"{key}={json.dumps(flag)}")
             run = load_run_config(path, extra)
             t0 = time.time()
             ckpt = train(run, out_dir, resume, options)

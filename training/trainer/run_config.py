@@ -153,6 +153,9 @@ class RunConfig:
 
 
 MAX_SAMPLE_ROWS = 100  # rows / columns of a sample grid
+MAX_STEPS = (
+    10**9
+)  # steps, batch sizes and intervals of a stage: far above any real run (a mistyped 1e20 is refused)
 
 
 def _check_finite(d: dict[str, Any], prefix: str) -> None:
@@ -174,9 +177,10 @@ def _check_stage(o: OptimConfig, name: str) -> None:
 
     need(o.lr_schedule in ("constant", "cosine"), "lr_schedule", '"constant" or "cosine"')
     for key in ("steps", "batch_size", "log_every"):
-        need(getattr(o, key) >= 1, key, "an int >= 1")
+        need(1 <= getattr(o, key) <= MAX_STEPS, key, f"an int in [1, {MAX_STEPS}]")
     for key in ("warmup_steps", "sample_every", "save_every", "check_sync_every"):
-        need(getattr(o, key) >= 0, key, f"an int >= 0{' (0: never)' if key != 'warmup_steps' else ''}")
+        never = " (0: never)" if key != "warmup_steps" else ""
+        need(0 <= getattr(o, key) <= MAX_STEPS, key, f"an int in [0, {MAX_STEPS}]{never}")
     need(0 <= o.seed < 2**63, "seed", "an int in [0, 2**63)")
     need(o.lr >= 0, "lr", "a number >= 0")
     need(0 <= o.min_lr <= o.lr, "min_lr", f"in [0, lr = {o.lr}]")
