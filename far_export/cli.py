@@ -389,6 +389,12 @@ SERVED_SETTINGS = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (HTTP and gRPC).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
 @click.option(
+    "--grpc-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="gRPC port (a client can cancel a request there). Default: a free one, printed at start.",
+)
+@click.option(
     "--repository-only",
     "repository",
     type=click.Path(),
@@ -412,7 +418,7 @@ SERVED_SETTINGS = ("head_steps", "cfg", "cfg_schedule", "temperature", "num_iter
     help="Queued requests beyond this are rejected (not held in memory).",
 )
 @flags(BACKEND_FLAGS["backend"], BACKEND_FLAGS["providers"], BACKEND_FLAGS["threads"])
-def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: Any) -> None:
+def serve(engine_dir: str, host: str, port: int, grpc_port: int, repository: str | None, **kw: Any) -> None:
     """Serve ENGINE_DIR with Triton Inference Server (dynamic batching across requests); the sampling
     settings are fixed per served model."""
 
@@ -433,7 +439,7 @@ def serve(engine_dir: str, host: str, port: int, repository: str | None, **kw: A
         if repository:
             click.echo(f"wrote {write_repository(engine_dir, repository, opts)}")
             return
-        run_serve(engine_dir, opts, host, port, log=click.echo)
+        run_serve(engine_dir, opts, host, port, log=click.echo, grpc_port=grpc_port)
 
     _run(go)
 

@@ -189,13 +189,15 @@ class TritonProcess:
         binary, wheel = find_tritonserver()
         self.workdir = tempfile.TemporaryDirectory(prefix="far-triton-")
         self.url = f"http://{host}:{port}"
+        self.grpc_port = grpc_port or free_port(host)
+        self.grpc_address = f"{host}:{self.grpc_port}"  # what tritonclient.grpc's client takes
         cmd = [
             str(binary),
             f"--model-repository={repository}",
             f"--http-address={host}",
             f"--http-port={port}",
             f"--grpc-address={host}",
-            f"--grpc-port={grpc_port or free_port(host)}",
+            f"--grpc-port={self.grpc_port}",
             "--allow-metrics=false",
             "--exit-on-error=true",
             "--log-verbose=0",
@@ -219,10 +221,16 @@ class TritonProcess:
     def ready(self) -> bool:
         return self._get(f"/v2/models/{MODEL}/ready")[0] == 200
 
+    def log_text(self) -> str:
+        """What the server (and its model's `pb_utils.Logger`) has written so far. Read by offset: the file
+        position is shared with the server, which writes at it."""
+        chunks: list[bytes] = []
+        while chunk := os.pread(self.log.fileno(), 1 << 16, sum(map(len, chunks))):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
     def log_tail(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
+        lines = [line.strip() for line in self.log_text().splitlines() if line.strip()]
         errors = [line for line in lines if " E" in line[:3] or "error" in line.lower()]
         return (errors or lines or ["(no output)"])[-1]
 
@@ -287,10 +295,11 @@ def serve(
     host: str,
     port: int,
     log: Any = print,
+    grpc_port: int = 0,
     poll: float = 1.0,
 ) -> int:
-    """Run tritonserver on the engines until SIGINT/SIGTERM; 0 after a clean stop. The model becoming
-    unready or the server exiting is a ServeError."""
+    """Run tritonserver on the engines until SIGINT/SIGTERM (HTTP on `port`, gRPC on `grpc_port`, 0: a free
+    one); 0 after a clean stop. The model becoming unready or the server exiting is a ServeError."""
     with tempfile.TemporaryDirectory(prefix="far-serve-") as tmp:
         repo = write_repository(engine_dir, Path(tmp) / "repository", opts, copy=False)
         stop = []
@@ -300,10 +309,13 @@ def serve(
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with TritonProcess(repo, host, port) as server:
+            with TritonProcess(repo, host, port, grpc_port) as server:
                 server.wait_ready()
                 stubs = server.children()
-                log(f"serving {engine_dir} at {server.url}/v2/models/{MODEL} (Ctrl-C stops)")
+                log(
+                    f"serving {engine_dir} at {server.url}/v2/models/{MODEL}, gRPC at {server.grpc_address} "
+                    f"(Ctrl-C stops)"
+                )
                 while not stop:
                     dead = stubs - server.children()
                     if dead:  # Triton keeps the model "ready" and answers every request with an error

@@ -11,8 +11,10 @@ Triton joins requests into batches of at most the engine batch; every row draws 
 (UINT8 [n, H, W, 3]) and, when the optional input `png` (BOOL [n, 1]) is true, `png` (UINT8 [n, M]:
 PNG files, zero-padded). The sampling settings are fixed per served model by the `parameters` of
 config.pbtxt (a batch runs one plan). A bad request gets an error response naming the problem; the
-others in its batch are still served. A cancelled request stops being worked on at the next AR step
-once every request of its batch is cancelled.
+others in its batch are still served. A cancelled request (over gRPC, the client cancels the call or its
+deadline passes; Triton's HTTP endpoint does not cancel on disconnect) stops being worked on at the next
+AR step once every request of its batch is cancelled; the server log then says "far: cancelled, batch
+stopped after AR step k of n".
 
 numpy only: never imports torch, training or far_export. `triton_python_backend_utils` exists only
 inside Triton's Python backend stub.
@@ -127,9 +129,10 @@ class TritonPythonModel:
 
             def stop_when_cancelled(done: int, total: int, owners: set[int] = owners) -> None:
                 if all(requests[r].is_cancelled() for r in owners):
-                    raise _Cancelled
+                    raise _Cancelled(done, total)
 
             try:
+                stop_when_cancelled(0, 0)  # rows of requests cancelled in an earlier chunk or in the queue
                 out = self.pipe.generate_rows(
                     [c for _, c, _, _ in chunk],
                     [s for _, _, s, _ in chunk],
@@ -137,7 +140,10 @@ class TritonPythonModel:
                     self.settings,
                     progress=stop_when_cancelled,
                 )
-            except _Cancelled:
+            except _Cancelled as stopped:
+                done, total = stopped.args
+                if total:  # the server log says how far a cancelled batch ran
+                    pb.Logger.log_info(f"far: cancelled, batch stopped after AR step {done} of {total}")
                 for r in owners:
                     responses[r] = pb.InferenceResponse(
                         error=pb.TritonError("cancelled", pb.TritonError.CANCELLED)

@@ -4,10 +4,13 @@ tiny batch-2 engines through the Python backend. One server for the module; ever
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import io
 import json
 import os
+import queue
+import re
 import shutil
 import signal
 import socket
@@ -197,11 +200,119 @@ def test_a_full_queue_rejects_instead_of_growing(engines, tmp_path):
     assert all("Exceeds maximum queue size" in body["error"] for body in rejected), rejected[0]
 
 
-def test_cli_serve_stops_on_sigterm_and_leaves_nothing(engines, tmp_path):
+def grpc_infer_inputs(grpcclient, cls: int, seed: int) -> list:
+    inputs = [grpcclient.InferInput(name, [1, 1], "INT64") for name in ("class", "seed")]
+    for i, v in zip(inputs, (cls, seed)):
+        i.set_data_from_numpy(np.array([[v]], np.int64))
+    return inputs
+
+
+# The tiny model's most AR steps (one per token of its 64) and 64 head steps: about 1 s a request here, so
+# a cancel lands mid-run.
+SLOW = {"num_iter": 64, "head_steps": 64}
+STOPPED = re.compile(r"far: cancelled, batch stopped after AR step (\d+) of (\d+)")
+
+
+def test_grpc_cancel_stops_the_model_mid_run_and_it_serves_on(engines, tmp_path):
+    """Requests given up a quarter into their run. Cancelled over gRPC, or past a gRPC deadline: the model
+    stops after an AR step before its last (its line in the server log) and Triton's statistics show the
+    request took under half a full one. A client that drops its HTTP connection cancels nothing: the
+    model never sees it cancelled. The next request is served bit for bit."""
+    import tritonclient.grpc as grpcclient
+
+    with Pipeline.load(engines, threads=1) as pipe:
+        direct = pipe.generate_rows([1, 3], [0, 5], [0, 0], pipe.settings(**SLOW))
+    repo = write_repository(engines, tmp_path / "repo", ServeOptions(threads=1, settings=SLOW))
     port = free_port()
+    with TritonProcess(repo, "127.0.0.1", port) as s, contextlib.ExitStack() as stack:
+        s.wait_ready(timeout=120)
+        client = grpcclient.InferenceServerClient(s.grpc_address)
+        stack.callback(client.close)
+
+        def took(ask, lines: int) -> tuple[int, list[tuple[str, str]]]:
+            """ask(); Triton's duration of the one request it made (ns) and the model's new log lines
+            (waiting for `lines` of them: they travel from the model's process to the server's log)."""
+            st = s.statistics()["model_stats"][0]["inference_stats"]
+            count = st["success"]["count"] + st["fail"]["count"]
+            ns = st["success"]["ns"] + st["fail"]["ns"]
+            before = len(STOPPED.findall(s.log_text()))
+            ask()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                st = s.statistics()["model_stats"][0]["inference_stats"]
+                if st["success"]["count"] + st["fail"]["count"] > count:
+                    break
+                time.sleep(0.05)
+            assert st["success"]["count"] + st["fail"]["count"] == count + 1, st
+            time.sleep(0.2)
+            while len(STOPPED.findall(s.log_text())) < before + lines and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return st["success"]["ns"] + st["fail"]["ns"] - ns, STOPPED.findall(s.log_text())[before:]
+
+        def full_run(cls: int, seed: int, want: np.ndarray) -> None:
+            r = client.infer(MODEL, grpc_infer_inputs(grpcclient, cls, seed), client_timeout=60)
+            assert np.array_equal(r.as_numpy("image")[0], want)
+
+        full, stopped = took(lambda: full_run(1, 0, direct[0]), 0)
+        assert stopped == []
+
+        def cancel() -> None:
+            answers: queue.Queue = queue.Queue()
+            call = client.async_infer(
+                MODEL, grpc_infer_inputs(grpcclient, 2, 0), callback=lambda result, error: answers.put(error)
+            )
+            time.sleep(full / 4 / 1e9)
+            call.cancel()
+            assert "cancelled" in str(answers.get(timeout=30)).lower()
+
+        def past_deadline() -> None:
+            with pytest.raises(grpcclient.InferenceServerException, match="Deadline Exceeded"):
+                client.infer(MODEL, grpc_infer_inputs(grpcclient, 2, 1), client_timeout=full / 4 / 1e9)
+
+        for ask in (cancel, past_deadline):
+            ns, stopped = took(ask, 1)
+            assert len(stopped) == 1, s.log_text()[-2000:]
+            step, total = map(int, stopped[0])
+            assert total == SLOW["num_iter"] and 1 <= step < total, (ask.__name__, stopped)
+            assert ns < full / 2, (ask.__name__, ns, full)
+
+        def hang_up_http() -> None:
+            body = json.dumps(
+                {
+                    "inputs": [
+                        {"name": n, "shape": [1, 1], "datatype": "INT64", "data": [2]}
+                        for n in ("class", "seed")
+                    ]
+                }
+            ).encode()
+            head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head.encode() + body)
+                time.sleep(full / 4 / 1e9)
+
+        assert took(hang_up_http, 0)[1] == []  # all 64 steps asked is_cancelled() and none heard yes
+
+        assert took(lambda: full_run(3, 5, direct[1]), 0)[1] == []
+        assert len(STOPPED.findall(s.log_text())) == 2  # the two given up over gRPC, nothing since
+
+
+def test_cli_serve_stops_on_sigterm_and_leaves_nothing(engines, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    port, grpc_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "far-export"
     proc = subprocess.Popen(
-        [str(exe), "serve", str(engines), "--port", str(port), "--threads", "1"],
+        [
+            str(exe),
+            "serve",
+            str(engines),
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--threads",
+            "1",
+        ],
         env=ENV_OUTSIDE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -210,8 +321,12 @@ def test_cli_serve_stops_on_sigterm_and_leaves_nothing(engines, tmp_path):
     )
     try:
         line = proc.stdout.readline()  # bounded by the server's own ready timeout
-        assert f"http://127.0.0.1:{port}/v2/models/far" in line, line
-        assert infer(f"http://127.0.0.1:{port}", [3], [1])[0] == 200
+        assert f"http://127.0.0.1:{port}/v2/models/far, gRPC at 127.0.0.1:{grpc_port}" in line, line
+        status, r = infer(f"http://127.0.0.1:{port}", [3], [1])
+        assert status == 200
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            answer = client.infer(MODEL, grpc_infer_inputs(grpcclient, 3, 1), client_timeout=60)
+        assert np.array_equal(answer.as_numpy("image"), image_of(r))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -258,7 +373,8 @@ def test_cli_serve_exits_1_when_the_model_process_dies(engines):
         start_new_session=True,
     )
     try:
-        assert "serving" in proc.stdout.readline()
+        line = proc.stdout.readline()
+        assert "serving" in line and re.search(r"gRPC at 127\.0\.0\.1:\d+ ", line), line
         server = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         stubs = subprocess.run(["pgrep", "-P", server[0]], capture_output=True, text=True).stdout.split()
         os.kill(int(stubs[0]), signal.SIGKILL)
