@@ -163,10 +163,10 @@ def build(
         raise BuildError(str(e)) from None
     graphs = build_graphs(ckpt.model, ckpt.vae, shapes, opts.precision)
 
-    with build_temp(out) as tmp:
+    with build_temp(out, BuildError) as tmp:
         st = _Build(tmp, out, opts, log, ckpt, ckpt_sha, shapes, model_info(cfg, shapes), graphs)
         manifest = _build_into(st)
-        with signals_held():  # between its two renames the old output is aside: no signal may stop it
+        with signals_held():  # one rename on Linux; elsewhere a death between two is undone by recover_old
             replace_dir(tmp, out)
     log(f"wrote {out} ({opts.precision}, batch {shapes.batch}, cfg guidance {'on' if guided else 'off'})")
     if opts.precision == "bf16":

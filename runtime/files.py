@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import FarError, RequestError
+from runtime.locks import held, lock, lock_within
 
 
 class InputFileError(FarError, OSError):
@@ -270,7 +271,8 @@ def atomic_path(path: str | Path, errors: tuple[type[BaseException], ...] = ()) 
 
 def sweep_stale_temporaries(path: Path) -> None:
     """Remove the temporary siblings of `path` (`.NAME.PID-XXXXXXXX.tmp`) that a killed writer left (SIGKILL,
-    power loss): those whose process is gone. A live writer's, and anything else, stay."""
+    power loss): those whose process is gone. A live writer's, and anything else, stay. An interrupted
+    directory replace is finished (`recover_old`)."""
     try:
         candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
     except OSError:
@@ -279,6 +281,31 @@ def sweep_stale_temporaries(path: Path) -> None:
         m = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.tmp", tmp.name)
         if m and not pid_alive(int(m.group(1))):
             _remove(tmp)
+    recover_old(path)
+
+
+def recover_old(path: Path) -> None:
+    """`.NAME.old-PID`, left by a process that died inside `replace_dir`'s fallback (no RENAME_EXCHANGE):
+    renamed back to `path` when `path` is missing (the process died between the two renames: it is the only
+    copy), removed when `path` is there (it died after the second)."""
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+    except OSError:
+        return
+    for old in candidates:
+        m = re.fullmatch(rf"\.{re.escape(path.name)}\.old-(\d+)", old.name)
+        if m and not pid_alive(int(m.group(1))):
+            finish_replace(old, path)
+
+
+def finish_replace(old: Path, path: Path) -> None:
+    """The end of an interrupted fallback replace: `old` back at `path` when that is missing, else removed."""
+    if not old.is_dir() or old.is_symlink():
+        return
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(old, path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -310,13 +337,13 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists() and exchange(src, dst):
         shutil.rmtree(src, ignore_errors=True)
         return
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")  # the name finish_replace knows
+    try:
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(src, dst)
+    finally:  # an exception in the window (a signal's) puts the old one back; after it, the old one goes
+        finish_replace(old, dst)
 
 
 _RENAME_EXCHANGE = 2
@@ -366,8 +393,9 @@ def _remove(p: Path) -> None:
 
 
 @contextmanager
-def build_temp(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out` to build into, removed when the block raises. SIGTERM and SIGHUP
+def build_temp(out: Path, error: type[FarError]) -> Iterator[Path]:
+    """A temporary directory beside `out` to build into, removed when the block raises, and held (flock) while
+    the block runs: a build of the same `out` in another process is refused with `error`. SIGTERM and SIGHUP
     (what timeout, CI and systemd send) from before it exists to the end of the block: remove it, say so
     in one line and exit as the signal would (128 + its number). SIGINT raises KeyboardInterrupt, which
     removes it like any exception.
@@ -380,6 +408,7 @@ def build_temp(out: Path) -> Iterator[Path]:
     def stop(signum: int, frame: Any) -> None:
         for tmp in made:
             shutil.rmtree(tmp, ignore_errors=True)
+        finish_replace(out.with_name(f".{out.name}.old-{os.getpid()}"), out)  # inside replace_dir's fallback
         message = (
             f"Error: build interrupted by {signal.Signals(signum).name}: its temporary files were removed "
             f"and no half-written output was left; run it again\n"
@@ -390,15 +419,30 @@ def build_temp(out: Path) -> Iterator[Path]:
     main = threading.current_thread() is threading.main_thread()
     wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n) and main]
     old = {sig: signal.signal(sig, stop) for sig in wanted}
+    held_fd = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        made.append(Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent)))
+        parent = lock_within(out.parent, 5.0)  # one build at a time looks for others and claims its own
+        try:
+            for other in out.parent.glob(f".{glob.escape(out.name)}.build-*"):
+                if held(other):
+                    raise error(
+                        f"--out {out} is being built by another process (its files: {other.name}): wait for "
+                        "it to finish or choose another --out"
+                    )
+            made.append(Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent)))
+            held_fd = lock(made[0])
+        finally:
+            if parent is not None:
+                os.close(parent)
         try:
             yield made[0]
         except BaseException:
             shutil.rmtree(made[0], ignore_errors=True)
             raise
     finally:
+        if held_fd is not None:
+            os.close(held_fd)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -419,15 +463,12 @@ def signals_held() -> Iterator[None]:
 
 def sweep_stale(out: Path) -> None:
     """Remove the temporary directories that killed builds of `out` left (SIGKILL, power loss): those named
-    `.NAME.build-PID-*` or `.NAME.old-PID` whose process is gone."""
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(build-(\d+)-.+|old-(\d+))", tmp.name)
-        if not m or not tmp.is_dir() or tmp.is_symlink():
-            continue
-        pid = int(m.group(2) or m.group(3))
-        if pid_alive(pid) or (m.group(3) and not out.exists()):  # an .old- copy is the only one left: keep it
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
+    `.NAME.build-PID-*` whose process is gone; an interrupted replace is finished (`recover_old`)."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.build-*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.build-(\d+)-.+", tmp.name)
+        if m and tmp.is_dir() and not tmp.is_symlink() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+    recover_old(out)
 
 
 def check_build_output(out: Path, checkpoint_dir: Path | None, error: type[FarError]) -> None:

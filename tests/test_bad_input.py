@@ -515,6 +515,41 @@ def test_build_never_deletes_files_it_did_not_write(ws):
     )
 
 
+_HOLD_A_BUILD = """
+import sys, time
+from pathlib import Path
+from runtime.files import build_temp
+
+with build_temp(Path(sys.argv[1]), RuntimeError) as tmp:
+    print(tmp.name, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_build_of_one_out_is_refused_while_the_first_runs(ws):
+    """A build holds its staged directory (flock) until it is done: another build of the same --out is
+    refused in one line; once the first is gone (SIGKILL), the next build sweeps its files and succeeds."""
+    out = ws["tmp"] / "eng"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_BUILD, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        staged = holder.stdout.readline().strip()
+        assert staged.startswith(".eng.build-"), staged
+        expect_error(
+            [*FAR, "build", ws["ckpt"], "--no-engines", "--out", out],
+            f"--out {out} is being built by another process (its files: {staged})",
+            ws["tmp"],
+            [ws["tmp"], ws["ckpt"]],
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    r = run([*FAR, "build", ws["ckpt"], "--no-engines", "--out", out], ws["tmp"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ws["tmp"].iterdir()) == ["adir", "afile", "eng"]
+
+
 def test_build_checkpoint_kinds(ws):
     t = ws["tmp"]
     expect_error([*FAR, "build", t / "afile", "--out", "o"], "afile is a file, not a directory", t, [t])

@@ -143,6 +143,70 @@ def test_a_sigterm_inside_the_replace_never_loses_the_directory(tmp_path):
     assert (old / "manifest.json").read_text() == "new"
 
 
+_KILLED_IN_THE_FALLBACK = """
+import os, signal, sys
+from pathlib import Path
+from runtime import files
+
+src, dst, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+files.exchange = lambda a, b: False  # a kernel or file system without RENAME_EXCHANGE
+real_replace = os.replace
+calls = []
+
+
+def replace_then_stop(a, b):  # the first of the two renames, then a stop before the second
+    real_replace(a, b)
+    calls.append(b)
+    if len(calls) == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise KeyboardInterrupt
+
+
+os.replace = replace_then_stop
+if how == "handler":
+    with files.build_temp(dst, OSError) as tmp:  # its SIGTERM handler, as a build has it
+        (tmp / "manifest.json").write_text("new")
+        os.replace = lambda a, b: (real_replace(a, b), os.kill(os.getpid(), signal.SIGTERM))
+        files.replace_dir(tmp, dst)
+else:
+    files.replace_dir(src, dst)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "raise", "handler"])
+def test_a_stop_inside_the_fallback_replace_never_loses_the_directory(tmp_path, how):
+    """Where the exchange is not supported a directory is replaced in two renames, the old one aside as
+    `.NAME.old-PID` between them. Stopped there: by SIGKILL, the next write or build of NAME puts it back; by
+    an exception (SIGINT's), replace_dir puts it back itself; by SIGTERM in a build, its handler does."""
+    import subprocess
+    import sys
+
+    from runtime.files import sweep_stale, sweep_stale_temporaries
+
+    old, new = tmp_path / "eng", tmp_path / ".eng.build-1-x"
+    old.mkdir()
+    (old / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_THE_FALLBACK, str(new), str(old), how],
+        cwd=repo,
+        capture_output=True,
+    )
+    assert r.returncode != 0, r.stderr
+    left = {p.name for p in tmp_path.iterdir()} - {new.name}
+    if how == "kill":
+        assert not old.exists() and len(left) == 1 and left.pop().startswith(".eng.old-")
+        for sweep in (sweep_stale_temporaries, sweep_stale):  # the next checkpoint save, the next build
+            sweep(old)
+            assert [p.name for p in tmp_path.iterdir() if p.name != new.name] == ["eng"]
+    else:
+        assert left == {"eng"}, r.stderr
+    assert (old / "manifest.json").read_text() == "old"
+
+
 def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
     """SIGKILL leaves `.NAME.PID-XXXXXXXX.tmp` (a file or a whole checkpoint directory): the next write of
     NAME removes it when its process is gone; a live writer's temporary and other files stay."""
